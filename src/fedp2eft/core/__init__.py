@@ -1,0 +1,1 @@
+"""The method, independent of any FL engine: BT-LoRA, priors, features, PS generator, budgets, methods."""

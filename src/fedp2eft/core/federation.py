@@ -1,0 +1,35 @@
+"""Engine-free contract between a federated job (base model, PS generator) and whatever moves its tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back after local work: new weights, its dataset size N, and scalar metrics."""
+
+    weights: dict[str, torch.Tensor]
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class FederatedTask(Protocol):
+    """One federated training job. The FL engine only samples clients, ships ``weights`` and averages them."""
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        """The global weights before round 1 (deterministic for a given config)."""
+        ...
+
+    def num_clients(self) -> int:
+        """How many clients (the seen pool) can be sampled; client indices run 0..num_clients-1."""
+        ...
+
+    def client_update(
+        self, weights: dict[str, torch.Tensor], client_index: int, server_round: int
+    ) -> ClientUpdate:
+        """Run the local step of ``client_index`` from the given global weights."""
+        ...

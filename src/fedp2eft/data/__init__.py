@@ -1,0 +1,1 @@
+"""Federated datasets: the embedded benchmark, paper benchmarks and user files behind one registry."""
