@@ -1,0 +1,107 @@
+"""The personalization-strategy generator (SPEC §3): client features -> Lambda, one scale per LoRA rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fedp2eft.core.btlora import SCALE_MIN, clamp_ste
+from fedp2eft.errors import FedP2EFTError
+
+HEADER_KEY = "fedp2eft_generator"
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """What a generator is tied to: one base model, one module list, one max rank R, one feature layout."""
+
+    base_model: str
+    module_names: tuple[str, ...]
+    rank: int
+    feature_layers: tuple[str, ...]
+
+    @property
+    def num_inputs(self) -> int:
+        return 2 * len(self.feature_layers)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.module_names) * self.rank
+
+    def mismatch(self, other: GeneratorSpec) -> str | None:
+        """A sentence saying how ``other`` differs from this spec, or None when they agree."""
+        if self.rank != other.rank:
+            return f"max rank R differs ({self.rank} vs {other.rank})"
+        if self.module_names != other.module_names:
+            missing = sorted(set(self.module_names) ^ set(other.module_names))[:3]
+            return f"LoRA module lists differ ({len(self.module_names)} vs {len(other.module_names)}; e.g. {missing})"
+        if self.feature_layers != other.feature_layers:
+            return f"feature layers differ ({len(self.feature_layers)} vs {len(other.feature_layers)})"
+        return None
+
+
+class PSGenerator(nn.Module):
+    """Linear(D, 2D) -> PReLU -> Linear(2D, M*R) -> clamp to [1e-4, 1000] (straight-through).
+
+    The last layer starts with a tiny weight and bias 1e-4, so the first output is ~1e-4 everywhere: the same
+    start as plain BayesTune."""
+
+    def __init__(self, spec: GeneratorSpec, init_gain: float = 1e-6) -> None:
+        super().__init__()
+        self.spec = spec
+        width = 2 * spec.num_inputs
+        self.net = nn.Sequential(
+            nn.Linear(spec.num_inputs, width), nn.PReLU(), nn.Linear(width, spec.num_outputs)
+        )
+        last = self.net[-1]
+        nn.init.xavier_uniform_(last.weight, gain=init_gain)
+        nn.init.constant_(last.bias, SCALE_MIN)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return clamp_ste(self.net(features))
+
+    def save(self, path: str | Path) -> None:
+        """Safetensors weights with the spec as a JSON header, written atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {HEADER_KEY: json.dumps(asdict(self.spec))}
+        state = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        save_file(state, tmp, metadata=header)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path, expected: GeneratorSpec | None = None) -> PSGenerator:
+        """Load a saved generator; refuse it when it was trained for a different model layout."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FedP2EFTError(f"no PS generator at {path}; train one with `fedp2eft train-psg` or fix the path")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if HEADER_KEY not in metadata:
+            raise FedP2EFTError(f"{path} is a safetensors file but not a fedp2eft PS generator (no header)")
+        raw = json.loads(metadata[HEADER_KEY])
+        spec = GeneratorSpec(
+            base_model=raw["base_model"],
+            module_names=tuple(raw["module_names"]),
+            rank=int(raw["rank"]),
+            feature_layers=tuple(raw["feature_layers"]),
+        )
+        if expected is not None and (reason := spec.mismatch(expected)):
+            raise FedP2EFTError(
+                f"the PS generator {path} was trained for base model '{spec.base_model}' and does not fit this "
+                f"model ({reason}); train a generator for this model or load the matching base model"
+            )
+        generator = cls(spec)
+        generator.load_state_dict(load_file(str(path)))
+        return generator

@@ -1,0 +1,84 @@
+"""Task models. Classification uses masked mean pooling over the encoder, so it never relies on a pooler
+(the embedded e5 checkpoint ships none, and e5 itself was trained with mean pooling)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
+
+from fedp2eft.errors import FedP2EFTError
+
+HEAD_FILE = "classifier_head.safetensors"
+LABELS_FILE = "labels.json"
+
+
+@dataclass
+class ClassifierOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder -> mean of the real tokens' last hidden states -> Linear(num_labels)."""
+
+    def __init__(self, encoder: nn.Module, labels: list[str]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.labels = list(labels)
+        self.head = nn.Linear(encoder.config.hidden_size, len(labels))
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.encoder.config
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
+    ) -> ClassifierOutput:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        logits = self.head(pooled)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return ClassifierOutput(loss=loss, logits=logits)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """A Hugging Face encoder checkpoint plus the head and label names beside it."""
+        directory = Path(directory)
+        self.encoder.save_pretrained(directory)
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(directory / HEAD_FILE))
+        (directory / LABELS_FILE).write_text(json.dumps(self.labels))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, labels: list[str] | None = None) -> SequenceClassifier:
+        """Load an encoder checkpoint; its head is loaded when saved with the same labels, else freshly made."""
+        directory = Path(directory)
+        encoder = AutoModel.from_pretrained(directory, **_without_pooler(AutoConfig.from_pretrained(directory)))
+        saved = json.loads((directory / LABELS_FILE).read_text()) if (directory / LABELS_FILE).exists() else None
+        labels = labels or saved
+        if labels is None:
+            raise FedP2EFTError(f"{directory} holds no label list; pass the dataset's labels")
+        model = cls(encoder, labels)
+        if saved == labels and (directory / HEAD_FILE).exists():
+            model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        return model
+
+
+def _without_pooler(config: PretrainedConfig) -> dict:
+    """BERT-family encoders build an (untrained, unused) pooler unless told not to."""
+    return {"add_pooling_layer": False} if config.model_type in {"bert", "xlm-roberta", "roberta"} else {}
+
+
+def classifier_from_config(config: PretrainedConfig, labels: list[str], seed: int = 0) -> SequenceClassifier:
+    """A randomly initialised classifier (tests and from-scratch runs)."""
+    torch.manual_seed(seed)
+    return SequenceClassifier(AutoModel.from_config(config, **_without_pooler(config)), labels)
+
+
+def load_causal_lm(directory: str | Path) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(directory)

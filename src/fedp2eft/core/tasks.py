@@ -1,0 +1,126 @@
+"""What differs between sequence classification and instruction tuning: batching, validation and evaluation.
+Everything else (training loop, methods, features) is shared."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from fedp2eft.errors import FedP2EFTError
+
+IGNORE_INDEX = -100
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+@dataclass
+class ClassificationTask:
+    """Texts (optionally text pairs) -> one of ``labels``; metric: accuracy."""
+
+    tokenizer: PreTrainedTokenizerBase
+    labels: list[str]
+    max_length: int = 128
+    kind: str = "classification"
+
+    def check(self, examples: list[dict], where: str) -> None:
+        _check_nonempty(examples, where)
+        for row, example in enumerate(examples):
+            label = example.get("label")
+            if not isinstance(label, int) or not 0 <= label < len(self.labels):
+                raise FedP2EFTError(
+                    f"{where}, example {row}: label {label!r} is not in the model's label set "
+                    f"(0..{len(self.labels) - 1}: {', '.join(self.labels[:8])}...); fix the data or the label list"
+                )
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        texts = [example["text"] for example in examples]
+        pairs = [example["text_pair"] for example in examples] if "text_pair" in examples[0] else None
+        batch = self.tokenizer(
+            texts, pairs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        if pairs is None:
+            batch.pop("token_type_ids", None)  # all zeros for single texts, and not every encoder accepts them
+        batch["labels"] = torch.tensor([example["label"] for example in examples])
+        return dict(batch)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, examples: list[dict], batch_size: int = 32) -> dict[str, float]:
+        model.eval()
+        correct, loss_sum = 0, 0.0
+        for batch in iterate_batches(examples, self.collate, batch_size):
+            output = model(**batch)
+            correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
+            loss_sum += float(output.loss) * len(batch["labels"])
+        return {"accuracy": correct / len(examples), "loss": loss_sum / len(examples),
+                "correct": correct, "count": len(examples)}
+
+
+@dataclass
+class InstructionTask:
+    """Instruction -> response with a causal LM; the loss covers response tokens only."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int = 256
+    kind: str = "instruction"
+
+    def check(self, examples: list[dict], where: str) -> None:
+        _check_nonempty(examples, where)
+        for row, example in enumerate(examples):
+            if not example.get("instruction") or not example.get("response"):
+                raise FedP2EFTError(f"{where}, example {row}: needs a non-empty 'instruction' and 'response'")
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        rows, labels = [], []
+        for example in examples:
+            prompt = self.tokenizer(PROMPT_TEMPLATE.format(instruction=example["instruction"]))["input_ids"]
+            response = self.tokenizer(example["response"], add_special_tokens=False)["input_ids"]
+            if self.tokenizer.eos_token_id is not None:
+                response = response + [self.tokenizer.eos_token_id]
+            ids = (prompt + response)[: self.max_length]
+            rows.append(ids)
+            labels.append(([IGNORE_INDEX] * len(prompt) + response)[: self.max_length])
+        width = max(map(len, rows))
+        return {
+            "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids in rows]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows]),
+            "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, examples: list[dict], batch_size: int = 16) -> dict[str, float]:
+        """Token-level loss and next-token accuracy over response tokens, pooled over the whole set."""
+        model.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        for batch in iterate_batches(examples, self.collate, batch_size):
+            logits = model(**batch).logits[:, :-1]
+            target = batch["labels"][:, 1:]
+            keep = target != IGNORE_INDEX
+            loss_sum += float(nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+            correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
+            count += int(keep.sum())
+        return {"loss": loss_sum / count, "perplexity": math.exp(min(loss_sum / count, 50.0)),
+                "token_accuracy": correct / count, "correct": correct, "count": count}
+
+
+Task = ClassificationTask | InstructionTask
+
+
+def _check_nonempty(examples: list[dict], where: str) -> None:
+    if not examples:
+        raise FedP2EFTError(f"{where} is empty; every client needs at least one example")
+
+
+def iterate_batches(
+    examples: list[dict], collate, batch_size: int, shuffle_seed: int | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches in order, or in an order drawn from ``shuffle_seed`` (deterministic per seed)."""
+    order = list(range(len(examples)))
+    if shuffle_seed is not None:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start : start + batch_size]])

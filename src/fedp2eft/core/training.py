@@ -1,0 +1,63 @@
+"""The one training loop every method and every federated client uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedp2eft.core.tasks import Task, iterate_batches
+
+
+@dataclass
+class TrainResult:
+    """Per-step losses (task loss, without priors) and per-epoch means."""
+
+    step_losses: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_losses)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return -(-num_examples // batch_size)
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    examples: list[dict],
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Minimise ``output.loss (+ extra_loss())`` for ``epochs`` passes over shuffled ``examples``.
+
+    ``after_step(global_step)`` runs after ``optimizer.step()`` and before gradients are cleared (AdaLoRA's
+    rank allocation reads them there)."""
+    result = TrainResult()
+    model.train()
+    step = 0
+    for epoch in range(epochs):
+        epoch_losses = []
+        for batch in iterate_batches(examples, task.collate, batch_size, shuffle_seed=seed * 1000 + epoch):
+            loss = model(**batch).loss
+            total = loss + extra_loss() if extra_loss is not None else loss
+            total.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step(step)
+            optimizer.zero_grad(set_to_none=True)
+            epoch_losses.append(loss.item())
+            step += 1
+        result.step_losses += epoch_losses
+        result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
+    model.eval()
+    return result

@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny randomly initialised BERT-like and Llama-like models, a word-level tokenizer built
+offline, small learnable toy tasks, and a finished toy Flower simulation reused by the Flower tests."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import BertConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from fedp2eft.core.modeling import classifier_from_config
+from fedp2eft.core.tasks import ClassificationTask, InstructionTask
+
+FILLER = "the a one some very quite really just then now here there it this that we you".split()
+KEYWORDS = {0: ["cat", "kitten", "meow"], 1: ["dog", "puppy", "bark"], 2: ["bird", "wing", "tweet"]}
+LABELS = ["cats", "dogs", "birds"]
+ANSWERS = {"sun": "yellow", "sky": "blue", "grass": "green", "snow": "white"}
+
+
+def _vocabulary() -> list[str]:
+    words = FILLER + [w for ws in KEYWORDS.values() for w in ws] + list(ANSWERS) + list(ANSWERS.values())
+    words += "###instruction: response: color of what is".split()
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"] + sorted(set(words))
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {word: index for index, word in enumerate(_vocabulary())}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+def bert_config(vocab_size: int) -> BertConfig:
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+
+
+def llama_config(vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                       pad_token_id=0, eos_token_id=4, bos_token_id=2)
+
+
+def classification_examples(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(count):
+        label = rng.randrange(len(LABELS))
+        words = rng.sample(FILLER, rng.randint(2, 6)) + [rng.choice(KEYWORDS[label])]
+        rng.shuffle(words)
+        examples.append({"text": " ".join(words), "label": label})
+    return examples
+
+
+def instruction_examples(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {"instruction": f"what is the color of {thing}", "response": ANSWERS[thing]}
+        for thing in (rng.choice(list(ANSWERS)) for _ in range(count))
+    ]
+
+
+@pytest.fixture(params=["bert", "llama"])
+def model_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def setup(model_kind, tokenizer):
+    """(base model, task, train examples, test examples) for a tiny random model of the given kind:
+    a BERT-like classifier or a Llama-like causal LM doing instruction tuning."""
+    torch.manual_seed(0)
+    if model_kind == "bert":
+        model = classifier_from_config(bert_config(len(tokenizer)), LABELS)
+        task = ClassificationTask(tokenizer, LABELS, max_length=32)
+        return model, task, classification_examples(48, seed=1), classification_examples(24, seed=2)
+    model = LlamaForCausalLM(llama_config(len(tokenizer)))
+    task = InstructionTask(tokenizer, max_length=32)
+    return model, task, instruction_examples(48, seed=1), instruction_examples(16, seed=2)
+
+
+# --- Flower --------------------------------------------------------------------------------------------------
+
+TOY_CONFIG = {"num_clients": 4, "dim": 6, "hidden": 8, "local_steps": 3, "seed": 7}
+FULL_ROUNDS = 3
+CLIENTS_PER_ROUND = 3
+
+
+@pytest.fixture(scope="session")
+def full_toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output dir of an uninterrupted 3-round run of the toy task in the Ray simulation."""
+    from fedp2eft.fl.simulation import run_federated
+
+    out = tmp_path_factory.mktemp("full")
+    run_federated("toy", TOY_CONFIG, FULL_ROUNDS, CLIENTS_PER_ROUND, output_dir=out, min_clients=2, seed=11)
+    return out

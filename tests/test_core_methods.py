@@ -1,0 +1,77 @@
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fedp2eft.core.btlora import BTLoRAModel
+from fedp2eft.core.methods import METHODS, PersonalizeConfig, generator_spec, personalize
+from fedp2eft.core.generator import PSGenerator
+from fedp2eft.errors import FedP2EFTError
+
+FAST = PersonalizeConfig(max_rank=8, epochs=6, batch_size=8, lora_lr=1e-2, scale_lr=5e-2, adalora_lr=5e-2,
+                         bayestune_epochs=3)
+
+
+def trained_like_generator(base, seed=0) -> PSGenerator:
+    """A generator whose outputs vary across ranks, as a trained one's do."""
+    torch.manual_seed(seed)
+    generator = PSGenerator(generator_spec(base, FAST, "tiny"))
+    with torch.no_grad():
+        generator.net[-1].bias.uniform_(0.2, 1.5)
+    return generator
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_runs_end_to_end_and_reduces_training_loss(setup, method):
+    base, task, train, test = setup
+    reference = copy.deepcopy(base.state_dict())
+    before = task.evaluate(base, train)["loss"]
+    generator = trained_like_generator(base) if method == "fedp2eft" else None
+    result = personalize(method, base, task, train, budget=4, config=FAST, generator=generator)
+    after = task.evaluate(result.model, train)["loss"]
+    assert after < 0.95 * before, (method, before, after)
+    assert set(task.evaluate(result.model, test)) >= {"loss", "count"}
+    assert result.metrics["steps"] == FAST.epochs * 6
+    for key, value in base.state_dict().items():  # the base model is never modified
+        assert torch.equal(value, reference[key])
+
+
+@pytest.mark.parametrize("method", ["btlora", "fedp2eft"])
+def test_budget_methods_respect_the_budget_and_export(setup, method, tmp_path):
+    base, task, train, _ = setup
+    generator = trained_like_generator(base) if method == "fedp2eft" else None
+    result = personalize(method, base, task, train, budget=2, config=FAST, generator=generator)
+    modules = len(generator_spec(base, FAST, "tiny").module_names)
+    assert sum(result.ranks.values()) == 2 * modules
+    x = task.collate(train[:4])
+    gated = result.model(**x).logits.detach()
+    result.export(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    assert torch.allclose(loaded(**x).logits, gated, atol=1e-5)
+
+
+def test_bad_inputs_are_refused(setup, tmp_path):
+    base, task, train, _ = setup
+    with pytest.raises(FedP2EFTError, match="1 <= r <= R=8"):
+        personalize("lora", base, task, train, budget=16, config=FAST)
+    with pytest.raises(FedP2EFTError, match="unknown method 'lorax'"):
+        personalize("lorax", base, task, train, budget=2, config=FAST)
+    with pytest.raises(FedP2EFTError, match="is empty"):
+        personalize("lora", base, task, [], budget=2, config=FAST)
+    with pytest.raises(FedP2EFTError, match="needs a trained PS generator"):
+        personalize("fedp2eft", base, task, train, budget=2, config=FAST)
+    other = PSGenerator(generator_spec(base, PersonalizeConfig(max_rank=16), "tiny"))
+    with pytest.raises(FedP2EFTError, match="does not fit"):
+        personalize("fedp2eft", base, task, train, budget=2, config=FAST, generator=other)
+
+
+def test_label_outside_label_set_is_refused(tokenizer):
+    from conftest import LABELS, bert_config, classification_examples
+    from fedp2eft.core.modeling import classifier_from_config
+    from fedp2eft.core.tasks import ClassificationTask
+
+    task = ClassificationTask(tokenizer, LABELS)
+    bad = classification_examples(4, seed=0) + [{"text": "cat", "label": 7}]
+    with pytest.raises(FedP2EFTError, match="example 4: label 7 is not in the model's label set"):
+        personalize("lora", classifier_from_config(bert_config(len(tokenizer)), LABELS), task, bad, 2, FAST)
