@@ -1,0 +1,59 @@
+"""Glue from names to objects: a model name and a dataset name become a base model, a task and clients.
+Shared by the federated tasks, the benchmark and the CLI, so every stage reads its inputs the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from fedp2eft.core.modeling import SequenceClassifier, load_causal_lm
+from fedp2eft.core.tasks import ClassificationTask, InstructionTask, Task
+from fedp2eft.data.registry import load_dataset
+from fedp2eft.data.types import FederatedDataset
+from fedp2eft.models.registry import resolve_model
+
+
+@dataclass
+class Setup:
+    """A base model checkpoint and a federated dataset, with the task that connects them."""
+
+    model: str
+    dataset: str
+    dataset_options: dict
+    max_length: int = 128
+
+    @cached_property
+    def model_path(self) -> Path:
+        return resolve_model(self.model)
+
+    @cached_property
+    def data(self) -> FederatedDataset:
+        return load_dataset(self.dataset, **self.dataset_options)
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    @cached_property
+    def task(self) -> Task:
+        if self.data.task == "classification":
+            return ClassificationTask(self.tokenizer, self.data.labels, self.max_length)
+        return InstructionTask(self.tokenizer, self.max_length)
+
+    def load_base_model(self) -> nn.Module:
+        """A fresh copy of the base model from disk (classification models get the dataset's label head)."""
+        if self.data.task == "classification":
+            return SequenceClassifier.from_pretrained(self.model_path, self.data.labels)
+        return load_causal_lm(self.model_path)
+
+    @classmethod
+    def from_config(cls, config: dict) -> Setup:
+        return cls(config["model"], config["dataset"], dict(config.get("dataset_options", {})),
+                   int(config.get("max_length", 128)))

@@ -1,0 +1,66 @@
+"""The engine-free client updates that Flower runs: PS generator (SPEC §4) and base model (SPEC §6)."""
+
+import pytest
+import torch
+
+from conftest import LABELS, classification_examples
+from fedp2eft.core.base_training import BaseModelTask, BaseTrainingConfig
+from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
+from fedp2eft.core.methods import PersonalizeConfig
+from fedp2eft.core.modeling import SequenceClassifier, load_causal_lm
+from fedp2eft.data.types import ClientData
+
+CLIENTS = [ClientData(f"c{i}", "xx", classification_examples(24, seed=10 + i), classification_examples(8, seed=20 + i))
+           for i in range(3)]
+SMALL = PersonalizeConfig(max_rank=4, batch_size=8, lora_lr=1e-2, scale_lr=5e-2)
+
+
+def generator_task(setup, **overrides) -> GeneratorTask:
+    base, task, _, _ = setup
+    clients = CLIENTS if task.kind == "classification" else [
+        ClientData(c.client_id, "xx", [{"instruction": f"what is the color of {e['text']}", "response": "blue"}
+                                        for e in c.train], []) for c in CLIENTS]
+    config = GeneratorTrainingConfig(personalize=SMALL, local_epochs=1, regression_steps=10, regression_lr=1e-2,
+                                     **overrides)
+    return GeneratorTask(base, task, clients, config, "tiny")
+
+
+def test_generator_client_update_fits_learned_scales(setup):
+    task = generator_task(setup)
+    weights = task.initial_weights()
+    update = task.client_update(weights, client_index=1, server_round=1)
+    assert update.num_examples == 24
+    assert {k: v.shape for k, v in update.weights.items()} == {k: v.shape for k, v in weights.items()}
+    assert update.metrics["mean_lambda"] > 1e-3  # stage 1 moved lambda up from 1e-4
+    assert update.metrics["l1_after"] < update.metrics["l1_before"]  # stage 2 regressed towards it
+    assert not all(torch.equal(update.weights[k], weights[k]) for k in weights)
+    again = task.client_update(weights, client_index=1, server_round=1)
+    assert all(torch.equal(again.weights[k], update.weights[k]) for k in weights)  # deterministic
+
+
+def test_generator_budget_sampling_masks_all_but_top_entries(setup):
+    task = generator_task(setup, budget_sampling=True, budget_warmup_rounds=1)
+    weights = task.initial_weights()
+    assert task.client_update(weights, 0, server_round=1).metrics["budget"] == 0.0  # warm-up: no budget
+    budgets = {task.client_update(weights, 0, server_round=r).metrics["budget"] for r in range(2, 8)}
+    assert budgets <= {4.0, 2.0, 1.0} and len(budgets) >= 2
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_base_model_task(setup, mode, tmp_path):
+    base, task, _, _ = setup
+    clients = generator_task(setup).clients
+    fed = BaseModelTask(base, task, clients, BaseTrainingConfig(mode=mode, local_epochs=2, batch_size=8, lr=1e-2))
+    start = fed.initial_weights()
+    update = fed.client_update(start, 0, 1)
+    assert update.metrics["train_loss"] > 0 and update.num_examples == 24
+    assert any(not torch.equal(update.weights[k], start[k]) for k in start)
+    if mode == "lora":
+        assert all("lora_" in k or k.startswith("base_model.model.head.") for k in start)
+    batch = task.collate(clients[0].train[:4])
+    fed.load(update.weights)
+    expected = fed.model(**batch).logits.detach()
+    fed.save_checkpoint(update.weights, tmp_path)
+    loaded = (SequenceClassifier.from_pretrained(tmp_path, LABELS) if task.kind == "classification"
+              else load_causal_lm(tmp_path))
+    assert torch.allclose(loaded(**batch).logits, expected, atol=1e-5)
