@@ -3,8 +3,8 @@
     result = personalize("fedp2eft", base_model, task, train_examples, budget=8, generator=psg)
     metrics = task.evaluate(result.model, test_examples)
 
-Every method fine-tunes a copy of the base model with the one training loop of ``training.py``; the base model
-itself is never modified."""
+Every method fine-tunes a LoRA on a shallow copy of the base model (see ``frozen_copy``) with the one training
+loop of ``training.py``; the base model's weights are never modified."""
 
 from __future__ import annotations
 
@@ -58,6 +58,14 @@ class Personalized:
         peft_model.save_pretrained(str(directory))
 
 
+def frozen_copy(base_model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares the base model's parameters instead of duplicating them.
+
+    PEFT swaps modules in the copy's tree only and freezes the (shared) base weights, so many personalized
+    models can live side by side at the cost of their LoRA weights, not of the whole model."""
+    return copy.deepcopy(base_model, memo={id(p): p for p in base_model.parameters()})
+
+
 def generator_spec(base_model: nn.Module, config: PersonalizeConfig, base_model_name: str) -> GeneratorSpec:
     """The layout a PS generator for this base model and config must have."""
     targets = resolve_target_modules(base_model, config.target_modules)
@@ -78,7 +86,7 @@ def new_btlora(base_model: nn.Module, config: PersonalizeConfig, init_scales: fl
     """A fresh full-rank (R everywhere) BT-LoRA on a copy of the base model, lambda trainable."""
     targets = resolve_target_modules(base_model, config.target_modules)
     return BTLoRAModel(
-        copy.deepcopy(base_model), {name: config.max_rank for name in targets}, LORA_SCALING,
+        frozen_copy(base_model), {name: config.max_rank for name in targets}, LORA_SCALING,
         init_scales=init_scales, priors=config.priors, lora_seed=config.seed,
     )
 
@@ -99,7 +107,7 @@ def train_btlora(model: BTLoRAModel, task: Task, examples: list[dict], config: P
 def finetune_selection(base_model: nn.Module, selection: Selection, task: Task, examples: list[dict],
                        config: PersonalizeConfig) -> Personalized:
     """SPEC §5 steps 3-4: a fresh LoRA with the kept ranks, kept lambdas as fixed multipliers, fine-tuned."""
-    model = BTLoRAModel(copy.deepcopy(base_model), selection.ranks, LORA_SCALING, init_scales=selection.values,
+    model = BTLoRAModel(frozen_copy(base_model), selection.ranks, LORA_SCALING, init_scales=selection.values,
                         trainable_scales=False, lora_seed=config.seed)
     optimizer = torch.optim.AdamW(model.lora_parameters(), lr=config.lora_lr, weight_decay=0.0)
     result = train(model, task, examples, optimizer, config.epochs, config.batch_size, seed=config.seed)
@@ -115,7 +123,7 @@ def _train_metrics(result: TrainResult, model: nn.Module) -> dict[str, float]:
 def personalize_lora(base_model, task, examples, budget, config, generator) -> Personalized:
     targets = resolve_target_modules(base_model, config.target_modules)
     ranks = {name: budget for name in targets}
-    model = attach_lora(copy.deepcopy(base_model), ranks, LORA_SCALING, seed=config.seed)
+    model = attach_lora(frozen_copy(base_model), ranks, LORA_SCALING, seed=config.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lora_lr,
                                   weight_decay=0.0)
     result = train(model, task, examples, optimizer, config.epochs, config.batch_size, seed=config.seed)
@@ -133,7 +141,7 @@ def personalize_adalora(base_model, task, examples, budget, config, generator) -
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model: PeftModel = get_peft_model(copy.deepcopy(base_model), adalora)
+        model: PeftModel = get_peft_model(frozen_copy(base_model), adalora)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.adalora_lr,
                                   weight_decay=0.0)
     result = train(model, task, examples, optimizer, config.epochs, config.batch_size, seed=config.seed,
