@@ -109,3 +109,13 @@ def full_toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("full")
     run_federated("toy", TOY_CONFIG, FULL_ROUNDS, CLIENTS_PER_ROUND, output_dir=out, min_clients=2, seed=11)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fedp2eft_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A session-wide $FEDP2EFT_CACHE, so tests never write to ~/.cache and the e5 conversion and
+    benchmark builds happen once per run."""
+    root = tmp_path_factory.mktemp("fedp2eft-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDP2EFT_CACHE", str(root))
+        yield root

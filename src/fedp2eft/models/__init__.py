@@ -1,0 +1,1 @@
+"""Model names -> local Hugging Face checkpoint directories (hub, local path, or embedded)."""

@@ -1,0 +1,109 @@
+"""Your own data: JSONL, CSV, Parquet files or folders, and the errors for bad input."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fedp2eft.cli import main
+from fedp2eft.data.registry import load_dataset
+from fedp2eft.errors import FedP2EFTError
+
+
+def rows(languages=("en", "fr"), per_language=60, client=False, split=False):
+    out = []
+    for language in languages:
+        for i in range(per_language):
+            row = {"text": f"{language} sentence {i}", "label": ["pos", "neg", "neu"][i % 3], "language": language}
+            if client:
+                row["client"] = f"{language}-user{i % 4}"
+            if split:
+                row["split"] = "test" if i % 5 == 0 else "train"
+            out.append(row)
+    return out
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def test_jsonl_without_clients_is_partitioned_per_language(tmp_path):
+    data = load_dataset(str(write_jsonl(tmp_path / "d.jsonl", rows())), clients_per_language=2, seed=3)
+    assert data.task == "classification" and data.labels == ["neg", "neu", "pos"]
+    assert len(data.seen) == len(data.unseen) == 4
+    texts = [e["text"] for c in data.seen + data.unseen for e in c.train + c.test]
+    assert len(texts) == len(set(texts))  # real data: no example used twice
+    assert all(c.train and c.test for c in data.seen + data.unseen)
+
+
+def test_csv_with_clients_and_split_keeps_clients(tmp_path):
+    path = tmp_path / "d.csv"
+    records = rows(client=True, split=True)
+    path.write_text("text,label,language,client,split\n" + "".join(
+        f"{r['text']},{r['label']},{r['language']},{r['client']},{r['split']}\n" for r in records))
+    data = load_dataset(str(path), seed=0)
+    clients = data.seen + data.unseen
+    assert sorted(c.client_id for c in clients) == sorted({r["client"] for r in records})
+    assert len(data.unseen) == 4  # half of each language's 4 clients
+    en0 = next(c for c in clients if c.client_id == "en-user0")
+    assert len(en0.train) + len(en0.test) == 15 and all(e["text"].startswith("en") for e in en0.train)
+
+
+def test_parquet_folder_and_text_pair(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for language in ("de", "sw"):
+        records = [{**r, "text_pair": "hyp"} for r in rows((language,), 40)]
+        pq.write_table(pa.Table.from_pylist(records), folder / f"{language}.parquet")
+    data = load_dataset(str(folder), clients_per_language=1, train_size=10, test_size=4)
+    assert {c.language for c in data.seen} == {"de", "sw"}
+    assert all(len(c.train) == 10 and c.train[0]["text_pair"] == "hyp" for c in data.seen)
+
+
+def test_instruction_data(tmp_path):
+    records = [{"instruction": f"q{i}", "response": f"a{i}", "language": "te", "client": f"c{i % 3}"}
+               for i in range(30)]
+    data = load_dataset(str(write_jsonl(tmp_path / "sft.jsonl", records)))
+    assert data.task == "instruction" and data.labels == []
+    assert set(data.seen[0].train[0]) == {"instruction", "response"}
+    assert len(data.seen) + len(data.unseen) == 3
+
+
+def test_missing_column_names_the_file(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "language": "en"}])
+    with pytest.raises(FedP2EFTError, match=r"bad.jsonl: missing columns.*found \['language', 'text'\]"):
+        load_dataset(str(path))
+    path = write_jsonl(tmp_path / "nolang.jsonl", [{"text": "x", "label": "a"}])
+    with pytest.raises(FedP2EFTError, match="missing column 'language'"):
+        load_dataset(str(path))
+
+
+def test_unknown_test_label_names_the_row(tmp_path):
+    records = rows(("en",), 20, split=True)
+    records.append({"text": "odd", "label": "surprise", "language": "en", "split": "test"})
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    with pytest.raises(FedP2EFTError, match=r"d.jsonl row 21: label 'surprise' appears in no train row"):
+        load_dataset(str(path))
+
+
+def test_too_little_data_names_the_language(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", rows(("en",), 60) + rows(("ga",), 3))
+    with pytest.raises(FedP2EFTError, match="language 'ga'"):
+        load_dataset(str(path), clients_per_language=2)
+
+
+def test_unreadable_file_is_named(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(FedP2EFTError, match="broken.parquet: cannot read it"):
+        load_dataset(str(path))
+    assert main(["data", "describe", str(path)]) == 2
+
+
+def test_cli_describe_user_file(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", rows())
+    assert main(["data", "describe", str(path), "--clients-per-language", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fr" in out and "pos" in out and "2 seen + 2 unseen" in out
