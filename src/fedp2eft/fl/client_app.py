@@ -1,0 +1,69 @@
+"""Flower ClientApp: runs ``FederatedTask.client_update`` for the client index the server asks for.
+
+Building a task loads a model, so each process keeps the last built task and reuses it while
+the (task, config) pair stays the same. Any exception propagates: Flower turns it into an
+error reply, which the server counts as a failed client.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedp2eft.core.federation import FederatedTask
+from fedp2eft.errors import FedP2EFTError
+from fedp2eft.fl import protocol as P
+from fedp2eft.fl.tasks import build_task
+from fedp2eft.fl.weights import from_record, to_record
+
+app = ClientApp()
+
+_cached: tuple[tuple[str, str], FederatedTask] | None = None
+
+
+def cached_task(name: str, config_json: str) -> FederatedTask:
+    """The task for (name, config), built at most once per process while it stays in use."""
+    global _cached
+    key = (name, config_json)
+    if _cached is None or _cached[0] != key:
+        _cached = None  # free the old model before building the new one
+        _cached = (key, build_task(name, json.loads(config_json)))
+    return _cached[1]
+
+
+def partition_id(context: Context) -> int:
+    value = context.node_config.get(P.PARTITION_ID)
+    if value is None:
+        raise FedP2EFTError(
+            "this SuperNode has no partition-id; start it with --node-config 'partition-id=<i> num-partitions=<n>'"
+        )
+    return int(value)
+
+
+@app.query("partition")
+def report_partition(msg: Message, context: Context) -> Message:
+    """Tell the server which FederatedTask client this node serves."""
+    return Message(RecordDict({P.CONFIG: ConfigRecord({P.PARTITION_ID: partition_id(context)})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content.config_records[P.CONFIG]
+    client_index = int(config[P.CLIENT_INDEX])
+    if client_index != partition_id(context):
+        raise FedP2EFTError(f"message for client {client_index} reached node of partition {partition_id(context)}")
+    task = cached_task(str(config[P.TASK]), str(config[P.TASK_CONFIG]))
+    weights = from_record(msg.content.array_records[P.WEIGHTS])
+    start = time.perf_counter()
+    update = task.client_update(weights, client_index, int(config[P.SERVER_ROUND]))
+    elapsed = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in update.metrics.items() if math.isfinite(float(v))}
+    metrics[P.NUM_EXAMPLES] = int(update.num_examples)
+    metrics[P.CLIENT_TIME] = elapsed
+    content = RecordDict({P.WEIGHTS: to_record(update.weights), P.METRICS: MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+

@@ -1,0 +1,212 @@
+"""Flower ServerApp: sample clients, ship global weights, FedAvg the valid replies, checkpoint.
+
+The loop is engine-agnostic (``serve`` only needs a ``Grid``), so simulation and deployment
+run the same code. Client index i of the ``FederatedTask`` lives on the node whose
+node_config says ``partition-id=i``; the server asks every node once at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedp2eft.core.federation import FederatedTask
+from fedp2eft.errors import FedP2EFTError
+from fedp2eft.fl import protocol as P
+from fedp2eft.fl.checkpoint import RunState, check_resumable, checkpoint_name, load_state, load_weights, save_round
+from fedp2eft.fl.job import Job
+from fedp2eft.fl.report import RoundReporter
+from fedp2eft.fl.tasks import build_task
+from fedp2eft.fl.weights import Weights, fedavg, from_record, to_record, update_problem
+
+logger = logging.getLogger(__name__)
+
+NODE_POLL_S = 0.5
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run``: the job comes from run_config ``job``."""
+    serve(grid, Job.from_run_config(dict(context.run_config)))
+
+
+def sample_clients(available: list[int], k: int, seed: int, server_round: int) -> list[int]:
+    """Deterministic in (seed, round, available), so a resumed run samples exactly the same clients."""
+    rng = np.random.default_rng([seed, server_round])
+    picks = rng.choice(len(available), size=min(k, len(available)), replace=False)
+    return sorted(available[int(i)] for i in picks)
+
+
+def discover_clients(grid: Grid, job: Job, num_clients: int) -> dict[int, int]:
+    """Map client index -> node id by asking every connected node for its partition-id."""
+    wanted = min(job.clients_per_round, num_clients)
+    deadline = time.monotonic() + job.startup_timeout_s
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < wanted and time.monotonic() < deadline:
+        time.sleep(NODE_POLL_S)
+        node_ids = list(grid.get_node_ids())
+    queries = [
+        Message(RecordDict({}), dst_node_id=node_id, message_type=P.PARTITION_QUERY, group_id="discovery")
+        for node_id in node_ids
+    ]
+    clients: dict[int, int] = {}
+    for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
+        node_id = reply.metadata.src_node_id
+        if reply.has_error():
+            logger.warning("node %s cannot serve a client: %s", node_id, reply.error.reason)
+            continue
+        index = int(reply.content.config_records[P.CONFIG][P.PARTITION_ID])
+        if not 0 <= index < num_clients:
+            logger.warning("node %s has partition-id %d outside the task's 0..%d; ignored", node_id, index,
+                           num_clients - 1)
+        elif index in clients:
+            raise FedP2EFTError(f"nodes {clients[index]} and {node_id} both claim partition-id {index}; "
+                                "give every SuperNode a distinct partition-id")
+        else:
+            clients[index] = node_id
+    if len(clients) < job.min_clients:
+        raise FedP2EFTError(
+            f"only {len(clients)} usable nodes answered within startup_timeout_s={job.startup_timeout_s}, fewer than "
+            f"min_clients={job.min_clients}; start more SuperNodes (each with its own partition-id)"
+        )
+    return clients
+
+
+@dataclass
+class RoundOutcome:
+    """The replies of one round, split into usable updates and logged failures."""
+
+    updates: list[tuple[int, Weights, int, dict[str, float]]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    bytes_received: int = 0
+
+    def fail(self, client: int, reason: str, server_round: int) -> None:
+        logger.warning("round %d: client %d left out: %s", server_round, client, reason)
+        self.failures.append({"client": client, "reason": reason})
+
+
+def collect(replies: list[Message], sent: dict[int, int], reference: Weights, server_round: int) -> RoundOutcome:
+    """Check every reply against the global weights; anything odd becomes a failure, not a crash."""
+    outcome = RoundOutcome()
+    answered: set[int] = set()
+    for reply in replies:
+        client = sent.get(reply.metadata.src_node_id)
+        if client is None or client in answered:
+            continue
+        answered.add(client)
+        if reply.has_error():
+            outcome.fail(client, f"client raised: {reply.error.reason}", server_round)
+            continue
+        records = reply.content.array_records
+        metrics = reply.content.metric_records.get(P.METRICS)
+        if P.WEIGHTS not in records or metrics is None or P.NUM_EXAMPLES not in metrics:
+            outcome.fail(client, "reply lacks weights, metrics or num-examples", server_round)
+            continue
+        outcome.bytes_received += records[P.WEIGHTS].count_bytes()
+        weights = from_record(records[P.WEIGHTS])
+        num_examples = int(metrics[P.NUM_EXAMPLES])
+        problem = update_problem(reference, weights) or (None if num_examples > 0 else "num-examples <= 0")
+        if problem:
+            outcome.fail(client, problem, server_round)
+            continue
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        outcome.updates.append((client, weights, num_examples, scalars))
+    for client in sorted(set(sent.values()) - answered):
+        outcome.fail(client, "no reply before the round timeout", server_round)
+    outcome.updates.sort(key=lambda item: item[0])  # fixed summation order -> reproducible averages
+    return outcome
+
+
+def round_metrics(server_round: int, sampled: list[int], outcome: RoundOutcome, seconds: float,
+                  bytes_sent: int) -> dict[str, Any]:
+    """One metrics.jsonl row: sample-weighted client metrics plus traffic, timing and failures."""
+    total = sum(n for _, _, n, _ in outcome.updates)
+    names = sorted({k for *_, metrics in outcome.updates for k in metrics} - {P.NUM_EXAMPLES, P.CLIENT_TIME})
+    row: dict[str, Any] = {
+        "round": server_round,
+        "sampled": len(sampled),
+        "successes": len(outcome.updates),
+        "failures": len(outcome.failures),
+        "round_time_s": seconds,
+        "bytes_sent": bytes_sent,
+        "bytes_received": outcome.bytes_received,
+        "num_examples": total,
+        "client_time_sum_s": sum(m.get(P.CLIENT_TIME, 0.0) for *_, m in outcome.updates),
+        "client_time_max_s": max((m.get(P.CLIENT_TIME, 0.0) for *_, m in outcome.updates), default=0.0),
+        "clients": [client for client, *_ in outcome.updates],
+        "failed": outcome.failures,
+    }
+    for name in names:
+        pairs = [(m[name], n) for _, _, n, m in outcome.updates if name in m]
+        row[f"train/{name}"] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+    return row
+
+
+def run_round(grid: Grid, job: Job, weights: Weights, server_round: int,
+              clients: dict[int, int]) -> tuple[Weights, dict[str, Any]]:
+    start = time.perf_counter()
+    sampled = sample_clients(sorted(clients), job.clients_per_round, job.seed, server_round)
+    record = to_record(weights)
+    task_config = json.dumps(job.task_config, sort_keys=True)
+    messages = []
+    for client in sampled:
+        config = ConfigRecord({P.TASK: job.task, P.TASK_CONFIG: task_config, P.SERVER_ROUND: server_round,
+                               P.CLIENT_INDEX: client})
+        content = RecordDict({P.WEIGHTS: record, P.CONFIG: config})
+        messages.append(Message(content, dst_node_id=clients[client], message_type=P.TRAIN,
+                                group_id=str(server_round)))
+    bytes_sent = record.count_bytes() * len(messages)
+    replies = list(grid.send_and_receive(messages, timeout=job.round_timeout_s))
+    outcome = collect(replies, {clients[c]: c for c in sampled}, weights, server_round)
+    row = round_metrics(server_round, sampled, outcome, time.perf_counter() - start, bytes_sent)
+    if len(outcome.updates) < job.min_clients:
+        raise FedP2EFTError(
+            f"round {server_round}: only {len(outcome.updates)} of {len(sampled)} sampled clients succeeded, "
+            f"fewer than min_clients={job.min_clients} (failures: {outcome.failures}); the run stopped and "
+            f"the checkpoint of round {server_round - 1} in {job.output_dir} is intact; fix the clients and "
+            "rerun with resume"
+        )
+    return fedavg(weights, [(w, n) for _, w, n, _ in outcome.updates]), row
+
+
+def serve(grid: Grid, job: Job, task: FederatedTask | None = None) -> Path:
+    """Run (or resume) the job to ``job.rounds``; return the final checkpoint path."""
+    out = job.output_path
+    state = load_state(out)
+    if state is not None and not job.resume:
+        raise FedP2EFTError(f"{out} already holds a run at round {state.round}; pass resume to continue it "
+                            "or choose an empty output directory")
+    task = task if task is not None else build_task(job.task, job.task_config)
+    job_record = asdict(job)
+    if state is None:
+        state = RunState(round=0, checkpoint=checkpoint_name(0), job=job_record)
+        weights = task.initial_weights()
+        save_round(out, weights, state)
+    else:
+        check_resumable(state, job)
+        weights = load_weights(out, state)
+        logger.info("resuming %s after round %d", out, state.round)
+    if state.round >= job.rounds:
+        return out / state.checkpoint
+    clients = discover_clients(grid, job, task.num_clients())
+    reporter = RoundReporter(out, job.rounds, state.round + 1)
+    try:
+        for server_round in range(state.round + 1, job.rounds + 1):
+            weights, row = run_round(grid, job, weights, server_round, clients)
+            state = RunState(round=server_round, checkpoint=checkpoint_name(server_round), job=job_record,
+                             history=[*state.history, row])
+            save_round(out, weights, state)
+            reporter.round_done(row)
+    finally:
+        reporter.close()
+    return out / state.checkpoint

@@ -1,0 +1,48 @@
+"""Resolve a task name to a ``FederatedTask``: built-in names or any ``package.module:function`` factory.
+
+Imports happen lazily so that the Flower layer never pulls a model library it does not need.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from fedp2eft.core.federation import FederatedTask
+from fedp2eft.errors import FedP2EFTError
+
+BUILTIN_TASKS: dict[str, str] = {
+    "base": "fedp2eft.core.base_training:make_task",
+    "psg": "fedp2eft.core.generator_training:make_task",
+    "toy": "fedp2eft.fl.toy_task:make_task",
+}
+
+_REQUIRED_METHODS = ("initial_weights", "num_clients", "client_update")
+
+
+def resolve_factory(name_or_path: str) -> Callable[[dict[str, Any]], FederatedTask]:
+    """Return the ``make_task(config)`` callable behind a built-in name or a dotted path."""
+    target = BUILTIN_TASKS.get(name_or_path, name_or_path)
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise FedP2EFTError(
+            f"unknown task {name_or_path!r}: use one of {sorted(BUILTIN_TASKS)} "
+            "or a factory path like 'package.module:make_task'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise FedP2EFTError(f"cannot import task module {module_name!r} for task {name_or_path!r}: {error}") from error
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise FedP2EFTError(f"task factory {target!r} does not exist or is not callable")
+    return factory
+
+
+def build_task(name_or_path: str, config: dict[str, Any]) -> FederatedTask:
+    """Build the task and check that it speaks the ``FederatedTask`` protocol."""
+    task = resolve_factory(name_or_path)(dict(config))
+    missing = [m for m in _REQUIRED_METHODS if not callable(getattr(task, m, None))]
+    if missing:
+        raise FedP2EFTError(f"task {name_or_path!r} returned {type(task).__name__}, which lacks {missing}")
+    return task

@@ -1,0 +1,110 @@
+"""End-to-end simulation of the toy task: aggregate, checkpoints, metrics, resume equivalence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CLIENTS_PER_ROUND, FULL_ROUNDS, TOY_CONFIG
+from fedp2eft.errors import FedP2EFTError
+from fedp2eft.fl.job import Job
+from fedp2eft.fl.server_app import sample_clients, serve
+from fedp2eft.fl.simulation import run_federated
+from fedp2eft.fl.toy_task import make_task
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    state = json.loads((out / "state.json").read_text())
+    return load_file(str(out / state["checkpoint"]))
+
+
+def test_simulation_matches_independent_fedavg(full_toy_run: Path) -> None:
+    rows = read_rows(full_toy_run)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["successes"] == CLIENTS_PER_ROUND and r["failures"] == 0 for r in rows)
+    assert all(r["bytes_sent"] > 0 and r["bytes_received"] == r["bytes_sent"] for r in rows)
+    assert all(r["round_time_s"] > 0 and "train/loss" in r for r in rows)
+
+    task = make_task(TOY_CONFIG)
+    weights = task.initial_weights()
+    for row in rows:
+        clients = sample_clients(list(range(task.num_clients())), CLIENTS_PER_ROUND, 11, row["round"])
+        assert row["clients"] == clients
+        updates = [task.client_update(weights, c, row["round"]) for c in clients]
+        total = sum(u.num_examples for u in updates)
+        assert row["num_examples"] == total
+        weights = {k: sum(u.weights[k].double() * u.num_examples for u in updates) / total for k in weights}
+        weights = {k: v.float() for k, v in weights.items()}
+    got = final_weights(full_toy_run)
+    assert set(got) == set(weights)
+    for name in weights:
+        torch.testing.assert_close(got[name], weights[name], atol=1e-6, rtol=0)
+
+    state = json.loads((full_toy_run / "state.json").read_text())
+    assert state["round"] == FULL_ROUNDS and len(state["history"]) == FULL_ROUNDS
+    assert list(full_toy_run.glob("global-round*.safetensors")) == [full_toy_run / state["checkpoint"]]
+    assert list((full_toy_run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_ends_with_the_same_weights(full_toy_run: Path, tmp_path: Path) -> None:
+    common = dict(output_dir=tmp_path, min_clients=2, seed=11)
+    run_federated("toy", TOY_CONFIG, 2, CLIENTS_PER_ROUND, **common)
+    assert json.loads((tmp_path / "state.json").read_text())["round"] == 2
+    path = run_federated("toy", TOY_CONFIG, FULL_ROUNDS, CLIENTS_PER_ROUND, resume=True, **common)
+    assert path.name == "global-round00003.safetensors"
+    resumed, full = load_file(str(path)), final_weights(full_toy_run)
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+    assert [r["clients"] for r in read_rows(tmp_path)] == [r["clients"] for r in read_rows(full_toy_run)]
+
+
+def test_existing_run_needs_resume_and_same_settings(full_toy_run: Path) -> None:
+    base = dict(task="toy", task_config=TOY_CONFIG, rounds=4, clients_per_round=CLIENTS_PER_ROUND, min_clients=2,
+                output_dir=str(full_toy_run))
+    with pytest.raises(FedP2EFTError, match="pass resume"):
+        serve(None, Job(seed=11, **base))  # type: ignore[arg-type]  # fails before the grid is touched
+    with pytest.raises(FedP2EFTError, match=r"\['seed'\] differ"):
+        serve(None, Job(seed=12, resume=True, **base))  # type: ignore[arg-type]
+
+
+def test_ps_generator_task_trains_inside_flower(tmp_path: Path) -> None:
+    """The method core's real GeneratorTask (tiny BERT) runs in Ray actors and reports mean lambda."""
+    path = run_federated("fl_tasks:make_tiny_psg_task", {"num_clients": 3}, 2, 2, output_dir=tmp_path,
+                         min_clients=2, seed=0)
+    rows = read_rows(tmp_path)
+    assert [(r["round"], r["successes"]) for r in rows] == [(1, 2), (2, 2)]
+    assert all(r["train/mean_lambda"] > 1e-3 for r in rows)  # stage 1 lifted lambda from the 1e-4 start
+    assert rows[0]["train/l1_after"] < rows[0]["train/l1_before"]  # stage 2 regressed the PSG towards it
+    from fl_tasks import make_tiny_psg_task
+
+    start = make_tiny_psg_task({"num_clients": 3}).initial_weights()
+    trained = load_file(str(path))
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in start.items()}
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+# The built-in "psg" task on the embedded multilingual-e5-small and two tiny intents clients.
+PSG_CONFIG = {
+    "model": "multilingual-e5-small", "dataset": "intents", "max_length": 32,
+    "dataset_options": {"clients_per_language": 1, "train_size": 16, "test_size": 4, "languages": "en,de"},
+    "training": {"local_epochs": 1, "regression_steps": 3, "personalize": {"max_rank": 4, "batch_size": 8}},
+}
+
+
+def test_builtin_psg_task_runs_one_round_in_simulation(tmp_path: Path) -> None:
+    path = run_federated("psg", PSG_CONFIG, 1, 2, output_dir=tmp_path, min_clients=2)
+    (row,) = read_rows(tmp_path)
+    assert row["successes"] == 2 and row["failures"] == 0 and row["num_examples"] == 32
+    assert row["train/mean_lambda"] >= 1e-4 and "train/stage1_loss" in row
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["job"]["task"] == "psg" and path == tmp_path / state["checkpoint"]
+    weights = load_file(str(path))
+    assert weights and all(bool(torch.isfinite(v).all()) for v in weights.values())

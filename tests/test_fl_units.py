@@ -1,0 +1,73 @@
+"""Fast checks of the Flower layer's pure parts: task resolution, job validation, reply checks, FedAvg."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedp2eft.errors import FedP2EFTError
+from fedp2eft.fl.job import Job
+from fedp2eft.fl.server_app import sample_clients
+from fedp2eft.fl.tasks import build_task
+from fedp2eft.fl.weights import fedavg, from_record, to_record, update_problem
+
+JOB = {"task": "toy", "output_dir": "/tmp/x", "rounds": 2, "clients_per_round": 2}
+
+
+def test_build_task_resolves_builtin_and_dotted_paths() -> None:
+    assert build_task("toy", {"num_clients": 3}).num_clients() == 3
+    assert build_task("fedp2eft.fl.toy_task:make_task", {"num_clients": 5}).num_clients() == 5
+    with pytest.raises(FedP2EFTError, match="unknown task 'nope'"):
+        build_task("nope", {})
+    with pytest.raises(FedP2EFTError, match="cannot import task module"):
+        build_task("no_such_module_xyz:make_task", {})
+    with pytest.raises(FedP2EFTError, match="does not exist"):
+        build_task("fedp2eft.fl.toy_task:missing", {})
+    with pytest.raises(FedP2EFTError, match="lacks"):
+        build_task("builtins:dict", {})
+
+
+def test_job_round_trips_and_rejects_bad_values() -> None:
+    job = Job.from_run_config({"job": json.dumps(JOB)})
+    assert Job.from_json(job.to_json()) == job
+    with pytest.raises(FedP2EFTError, match="no 'job'"):
+        Job.from_run_config({})
+    with pytest.raises(FedP2EFTError, match="not valid JSON"):
+        Job.from_run_config({"job": "{"})
+    with pytest.raises(FedP2EFTError, match="unknown job keys"):
+        Job.from_dict({**JOB, "round": 3})
+    with pytest.raises(FedP2EFTError, match="min_clients"):
+        Job.from_dict({**JOB, "min_clients": 3})
+    with pytest.raises(FedP2EFTError, match="rounds must be a positive integer"):
+        Job.from_dict({**JOB, "rounds": 0})
+    with pytest.raises(FedP2EFTError, match="seed must be a non-negative integer"):
+        Job.from_dict({**JOB, "seed": -1})
+    with pytest.raises(FedP2EFTError, match="required keys"):
+        Job.from_dict({"task": "toy"})
+
+
+def test_update_checks_and_weighted_average() -> None:
+    ref = {"w": torch.zeros(2, 2), "steps": torch.tensor(7)}
+    assert update_problem(ref, {"w": torch.ones(2, 2), "steps": torch.tensor(1)}) is None
+    assert "shape" in update_problem(ref, {"w": torch.ones(3), "steps": torch.tensor(1)})
+    assert "NaN" in update_problem(ref, {"w": torch.full((2, 2), float("inf")), "steps": torch.tensor(1)})
+    assert "keys differ" in update_problem(ref, {"w": torch.ones(2, 2)})
+    assert "dtype" in update_problem(ref, {"w": torch.ones(2, 2, dtype=torch.float64), "steps": torch.tensor(1)})
+    avg = fedavg(ref, [({"w": torch.ones(2, 2), "steps": torch.tensor(1)}, 1),
+                       ({"w": torch.full((2, 2), 4.0), "steps": torch.tensor(2)}, 3)])
+    assert torch.equal(avg["w"], torch.full((2, 2), 3.25)) and avg["w"].dtype == torch.float32
+    assert int(avg["steps"]) == 7  # integer buffers keep the global value
+    restored = from_record(to_record(avg))
+    assert all(torch.equal(restored[k], avg[k]) for k in avg)
+
+
+def test_client_sampling_is_deterministic_per_seed_and_round() -> None:
+    available = list(range(10))
+    first = sample_clients(available, 4, seed=1, server_round=3)
+    assert first == sample_clients(available, 4, seed=1, server_round=3)
+    assert len(set(first)) == 4 and first == sorted(first)
+    others = {tuple(sample_clients(available, 4, seed=1, server_round=r)) for r in range(1, 8)}
+    assert len(others) > 1
+    assert sample_clients([2, 5], 4, seed=0, server_round=1) == [2, 5]
