@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from fedp2eft.errors import FedP2EFTError
+from fedp2eft.logs import quiet_third_party
 
-COMMAND_MODULES = ["models", "data"]
+COMMAND_MODULES = ["models", "data", "federated", "benchmark"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = "fedp2eft " + shlex.join(argv)
+    quiet_third_party()
     try:
         return int(args.func(args) or 0)
     except FedP2EFTError as error:

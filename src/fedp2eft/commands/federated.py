@@ -30,13 +30,15 @@ def read_task_config(path: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from fedp2eft.fl.simulation import run_federated  # pulls in Flower and Ray only when used
+    from fedp2eft.fl.tasks import export_final
 
-    path = run_federated(
-        args.task, read_task_config(args.config), args.rounds, args.clients_per_round,
+    config = read_task_config(args.config)
+    run_federated(
+        args.task, config, args.rounds, args.clients_per_round,
         output_dir=args.output, min_clients=args.min_clients, seed=args.seed,
         round_timeout_s=args.round_timeout, resume=args.resume, num_cpus_per_client=args.num_cpus,
     )
-    print(path)
+    print(export_final(args.task, config, args.output))
     return 0
 
 

@@ -3,6 +3,8 @@ is merged into the weights at the end. The result is a normal Hugging Face check
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +92,15 @@ class BaseModelTask:
         result = train(self.model, self.task, client.train, optimizer, config.local_epochs, config.batch_size,
                        seed=seed)
         return ClientUpdate(self.weights(), len(client.train), {"train_loss": result.epoch_losses[-1]})
+
+    def export(self, weights: dict[str, torch.Tensor], directory: Path) -> Path:
+        """The base model as ``directory/model``, written atomically (temp folder, then rename)."""
+        final, tmp = directory / "model", directory / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.save_checkpoint(weights, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
 
     def save_checkpoint(self, weights: dict[str, torch.Tensor], directory: str | Path) -> Path:
         """Write the global weights and the tokenizer as a plain checkpoint (a LoRA is merged first; this

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -32,4 +33,12 @@ class FederatedTask(Protocol):
         self, weights: dict[str, torch.Tensor], client_index: int, server_round: int
     ) -> ClientUpdate:
         """Run the local step of ``client_index`` from the given global weights."""
+        ...
+
+
+class ExportableTask(FederatedTask, Protocol):
+    """A task whose final product is more than a weights file (a model checkpoint, a generator file)."""
+
+    def export(self, weights: dict[str, torch.Tensor], directory: Path) -> Path:
+        """Write the usable artifact for the final global ``weights`` under ``directory``; return its path."""
         ...

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +19,8 @@ from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.methods import PersonalizeConfig, features_for, generator_spec, new_btlora, train_btlora
 from fedp2eft.core.tasks import Task
 from fedp2eft.data.types import ClientData
+
+GENERATOR_FILE = "generator.safetensors"
 
 
 @dataclass
@@ -77,6 +80,13 @@ class GeneratorTask:
             client = self.clients[client_index]
             self._features[client_index] = features_for(self.base_model, self.task, client.train, self.spec)
         return self._features[client_index]
+
+    def export(self, weights: dict[str, torch.Tensor], directory: Path) -> Path:
+        """The trained generator as ``directory/generator.safetensors`` (with its JSON header)."""
+        generator = PSGenerator(self.spec)
+        generator.load_state_dict(weights)
+        generator.save(directory / GENERATOR_FILE)
+        return directory / GENERATOR_FILE
 
     def _budget(self, client_index: int, server_round: int) -> int | None:
         config = self.config

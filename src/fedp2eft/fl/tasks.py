@@ -6,6 +6,7 @@ Imports happen lazily so that the Flower layer never pulls a model library it do
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any, Callable
 
 from fedp2eft.core.federation import FederatedTask
@@ -37,6 +38,20 @@ def resolve_factory(name_or_path: str) -> Callable[[dict[str, Any]], FederatedTa
     if not callable(factory):
         raise FedP2EFTError(f"task factory {target!r} does not exist or is not callable")
     return factory
+
+
+def export_final(name_or_path: str, config: dict[str, Any], output_dir: Path) -> Path:
+    """Turn the last checkpoint of a finished run into the task's artifact (``ExportableTask.export``); tasks
+    without ``export`` keep the weights checkpoint as their result."""
+    from fedp2eft.fl.checkpoint import load_state, load_weights
+
+    state = load_state(output_dir)
+    if state is None:
+        raise FedP2EFTError(f"{output_dir} holds no finished federated run to export")
+    task = build_task(name_or_path, config)
+    if not callable(getattr(task, "export", None)):
+        return output_dir / state.checkpoint
+    return task.export(load_weights(output_dir, state), output_dir)
 
 
 def build_task(name_or_path: str, config: dict[str, Any]) -> FederatedTask:

@@ -1,0 +1,91 @@
+"""Benchmark configuration: a YAML profile, ``key.sub=value`` overrides, and validation before any work."""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedp2eft.core.methods import METHODS
+from fedp2eft.errors import FedP2EFTError
+
+PROFILES = ("default", "quick", "paper")
+
+
+def load_profile(name_or_path: str) -> dict[str, Any]:
+    """A shipped profile by name, or a YAML file; a file may name a shipped profile under ``profile:``."""
+    if name_or_path in PROFILES:
+        text = resources.files("fedp2eft.benchmark.profiles").joinpath(f"{name_or_path}.yaml").read_text()
+        return yaml.safe_load(text)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FedP2EFTError(f"no config file or profile named '{name_or_path}'; profiles: {', '.join(PROFILES)}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise FedP2EFTError(f"{path} is not valid YAML: {error}") from error
+    base = load_profile(raw.pop("profile", "default"))
+    return merge(base, raw, str(path))
+
+
+def merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
+    """Deep-merge ``update`` into a copy of ``base``, refusing keys that ``base`` does not have."""
+    result = copy.deepcopy(base)
+    for key, value in update.items():
+        name = f"{prefix}{key}"
+        if key not in result:
+            raise FedP2EFTError(f"{where}: unknown config key '{name}'; known here: {', '.join(sorted(result))}")
+        if isinstance(result[key], dict) and isinstance(value, dict) and not _free_form(name):
+            result[key] = merge(result[key], value, where, f"{name}.")
+        else:
+            result[key] = value
+    return result
+
+
+def _free_form(name: str) -> bool:
+    """Sections whose keys belong to another component (validated there)."""
+    return name in {"dataset_options"}
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """``a.b=value`` pairs; values are parsed as YAML (numbers, lists, booleans)."""
+    for item in overrides:
+        if "=" not in item:
+            raise FedP2EFTError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        update: dict = {}
+        cursor = update
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = yaml.safe_load(raw)
+        config = merge(config, update, "command line")
+    return config
+
+
+def validate(config: dict) -> dict:
+    """Fail before any work on unknown methods, bad budgets, bad pools."""
+    unknown = [m for m in config["methods"] if m not in METHODS]
+    if unknown:
+        raise FedP2EFTError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
+    max_rank = config["personalize"]["max_rank"]
+    bad = [b for b in config["budgets"] if not isinstance(b, int) or not 1 <= b <= max_rank]
+    if bad:
+        raise FedP2EFTError(f"budget(s) {bad} out of range: each must be an integer in 1..R={max_rank}")
+    if not set(config["pools"]) <= {"seen", "unseen"} or not config["pools"]:
+        raise FedP2EFTError(f"pools must be a non-empty subset of [seen, unseen], got {config['pools']}")
+    if not config["seeds"]:
+        raise FedP2EFTError("seeds must list at least one seed")
+    from fedp2eft.data.registry import dataset_names
+
+    dataset = config["dataset"]
+    if dataset not in dataset_names() and not Path(dataset).exists():
+        raise FedP2EFTError(f"unknown dataset '{dataset}'; choose from {', '.join(dataset_names())} or a path")
+    return config
+
+
+def resolve(profile: str, overrides: list[str]) -> dict:
+    return validate(apply_overrides(load_profile(profile), overrides))

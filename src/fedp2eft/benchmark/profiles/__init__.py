@@ -1,0 +1,1 @@
+"""Shipped benchmark profiles (YAML)."""

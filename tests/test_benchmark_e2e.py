@@ -1,0 +1,60 @@
+"""End to end on the embedded model and data: the quick profile runs every stage, writes the report, resumes
+without redoing work, and never lets an unseen client into base-model or generator training."""
+
+import json
+
+import pytest
+
+from fedp2eft.benchmark.config import resolve
+from fedp2eft.cli import main
+from fedp2eft.core.generator_training import make_task
+from fedp2eft.data.registry import load_dataset
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    assert main(["benchmark", "--config", "quick", "--results", str(results)]) == 0
+    return results / "quick"
+
+
+def test_quick_profile_writes_the_full_report(quick_run):
+    config = resolve("quick", [])
+    for name in ["report.md", "results.json", "results.csv", "config.yaml", "figures/accuracy_vs_budget.png",
+                 "figures/rank_heatmap.png", "figures/psg_training.png", "psg/generator.safetensors",
+                 "base/model/config.json"]:
+        assert (quick_run / name).is_file(), name
+    summary = json.loads((quick_run / "results.json").read_text())["summary"]
+    settings = {(row["pool"], row["method"], row["budget"]) for row in summary}
+    expected = {(p, m, b) for p in config["pools"] for m in config["methods"] for b in config["budgets"]}
+    assert expected | {(p, "base", 0) for p in config["pools"]} == settings
+    assert all(0.0 <= row["mean"] <= 1.0 for row in summary)
+    report = (quick_run / "report.md").read_text()
+    assert "Does FedP²EFT win?" in report and "r=8" in report
+
+
+def test_rerun_resumes_without_redoing_stages(quick_run):
+    rows_before = (quick_run / "personalize.jsonl").read_text()
+    generator_before = (quick_run / "psg" / "generator.safetensors").stat().st_mtime_ns
+    assert main(["benchmark", "--config", "quick", "--results", str(quick_run.parent)]) == 0
+    assert (quick_run / "personalize.jsonl").read_text() == rows_before
+    assert (quick_run / "psg" / "generator.safetensors").stat().st_mtime_ns == generator_before
+
+
+def test_unseen_clients_never_train_the_generator_or_base(quick_run):
+    config = resolve("quick", [])
+    data = load_dataset(config["dataset"], **config["dataset_options"])
+    seen, unseen = {c.client_id for c in data.seen}, {c.client_id for c in data.unseen}
+    assert seen and unseen and not seen & unseen
+    task = make_task({"model": str(quick_run / "base" / "model"), "dataset": config["dataset"],
+                      "dataset_options": config["dataset_options"], "training": {"personalize": {"max_rank": 8}}})
+    assert {c.client_id for c in task.clients} == seen
+    for stage in ("base", "psg"):
+        for line in (quick_run / stage / "metrics.jsonl").read_text().splitlines():
+            assert all(0 <= index < len(data.seen) for index in json.loads(line)["clients"])
+
+
+def test_bad_config_fails_before_work(tmp_path, capsys):
+    assert main(["benchmark", "--config", "quick", "--results", str(tmp_path), "methods=[lorax]"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
