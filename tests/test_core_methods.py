@@ -33,6 +33,9 @@ def test_method_runs_end_to_end_and_reduces_training_loss(setup, method):
     assert after < 0.95 * before, (method, before, after)
     assert set(task.evaluate(result.model, test)) >= {"loss", "count"}
     assert result.metrics["steps"] == FAST.epochs * 6
+    modules = len(generator_spec(base, FAST, "tiny").module_names)
+    if method == "adalora":  # the budget allocation pruned from init_r (6) down to target_r (4) on average
+        assert 0 < sum(result.ranks.values()) <= 4 * modules < 6 * modules
     for key, value in base.state_dict().items():  # the base model is never modified
         assert torch.equal(value, reference[key])
 

@@ -120,7 +120,8 @@ def _train_metrics(result: TrainResult, model: nn.Module) -> dict[str, float]:
             "steps": result.steps, "trainable_parameters": trainable}
 
 
-def personalize_lora(base_model, task, examples, budget, config, generator) -> Personalized:
+def personalize_lora(base_model: nn.Module, task: Task, examples: list[dict], budget: int,
+                     config: PersonalizeConfig, generator: PSGenerator | None) -> Personalized:
     targets = resolve_target_modules(base_model, config.target_modules)
     ranks = {name: budget for name in targets}
     model = attach_lora(frozen_copy(base_model), ranks, LORA_SCALING, seed=config.seed)
@@ -130,7 +131,8 @@ def personalize_lora(base_model, task, examples, budget, config, generator) -> P
     return Personalized(model, ranks, _train_metrics(result, model))
 
 
-def personalize_adalora(base_model, task, examples, budget, config, generator) -> Personalized:
+def personalize_adalora(base_model: nn.Module, task: Task, examples: list[dict], budget: int,
+                        config: PersonalizeConfig, generator: PSGenerator | None) -> Personalized:
     targets = resolve_target_modules(base_model, config.target_modules)
     total = config.epochs * steps_per_epoch(len(examples), config.batch_size)
     init_r = max(budget + 1, round(1.5 * budget))
@@ -146,18 +148,18 @@ def personalize_adalora(base_model, task, examples, budget, config, generator) -
                                   weight_decay=0.0)
     result = train(model, task, examples, optimizer, config.epochs, config.batch_size, seed=config.seed,
                    after_step=model.base_model.update_and_allocate)
-    ranks = {name: int(layer.ranknum["default"].item()) for name, layer in _adalora_layers(model)}
-    return Personalized(model, ranks, _train_metrics(result, model))
+    return Personalized(model, _adalora_ranks(model), _train_metrics(result, model))
 
 
-def _adalora_layers(model: PeftModel):
-    for name, module in model.get_base_model().named_modules():
-        if hasattr(module, "ranknum") and "default" in getattr(module, "lora_E", {}):
-            yield name, module
+def _adalora_ranks(model: PeftModel) -> dict[str, int]:
+    """Ranks left after AdaLoRA's budget allocation: the entries of lora_E it has not zeroed."""
+    return {name: int((module.lora_E["default"] != 0).sum())
+            for name, module in model.get_base_model().named_modules()
+            if "default" in getattr(module, "lora_E", {})}
 
 
-def personalize_btlora(base_model, task, examples, budget, config, generator) -> Personalized:
-    check_budget(budget, config.max_rank)
+def personalize_btlora(base_model: nn.Module, task: Task, examples: list[dict], budget: int,
+                       config: PersonalizeConfig, generator: PSGenerator | None) -> Personalized:
     bayestune = new_btlora(base_model, config)
     search = train_btlora(bayestune, task, examples, config, config.bayestune_epochs)
     selection = select_top_ranks(bayestune.scales(), bayestune.module_names, config.max_rank, budget)
@@ -167,8 +169,8 @@ def personalize_btlora(base_model, task, examples, budget, config, generator) ->
     return result
 
 
-def personalize_fedp2eft(base_model, task, examples, budget, config, generator) -> Personalized:
-    check_budget(budget, config.max_rank)
+def personalize_fedp2eft(base_model: nn.Module, task: Task, examples: list[dict], budget: int,
+                         config: PersonalizeConfig, generator: PSGenerator | None) -> Personalized:
     if generator is None:
         raise FedP2EFTError("method 'fedp2eft' needs a trained PS generator (train one with `fedp2eft train-psg`)")
     expected = generator_spec(base_model, config, generator.spec.base_model)
@@ -181,7 +183,7 @@ def personalize_fedp2eft(base_model, task, examples, budget, config, generator) 
     return finetune_selection(base_model, selection, task, examples, config)
 
 
-Method = Callable[[nn.Module, Task, list, int, PersonalizeConfig, "PSGenerator | None"], Personalized]
+Method = Callable[[nn.Module, Task, list[dict], int, PersonalizeConfig, PSGenerator | None], Personalized]
 METHODS: dict[str, Method] = {
     "lora": personalize_lora,
     "adalora": personalize_adalora,

@@ -18,6 +18,7 @@ from fedp2eft.core.federation import FederatedTask
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl import protocol as P
 from fedp2eft.fl.tasks import build_task
+from fedp2eft.logs import quiet_third_party
 from fedp2eft.fl.weights import from_record, to_record
 
 app = ClientApp()
@@ -31,6 +32,7 @@ def cached_task(name: str, config_json: str) -> FederatedTask:
     key = (name, config_json)
     if _cached is None or _cached[0] != key:
         _cached = None  # free the old model before building the new one
+        quiet_third_party()
         _cached = (key, build_task(name, json.loads(config_json)))
     return _cached[1]
 
