@@ -56,12 +56,15 @@ def main() -> None:
         score = pooled(setup, clients, lambda c: personalize("lora", base, setup.task, c.train, 8, config_lr).model)
         print(f"lora r=8 lr={lr:g}: {score:.3f} ({score / reference:.2f}x base)")
 
+    kept_means: list[float] = []
+
     def fedp2eft(budget: int, normalize: bool):
         def build(client):
             scales = generator(features_for(base, setup.task, client.train, spec)).detach()
             selection = select_top_ranks(scales, list(spec.module_names), spec.rank, budget)
+            mean = torch.cat(list(selection.values.values())).mean()
+            kept_means.append(float(mean))
             if normalize:
-                mean = torch.cat(list(selection.values.values())).mean()
                 selection.values = {name: value / mean for name, value in selection.values.items()}
             return finetune_selection(base, selection, setup.task, client.train, tuned).model
         return build
@@ -71,6 +74,8 @@ def main() -> None:
             score = pooled(setup, clients, fedp2eft(budget, normalize))
             label = "kept lambdas rescaled to mean 1" if normalize else "kept lambdas as generated"
             print(f"fedp2eft r={budget}, {label}: {score:.3f} ({score / reference:.2f}x base)")
+    print(f"mean of the kept lambdas as generated: {sum(kept_means) / len(kept_means):.2f} "
+          f"(min {min(kept_means):.2f}, max {max(kept_means):.2f} over clients and budgets)")
 
 
 if __name__ == "__main__":

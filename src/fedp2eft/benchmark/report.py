@@ -219,7 +219,8 @@ def write_report(config: dict, run_dir: Path, records: list[dict], generator: Pa
         "## Accuracy by budget", main_table_markdown(summary, config),
         "\n![accuracy vs budget](figures/accuracy_vs_budget.png)\n",
         "## Does FedP²EFT win?\n", findings + "\n",
-        "## Per language", language_table_markdown(language_scores, config, heat_budget),
+        "## Per language", *(language_table_markdown(language_scores, config, budget)
+                             for budget in sorted({min(config["budgets"]), heat_budget})),
     ]
     if has_heatmap:
         sections.append(f"\n## Structure the PS generator gives each language (r={heat_budget})\n\n"
@@ -252,7 +253,7 @@ def compare(summary: dict, config: dict) -> str:
             cells.append(f"{delta:+.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     verdict = (f"\n\nFedP²EFT is ahead in {wins} of {total} comparisons (positive = FedP²EFT better). "
-               + ("It does not beat every baseline everywhere: see docs/results.md for the discussion."
+               + ("It does not beat every baseline everywhere; docs/discussion.md discusses why."
                   if wins < total else "It beats every baseline in every setting of this run."))
     return "\n".join(lines) + verdict
 
