@@ -19,8 +19,7 @@ import yaml
 
 from fedp2eft.core.budget import select_top_ranks
 from fedp2eft.core.generator import PSGenerator
-from fedp2eft.core.generator_training import personalize_config_from_dict
-from fedp2eft.core.methods import features_for, finetune_selection, generator_spec, personalize
+from fedp2eft.core.methods import PersonalizeConfig, features_for, finetune_selection, generator_spec, personalize
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
 
@@ -45,14 +44,14 @@ def main() -> None:
     setup = Setup(base_dir, config["dataset"], config["dataset_options"], config["max_length"])
     base = setup.load_base_model()
     clients = setup.data.unseen[::4][: args.clients]
-    tuned = personalize_config_from_dict(config["personalize"])
+    tuned = PersonalizeConfig.from_dict(config["personalize"])
     spec = generator_spec(base, tuned, base_dir)
     generator = PSGenerator.load(args.run_dir / "psg" / "generator.safetensors", expected=spec)
 
     reference = pooled(setup, clients, lambda client: base)
     print(f"{len(clients)} unseen clients; base model accuracy {reference:.3f}")
     for lr in (1e-4, 1e-3, 3e-3):
-        config_lr = personalize_config_from_dict({**config["personalize"], "lora_lr": lr})
+        config_lr = PersonalizeConfig.from_dict({**config["personalize"], "lora_lr": lr})
         score = pooled(setup, clients, lambda c: personalize("lora", base, setup.task, c.train, 8, config_lr).model)
         print(f"lora r=8 lr={lr:g}: {score:.3f} ({score / reference:.2f}x base)")
 

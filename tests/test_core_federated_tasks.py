@@ -64,3 +64,16 @@ def test_base_model_task(setup, mode, tmp_path):
     loaded = (SequenceClassifier.from_pretrained(tmp_path, LABELS) if task.kind == "classification"
               else load_causal_lm(tmp_path))
     assert torch.allclose(loaded(**batch).logits, expected, atol=1e-5)
+
+
+def test_unknown_training_keys_are_named():
+    from fedp2eft.errors import FedP2EFTError
+
+    with pytest.raises(FedP2EFTError, match=r"training: unknown key\(s\) \['local_epoch'\]"):
+        GeneratorTrainingConfig.from_dict({"local_epoch": 2})
+    with pytest.raises(FedP2EFTError, match=r"personalize.priors: unknown key\(s\) \['rate'\]"):
+        GeneratorTrainingConfig.from_dict({"personalize": {"priors": {"rate": 1.0}}})
+    config = GeneratorTrainingConfig.from_dict({"local_epochs": 3, "personalize": {"max_rank": 8,
+                                                                                    "priors": {"gamma_rate": 5.0}}})
+    assert config.local_epochs == 3 and config.personalize.max_rank == 8
+    assert config.personalize.priors.gamma_rate == 5.0

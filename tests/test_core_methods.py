@@ -4,7 +4,6 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedp2eft.core.btlora import BTLoRAModel
 from fedp2eft.core.methods import METHODS, PersonalizeConfig, generator_spec, personalize
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.errors import FedP2EFTError

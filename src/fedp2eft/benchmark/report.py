@@ -39,7 +39,7 @@ def summarize(language_scores: dict[tuple, float]) -> dict[tuple, tuple[float, f
     for (seed, pool, method, budget, _), score in language_scores.items():
         by_seed[(seed, pool, method, budget)].append(score)
     per_setting: dict[tuple, list[float]] = defaultdict(list)
-    for (seed, pool, method, budget), scores in sorted(by_seed.items()):
+    for (_seed, pool, method, budget), scores in sorted(by_seed.items()):
         per_setting[(pool, method, budget)].append(sum(scores) / len(scores))
     return {key: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
             for key, v in per_setting.items()}
@@ -60,7 +60,7 @@ def main_table_markdown(summary: dict, config: dict) -> str:
         base = summary.get((pool, "base", 0))
         for method in _methods(summary):
             if method == "base":
-                lines.append(f"| base | " + " | ".join(_cell(base) for _ in config["budgets"]) + " |")
+                lines.append("| base | " + " | ".join(_cell(base) for _ in config["budgets"]) + " |")
                 continue
             cells = []
             for budget in config["budgets"]:

@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedp2eft.core.generator import PSGenerator
-from fedp2eft.core.generator_training import GENERATOR_FILE, personalize_config_from_dict
-from fedp2eft.core.methods import generator_spec, personalize
+from fedp2eft.core.generator_training import GENERATOR_FILE
+from fedp2eft.core.methods import PersonalizeConfig, generator_spec, personalize
 from fedp2eft.experiment import Setup
 from fedp2eft.fl.checkpoint import load_state
 from fedp2eft.fl.simulation import run_federated
@@ -86,7 +86,7 @@ def _init_worker(config: dict, base_model: str, generator_path: str | None) -> N
     quiet_third_party()
     setup = Setup.from_config(task_config(config, base_model, {}))
     base = setup.load_base_model()
-    spec = generator_spec(base, personalize_config_from_dict(config["personalize"]), base_model)
+    spec = generator_spec(base, PersonalizeConfig.from_dict(config["personalize"]), base_model)
     _WORKER.update(setup=setup, base=base,
                    generator=PSGenerator.load(generator_path, expected=spec) if generator_path else None)
 
@@ -95,7 +95,7 @@ def personalize_client(config: dict, seed: int, pool: str, index: int) -> dict:
     """Every method x budget for one client (in a worker process). Also the un-personalized base model."""
     setup, base, generator = _WORKER["setup"], _WORKER["base"], _WORKER["generator"]
     client = setup.data.pool(pool)[index]
-    personal = personalize_config_from_dict({**config["personalize"], "seed": seed})
+    personal = PersonalizeConfig.from_dict({**config["personalize"], "seed": seed})
     rows = [{"method": "base", "budget": 0, **_scores(setup.task.evaluate(base, client.test)), "seconds": 0.0}]
     for method in config["methods"]:
         for budget in config["budgets"]:

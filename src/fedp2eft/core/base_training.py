@@ -16,7 +16,7 @@ from fedp2eft.core.federation import ClientUpdate
 from fedp2eft.core.tasks import Task
 from fedp2eft.core.training import train
 from fedp2eft.data.types import ClientData
-from fedp2eft.errors import FedP2EFTError
+from fedp2eft.errors import FedP2EFTError, config_from_mapping
 
 
 @dataclass
@@ -118,4 +118,4 @@ def make_task(config: dict) -> BaseModelTask:
 
     setup = Setup.from_config(config)
     return BaseModelTask(setup.load_base_model(), setup.task, setup.data.seen,
-                         BaseTrainingConfig(**config.get("training", {})))
+                         config_from_mapping(BaseTrainingConfig, config.get("training", {}), "training"))

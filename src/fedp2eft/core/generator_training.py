@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedp2eft.core.btlora import PriorConfig, clamp_ste
+from fedp2eft.core.btlora import clamp_ste
 from fedp2eft.core.federation import ClientUpdate
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.methods import PersonalizeConfig, features_for, generator_spec, new_btlora, train_btlora
 from fedp2eft.core.tasks import Task
 from fedp2eft.data.types import ClientData
+from fedp2eft.errors import config_from_mapping
 
 GENERATOR_FILE = "generator.safetensors"
 
@@ -38,14 +39,8 @@ class GeneratorTrainingConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> GeneratorTrainingConfig:
         raw = dict(raw)
-        personalize = personalize_config_from_dict(raw.pop("personalize", {}))
-        return cls(personalize=personalize, **raw)
-
-
-def personalize_config_from_dict(raw: dict) -> PersonalizeConfig:
-    raw = dict(raw)
-    priors = PriorConfig(**raw.pop("priors", {}))
-    return PersonalizeConfig(priors=priors, **raw)
+        personalize = PersonalizeConfig.from_dict(raw.pop("personalize", {}))
+        return config_from_mapping(cls, {**raw, "personalize": personalize}, "training")
 
 
 def budget_mask(scales: torch.Tensor, num_modules: int, budget: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from fedp2eft.core.features import client_features, feature_layer_names
 from fedp2eft.core.generator import GeneratorSpec, PSGenerator
 from fedp2eft.core.tasks import Task, iterate_batches
 from fedp2eft.core.training import TrainResult, steps_per_epoch, train
-from fedp2eft.errors import FedP2EFTError
+from fedp2eft.errors import FedP2EFTError, config_from_mapping
 
 LORA_SCALING = 2.0  # alpha = 2 * rank, as in the paper
 
@@ -42,6 +42,13 @@ class PersonalizeConfig:
     priors: PriorConfig = field(default_factory=PriorConfig)
     target_modules: list[str] | None = None
     seed: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> PersonalizeConfig:
+        """From a YAML/JSON mapping (``priors`` nested); unknown keys are named in the error."""
+        raw = dict(raw)
+        priors = config_from_mapping(PriorConfig, raw.pop("priors", {}), "personalize.priors")
+        return config_from_mapping(cls, {**raw, "priors": priors}, "personalize")
 
 
 @dataclass
