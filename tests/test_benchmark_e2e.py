@@ -58,3 +58,15 @@ def test_bad_config_fails_before_work(tmp_path, capsys):
     assert main(["benchmark", "--config", "quick", "--results", str(tmp_path), "methods=[lorax]"]) == 2
     assert "unknown method" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_personalize_command_uses_the_runs_base_model_and_generator(quick_run, tmp_path, capsys):
+    args = ["personalize", "--model", str(quick_run / "base" / "model"), "--client", "en-u0", "--method",
+            "fedp2eft", "--budget", "2", "--max-rank", "8", "--generator",
+            str(quick_run / "psg" / "generator.safetensors"), "--export", str(tmp_path / "adapter")]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["lora_ranks_total"] == 2 * 72 and 0.0 <= report["test"]["accuracy"] <= 1.0
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert main(args[:4] + ["xx-u9"] + args[5:]) == 2
+    assert "no client 'xx-u9'" in capsys.readouterr().err

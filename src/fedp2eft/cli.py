@@ -10,7 +10,7 @@ import sys
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.logs import quiet_third_party
 
-COMMAND_MODULES = ["models", "data", "federated", "benchmark"]
+COMMAND_MODULES = ["models", "data", "personalize", "federated", "benchmark"]
 
 
 def build_parser() -> argparse.ArgumentParser:
