@@ -53,7 +53,7 @@ def bert_config(vocab_size: int) -> BertConfig:
 def llama_config(vocab_size: int) -> LlamaConfig:
     return LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                       pad_token_id=0, eos_token_id=4, bos_token_id=2)
+                       pad_token_id=0, eos_token_id=4, bos_token_id=2, initializer_range=0.3)
 
 
 def classification_examples(count: int, seed: int) -> list[dict]:

@@ -61,10 +61,14 @@ class ClassificationTask:
 
 @dataclass
 class InstructionTask:
-    """Instruction -> response with a causal LM; the loss covers response tokens only."""
+    """Instruction -> response with a causal LM; the loss covers response tokens only.
+
+    With ``generation_tokens > 0`` evaluation also decodes greedily and reports ROUGE-L F1 against the
+    reference, computed on tokenizer tokens (so it works for scripts without spaces, e.g. Chinese)."""
 
     tokenizer: PreTrainedTokenizerBase
     max_length: int = 256
+    generation_tokens: int = 0
     kind: str = "instruction"
 
     def check(self, examples: list[dict], where: str) -> None:
@@ -103,8 +107,44 @@ class InstructionTask:
             loss_sum += float(nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
             correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
             count += int(keep.sum())
-        return {"loss": loss_sum / count, "perplexity": math.exp(min(loss_sum / count, 50.0)),
-                "token_accuracy": correct / count, "correct": correct, "count": count}
+        metrics = {"loss": loss_sum / count, "perplexity": math.exp(min(loss_sum / count, 50.0)),
+                   "token_accuracy": correct / count, "correct": correct, "count": count}
+        if self.generation_tokens > 0:
+            scores = [rouge_l(self.generate(model, example["instruction"]),
+                              self.tokenizer(example["response"], add_special_tokens=False)["input_ids"])
+                      for example in examples]
+            metrics["rouge_l"] = sum(scores) / len(scores)
+        return metrics
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, instruction: str) -> list[int]:
+        """Greedy decoding through the model's plain forward (works for every wrapper), until EOS."""
+        ids = self.tokenizer(PROMPT_TEMPLATE.format(instruction=instruction))["input_ids"]
+        prompt_length = len(ids)
+        for _ in range(self.generation_tokens):
+            logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+            token = int(logits.logits[0, -1].argmax())
+            if token == self.tokenizer.eos_token_id:
+                break
+            ids.append(token)
+        return ids[prompt_length:]
+
+
+def rouge_l(candidate: list, reference: list) -> float:
+    """ROUGE-L F1: from the longest common subsequence of two token sequences."""
+    if not candidate or not reference:
+        return 0.0
+    previous = [0] * (len(reference) + 1)
+    for item in candidate:
+        current = [0]
+        for j, other in enumerate(reference):
+            current.append(previous[j] + 1 if item == other else max(previous[j + 1], current[j]))
+        previous = current
+    common = previous[-1]
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(candidate), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
 
 
 Task = ClassificationTask | InstructionTask

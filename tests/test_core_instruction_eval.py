@@ -1,0 +1,29 @@
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from conftest import instruction_examples, llama_config
+from fedp2eft.core.methods import PersonalizeConfig, personalize
+from fedp2eft.core.tasks import InstructionTask, rouge_l
+
+
+@pytest.mark.parametrize("candidate, reference, expected", [
+    ([1, 2, 3, 4], [1, 2, 3, 4], 1.0),
+    ([1, 9, 3], [1, 2, 3, 4], 2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4)),  # LCS [1, 3]
+    ([5, 6], [1, 2], 0.0),
+    ([], [1], 0.0),
+])
+def test_rouge_l_matches_hand_computed_values(candidate, reference, expected):
+    assert rouge_l(candidate, reference) == pytest.approx(expected)
+
+
+def test_generation_metric_improves_when_the_model_learns_the_answers(tokenizer):
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config(len(tokenizer)))
+    task = InstructionTask(tokenizer, max_length=32, generation_tokens=4)
+    train, test = instruction_examples(48, seed=1), instruction_examples(8, seed=2)
+    before = task.evaluate(base, test)["rouge_l"]
+    config = PersonalizeConfig(max_rank=8, epochs=8, batch_size=8, lora_lr=2e-2)
+    after = task.evaluate(personalize("lora", base, task, train, 8, config).model, test)["rouge_l"]
+    assert 0.0 <= before < after <= 1.0
+    assert after > 0.9
