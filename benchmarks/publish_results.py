@@ -16,6 +16,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("docs_dir", type=Path)
+    parser.add_argument("--page", default="results.md", help="file name of the page in docs_dir")
     args = parser.parse_args()
     target = args.docs_dir / "results" / args.run_dir.name
     shutil.rmtree(target, ignore_errors=True)
@@ -26,8 +27,8 @@ def main() -> None:
     for name in ("config.yaml", "personalize.jsonl", "results.csv", "results.json"):
         shutil.copy2(args.run_dir / name, target / name)
         report = report.replace(f"]({name})", f"]({prefix}{name})")
-    (args.docs_dir / "results.md").write_text(report)
-    print(f"wrote {args.docs_dir / 'results.md'} and {target}")
+    (args.docs_dir / args.page).write_text(report)
+    print(f"wrote {args.docs_dir / args.page} and {target}")
 
 if __name__ == "__main__":
     main()
