@@ -58,16 +58,18 @@ def main_table_markdown(summary: dict, config: dict) -> str:
                   "| method | " + " | ".join(f"r={b}" for b in config["budgets"]) + " |",
                   "|---|" + "---|" * len(config["budgets"])]
         base = summary.get((pool, "base", 0))
+        best = {budget: max((summary[key][0] for key in summary
+                             if key[0] == pool and key[1] != "base" and key[2] == budget), default=None)
+                for budget in config["budgets"]}
         for method in _methods(summary):
             if method == "base":
                 lines.append("| base | " + " | ".join(_cell(base) for _ in config["budgets"]) + " |")
                 continue
             cells = []
             for budget in config["budgets"]:
-                best = max(summary[(pool, m, budget)][0] for m in _methods(summary) if m != "base")
                 value = summary.get((pool, method, budget))
                 cell = _cell(value)
-                cells.append(f"**{cell}**" if value and value[0] == best else cell)
+                cells.append(f"**{cell}**" if value and value[0] == best[budget] else cell)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -123,7 +123,9 @@ def stage_personalize(config: dict, run_dir: Path, base_model: str, generator: P
     setup = Setup.from_config(task_config(config, base_model, {}))
     jobs = [(seed, pool, index) for seed in config["seeds"] for pool in config["pools"]
             for index, client in enumerate(setup.data.pool(pool)) if (seed, pool, client.client_id) not in finished]
-    workers = max(1, min(int(config["workers"]), os.cpu_count() or 1, len(jobs) or 1))
+    if not jobs:  # resumed after this stage finished: no worker needs to load the model
+        return done
+    workers = max(1, min(int(config["workers"]), os.cpu_count() or 1, len(jobs)))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress, results_file.open("a") as sink, ProcessPoolExecutor(
         workers, mp_context=get_context("spawn"), initializer=_init_worker,

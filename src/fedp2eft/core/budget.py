@@ -33,6 +33,13 @@ class Selection:
         return sum(self.ranks.values())
 
 
+def top_entries_mask(scales: torch.Tensor, num_modules: int, budget: int) -> torch.Tensor:
+    """Boolean mask of the global top ``budget * num_modules`` entries of a flat Lambda."""
+    mask = torch.zeros_like(scales, dtype=torch.bool)
+    mask[torch.topk(scales, budget * num_modules).indices] = True
+    return mask
+
+
 def select_top_ranks(scales: torch.Tensor, module_names: list[str], max_rank: int, budget: int) -> Selection:
     """Global top-(budget * M) of the flat Lambda; modules that keep no rank are left out (no LoRA)."""
     check_budget(budget, max_rank)
@@ -40,10 +47,7 @@ def select_top_ranks(scales: torch.Tensor, module_names: list[str], max_rank: in
     if scales.numel() != expected:
         raise FedP2EFTError(f"Lambda has {scales.numel()} entries; M*R = {len(module_names)}*{max_rank} = {expected}")
     flat = scales.detach().flatten().float()
-    top = torch.topk(flat, budget * len(module_names)).indices
-    chosen = torch.zeros_like(flat, dtype=torch.bool)
-    chosen[top] = True
-    per_module = chosen.view(len(module_names), max_rank)
+    per_module = top_entries_mask(flat, len(module_names), budget).view(len(module_names), max_rank)
     values = flat.view(len(module_names), max_rank)
     kept, kept_values = {}, {}
     for row, name in enumerate(module_names):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fedp2eft.core.btlora import clamp_ste
+from fedp2eft.core.budget import top_entries_mask
 from fedp2eft.core.federation import ClientUpdate
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.methods import PersonalizeConfig, features_for, generator_spec, new_btlora, train_btlora
@@ -41,13 +42,6 @@ class GeneratorTrainingConfig:
         raw = dict(raw)
         personalize = PersonalizeConfig.from_dict(raw.pop("personalize", {}))
         return config_from_mapping(cls, {**raw, "personalize": personalize}, "training")
-
-
-def budget_mask(scales: torch.Tensor, num_modules: int, budget: int) -> torch.Tensor:
-    """1 for the top budget*M entries of Lambda0, 0 elsewhere."""
-    mask = torch.zeros_like(scales)
-    mask[torch.topk(scales, budget * num_modules).indices] = 1.0
-    return mask
 
 
 class GeneratorTask:
@@ -101,7 +95,8 @@ class GeneratorTask:
         with torch.no_grad():
             initial = generator(x)
         budget = self._budget(client_index, server_round)
-        mask = budget_mask(initial, len(self.spec.module_names), budget) if budget else torch.ones_like(initial)
+        mask = (top_entries_mask(initial, len(self.spec.module_names), budget).float() if budget
+                else torch.ones_like(initial))
 
         # Stage 1: BayesTune from Lambda0 on a fresh LoRA (lora_seed fixed => same init every round).
         model = new_btlora(self.base_model, config.personalize)
