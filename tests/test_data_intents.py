@@ -50,9 +50,47 @@ def test_train_and_test_come_from_different_templates():
         pools = language_pools(language, 0, 12, 0.34)
         assert pools.templates["train"] and pools.templates["test"]
         assert pools.templates["train"].isdisjoint(pools.templates["test"])
-        train = {t for texts in pools.train.values() for t in texts}
+        train = {t for by_intent in pools.train.values() for texts in by_intent.values() for t in texts}
         test = {t for texts in pools.test.values() for t in texts}
-        assert train.isdisjoint(test)
+        assert train and test and train.isdisjoint(test)
+
+
+def test_pools_split_train_templates_and_share_no_sentence():
+    for language in ("en", "bn", "ga"):
+        pools = language_pools(language, 1, 12, 0.34)
+        templates = pools.templates
+        assert templates["seen"] and templates["unseen"]
+        assert templates["seen"].isdisjoint(templates["unseen"])
+        assert templates["shared"].isdisjoint(templates["seen"] | templates["unseen"])
+        assert templates["seen"] | templates["unseen"] | templates["shared"] == templates["train"]
+        assert len(templates["shared"]) < len(templates["train"]) / 4  # mostly whole templates per pool
+        for name in pools.test:
+            seen, unseen = set(pools.train["seen"].get(name, [])), set(pools.train["unseen"].get(name, []))
+            assert seen | unseen and seen.isdisjoint(unseen)
+        sizes = [pools.n_train(pool) for pool in ("seen", "unseen")]
+        assert min(sizes) >= 0.8 * max(sizes)  # balanced, so both pools can fill their clients
+
+
+def train_texts(clients, language=None):
+    return {e["text"] for c in clients if language in (None, c.language) for e in c.train}
+
+
+def test_seen_and_unseen_clients_share_no_training_text(default):
+    assert train_texts(default.seen) and train_texts(default.unseen)
+    assert train_texts(default.seen).isdisjoint(train_texts(default.unseen))
+    counts = default.info["train_sentences"]
+    assert set(counts) == set(DEFAULT_LANGUAGES)
+    assert all(min(n.values()) >= 48 for n in counts.values())
+
+
+def test_more_clients_and_larger_tests_build_for_the_default_languages():
+    data = load_dataset("intents", clients_per_language=4, test_size=48, seed=2, cache=False)
+    for pool in (data.seen, data.unseen):
+        assert Counter(c.language for c in pool) == {lang: 4 for lang in DEFAULT_LANGUAGES}
+    assert all(len(c.train) == 48 and len(c.test) == 48 for c in data.seen + data.unseen)
+    for language in DEFAULT_LANGUAGES:
+        assert train_texts(data.seen, language).isdisjoint(train_texts(data.unseen, language))
+    assert train_texts(data.seen).isdisjoint(train_texts(data.unseen))
 
 
 def test_sentences_are_native_text_without_placeholders(default):

@@ -39,18 +39,56 @@ def test_xnli_local_copy_paper_partitioning(xnli_dir):
     assert len(premises) == len(set(premises))
 
 
+def item(example) -> int:
+    return int(example["text"].rsplit(" ", 1)[1])  # fixture texts end with the item (row) index
+
+
+def items(clients, side):
+    return {item(e) for c in clients for e in getattr(c, side)}
+
+
+def test_xnli_pools_share_no_item_across_languages(tmp_path):
+    languages = ("en", "de", "sw")
+    for language in languages:
+        folder = tmp_path / language
+        folder.mkdir()
+        train = nli_rows(language, 300)
+        if language == "de":
+            train[7]["label"] = -1  # an unlabeled row must not shift the item index of later rows
+        pq.write_table(pa.Table.from_pylist(train), folder / "train.parquet")
+        pq.write_table(pa.Table.from_pylist(nli_rows(language, 120)), folder / "test.parquet")
+    for seed in (0, 1):
+        data = load_dataset("xnli", path=str(tmp_path), languages=",".join(languages), clients_per_language=2,
+                            train_size=50, test_size=20, seed=seed)
+        for side, rows in (("train", 300), ("test", 120)):
+            seen, unseen = items(data.seen, side), items(data.unseen, side)
+            assert seen.isdisjoint(unseen)
+            assert len(seen) <= rows // 2 and len(unseen) <= rows // 2  # one half per pool, whatever the language
+            for language in languages:
+                for pool in (data.seen, data.unseen):
+                    assert items([c for c in pool if c.language == language], side)
+        assert 7 not in {item(e) for c in data.seen + data.unseen if c.language == "de" for e in c.train}
+
+
 def test_masakhanews_from_save_to_disk_with_string_labels(tmp_path):
     names = ["business", "entertainment", "health", "politics", "religion", "sports", "technology"]
-    for language in ("hau", "yor"):
+    rows = {"hau": 140, "yor": 120}  # not parallel: every language is split on its own
+    for language, n in rows.items():
         def split(n):
             return datasets.Dataset.from_list(
                 [{"headline": f"{language} headline {i}", "text": "body", "label": names[i % 7]} for i in range(n)]
             )
-        datasets.DatasetDict({"train": split(140), "test": split(70)}).save_to_disk(str(tmp_path / language))
+        datasets.DatasetDict({"train": split(n), "test": split(n // 2)}).save_to_disk(str(tmp_path / language))
     data = load_dataset("masakhanews", path=str(tmp_path), languages=["hau", "yor"], clients_per_language=2)
     assert len(data.seen) == 4 and data.labels == names
-    assert all(len(c.train) == 35 for c in data.seen)  # even share: 140 / (2 pools x 2 clients)
+    for client in data.seen + data.unseen:  # even share: rows / (2 pools x 2 clients); test only from trained labels
+        assert len(client.train) == rows[client.language] // 4 and 1 <= len(client.test) <= rows[client.language] // 8
     assert data.seen[0].train[0]["text"].startswith(data.seen[0].language)
+    for language in rows:
+        for side in ("train", "test"):
+            seen = {e["text"] for c in data.seen if c.language == language for e in getattr(c, side)}
+            unseen = {e["text"] for c in data.unseen if c.language == language for e in getattr(c, side)}
+            assert seen and unseen and seen.isdisjoint(unseen)
 
 
 def test_schema_errors_name_the_split(xnli_dir):

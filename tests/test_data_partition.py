@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedp2eft.data.partition import allocate, partition_language
+from fedp2eft.data.partition import allocate, partition_language, split_items
 from fedp2eft.errors import FedP2EFTError
 
 
@@ -46,3 +46,14 @@ def test_too_little_data_names_the_language():
     with pytest.raises(FedP2EFTError, match="language 'sw'.*train_size=50"):
         partition_language("sw", pools(2, 10, "a"), pools(2, 10, "b"), ["a", "b"], 50, 5, 0.5,
                            np.random.default_rng(0), disjoint=True)
+
+
+def test_split_items_halves_once_per_seed_and_count():
+    seen, unseen = split_items(101, 3)
+    assert len(seen) == 50 and len(unseen) == 51
+    assert set(seen.tolist()).isdisjoint(unseen.tolist())
+    assert sorted([*seen.tolist(), *unseen.tolist()]) == list(range(101))
+    again = split_items(101, 3)  # the same halves for every language with this many rows
+    assert seen.tolist() == again[0].tolist() and unseen.tolist() == again[1].tolist()
+    assert set(split_items(101, 4)[0].tolist()) != set(seen.tolist())
+    assert sorted(seen.tolist()) != list(range(50))  # shuffled, not the first rows

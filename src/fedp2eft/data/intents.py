@@ -6,6 +6,9 @@ generalisation to unseen phrasings. The entity lists ``name``/``area``/``floor``
 runtime from a user's home and are not in the package: we give them no values, so hassil keeps only
 the expansions that do not need them and no English placeholder enters a non-English sentence.
 Templates with wildcards (free text such as a shopping item) are skipped for the same reason.
+
+Seen and unseen clients never share a training sentence: the train templates of every intent are
+split between the two pools before clients are drawn (docs/data.md, section "Pools").
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from importlib.metadata import version
 import numpy as np
 
 from fedp2eft.data.cache import cached
-from fedp2eft.data.partition import partition_language, split_pools
+from fedp2eft.data.partition import partition_language
 from fedp2eft.data.types import FederatedDataset
 from fedp2eft.errors import FedP2EFTError
 
@@ -37,20 +40,33 @@ DEFAULTS = dict(
 )
 SAMPLE_TRIES = 40  # random draws per template; with max_per_template it bounds huge templates
 RUNTIME_LISTS = ("name", "area", "floor")
-BUILD_VERSION = 2  # bump when the construction changes, so cached builds are not reused
+BUILD_VERSION = 3  # bump when the construction changes, so cached builds are not reused
+POOLS = ("seen", "unseen")
+TEMPLATE_SIDES = ("train", "test", "seen", "unseen", "shared")
 
 
 @dataclass
 class LanguagePools:
-    """Expanded sentences of one language, split by template into train and test pools per intent."""
+    """Expanded sentences of one language per intent: a test side split off by template, and a train
+    side split between the seen and unseen client pools so that the two never share a sentence.
+
+    ``train`` maps pool -> intent -> sentences. ``templates`` holds the template sources per side:
+    ``train``/``test``, the whole templates of each pool (``seen``/``unseen``), and ``shared``, the
+    templates of intents with a single train template, whose sentences are split between the pools.
+    """
 
     language: str
-    train: dict[str, list[str]]
+    train: dict[str, dict[str, list[str]]]
     test: dict[str, list[str]]
-    templates: dict[str, set[str]] = field(default_factory=lambda: {"train": set(), "test": set()})
+    templates: dict[str, set[str]] = field(default_factory=lambda: {k: set() for k in TEMPLATE_SIDES})
 
-    def n_train(self) -> int:
-        return sum(len(v) for v in self.train.values())
+    def n_train(self, pool: str) -> int:
+        return sum(len(v) for v in self.train[pool].values())
+
+    def restrict(self, keep: set[str]) -> LanguagePools:
+        """The same pools with only the intents in ``keep``."""
+        train = {pool: {n: t for n, t in by.items() if n in keep} for pool, by in self.train.items()}
+        return LanguagePools(self.language, train, {n: t for n, t in self.test.items() if n in keep}, self.templates)
 
 
 def available_languages() -> list[str]:
@@ -140,13 +156,44 @@ def _expand(sentence, slot_lists: dict, rules: dict, language: str, rng: np.rand
     return sorted(texts - {""})
 
 
+def _split_between_pools(
+    templates: list[tuple[str, list[str]]], totals: dict[str, int], rng: np.random.Generator
+) -> tuple[dict[str, list[str]], dict[str, set[str]]]:
+    """Sentences (and template sources) of one intent's train templates for each pool.
+
+    Whole templates go to one pool, so unseen clients also meet phrasings the base model never saw:
+    shuffled, each goes to the pool with fewer sentences of this intent so far, ties to the pool with
+    fewer sentences in the language (``totals``, updated here), which keeps the pools balanced. An
+    intent with a single train template cannot be split that way: its sentences are split in half
+    instead (the template is then ``shared``), so both pools keep the intent (unless it has one sentence).
+    """
+    texts: dict[str, set[str]] = {pool: set() for pool in POOLS}
+    chosen: dict[str, set[str]] = {pool: set() for pool in POOLS}
+    if len(templates) == 1:
+        source, sentences = templates[0]
+        order = rng.permutation(len(sentences))
+        first, second = sorted(POOLS, key=lambda p: totals[p])
+        texts[first] = {sentences[i] for i in order[: (len(sentences) + 1) // 2]}
+        texts[second] = {sentences[i] for i in order[(len(sentences) + 1) // 2 :]}
+    else:
+        for i in rng.permutation(len(templates)):
+            pool = min(POOLS, key=lambda p: (len(texts[p]), totals[p]))
+            chosen[pool].add(templates[i][0])
+            texts[pool].update(templates[i][1])
+        texts["unseen"] -= texts["seen"]  # two templates can yield the same sentence: it stays seen only
+    for pool in POOLS:
+        totals[pool] += len(texts[pool])
+    shared = {templates[0][0]} if len(templates) == 1 else set()
+    return {pool: sorted(texts[pool]) for pool in POOLS}, {**chosen, "shared": shared}
+
+
 def language_pools(language: str, seed: int, max_per_template: int, test_template_fraction: float) -> LanguagePools:
-    """Expand every usable template and assign whole templates to train or test per intent."""
+    """Expand every usable template, assign whole templates to train or test per intent, then split
+    each intent's train side between the seen and unseen pools (``_split_between_pools``)."""
     intents = _load_intents(language)
     rng = np.random.default_rng([seed, sum(map(ord, language))])
-    train: dict[str, set[str]] = {}
-    test: dict[str, set[str]] = {}
-    used: dict[str, set[str]] = {"train": set(), "test": set()}  # template sources per side
+    train: dict[str, list[tuple[str, set[str]]]] = {}  # intent -> (template source, sentences)
+    test: dict[str, tuple[set[str], set[str]]] = {}  # intent -> (template sources, sentences)
     for name in sorted(intents.intents):
         merged: dict[str, set[str]] = {}  # one template text may appear in several data blocks
         for data in intents.intents[name].data:
@@ -162,36 +209,45 @@ def language_pools(language: str, seed: int, max_per_template: int, test_templat
             continue  # a template cannot be on both sides, so the intent needs two
         order = rng.permutation(len(templates))
         n_test = max(1, min(len(templates) - 1, round(len(templates) * test_template_fraction)))
-        train[name] = {t for i in order[n_test:] for t in templates[i][1]}
-        test[name] = {t for i in order[:n_test] for t in templates[i][1]} - train[name]
-        used["train"] |= {templates[i][0] for i in order[n_test:]}
-        used["test"] |= {templates[i][0] for i in order[:n_test]}
+        train[name] = [templates[i] for i in sorted(order[n_test:])]
+        train_texts = {t for _, ts in train[name] for t in ts}
+        test[name] = ({templates[i][0] for i in order[:n_test]},
+                      {t for i in order[:n_test] for t in templates[i][1]} - train_texts)
     # A sentence that several intents produce has no single true label: drop it everywhere.
     owners: dict[str, int] = {}
     for name in train:
-        for text in train[name] | test[name]:
+        for text in {t for _, ts in train[name] for t in ts} | test[name][1]:
             owners[text] = owners.get(text, 0) + 1
-    keep = [n for n in sorted(train) if any(owners[t] == 1 for t in train[n]) and any(owners[t] == 1 for t in test[n])]
-    return LanguagePools(
-        language,
-        {n: sorted(t for t in train[n] if owners[t] == 1) for n in keep},
-        {n: sorted(t for t in test[n] if owners[t] == 1) for n in keep},
-        used,
-    )
+    pools: dict[str, dict[str, list[str]]] = {pool: {} for pool in POOLS}
+    kept_test: dict[str, list[str]] = {}
+    used: dict[str, set[str]] = {side: set() for side in TEMPLATE_SIDES}
+    totals = {pool: 0 for pool in POOLS}
+    for name in sorted(train):
+        templates = [(source, sorted(t for t in ts if owners[t] == 1)) for source, ts in train[name]]
+        templates = [(source, ts) for source, ts in templates if ts]
+        test_texts = sorted(t for t in test[name][1] if owners[t] == 1)
+        if not templates or not test_texts:
+            continue
+        sentences, sources = _split_between_pools(templates, totals, rng)
+        for pool in POOLS:
+            if sentences[pool]:  # a lone one-sentence template feeds one pool only
+                pools[pool][name] = sentences[pool]
+        kept_test[name] = test_texts
+        for side, found in sources.items():
+            used[side] |= found
+        used["train"] |= {source for source, _ in templates}
+        used["test"] |= test[name][0]
+    return LanguagePools(language, pools, kept_test, used)
 
 
 def _shared(all_pools: list[LanguagePools]) -> list[LanguagePools]:
     """Keep the intents that at least two of the languages cover (all of them for one language)."""
     counts: dict[str, int] = {}
     for pools in all_pools:
-        for name in pools.train:
+        for name in pools.test:
             counts[name] = counts.get(name, 0) + 1
     keep = {n for n, c in counts.items() if c >= 2 or len(all_pools) == 1}
-    return [
-        LanguagePools(p.language, {n: t for n, t in p.train.items() if n in keep},
-                      {n: t for n, t in p.test.items() if n in keep}, p.templates)
-        for p in all_pools
-    ]
+    return [p.restrict(keep) for p in all_pools]
 
 
 def _select_languages(languages, options: dict) -> tuple[list[LanguagePools], dict[str, str]]:
@@ -212,11 +268,13 @@ def _select_languages(languages, options: dict) -> tuple[list[LanguagePools], di
     chosen, skipped = [], {}
     for pools in all_pools:
         problem = None
-        if len(pools.train) < options["min_labels"]:
-            problem = (f"{len(pools.train)} shared intents with templates on both sides "
+        smallest = min(pools.n_train(pool) for pool in POOLS)  # each pool fills its clients alone
+        if len(pools.test) < options["min_labels"]:
+            problem = (f"{len(pools.test)} shared intents with templates on both sides "
                        f"(min_labels={options['min_labels']})")
-        elif pools.n_train() < min_examples:
-            problem = f"{pools.n_train()} distinct train sentences (min_examples={min_examples})"
+        elif smallest < min_examples:
+            problem = (f"{smallest} distinct train sentences in its smaller client pool "
+                       f"(min_examples={min_examples})")
         if problem is None:
             chosen.append(pools)
             continue
@@ -237,26 +295,28 @@ def _examples(by_intent: dict[str, list[str]], index: dict[str, int]) -> dict[in
 def build_intents(options: dict) -> FederatedDataset:
     """Build the benchmark from scratch (deterministic in ``options``)."""
     all_pools, skipped = _select_languages(options["languages"], options)
-    labels = sorted({name for pools in all_pools for name in pools.train})
+    labels = sorted({name for pools in all_pools for name in pools.test})
     index = {name: i for i, name in enumerate(labels)}
     rng = np.random.default_rng(options["seed"])
-    seen, unseen = [], []
+    clients: dict[str, list] = {pool: [] for pool in POOLS}
     k = options["clients_per_language"]
     for pools in all_pools:
-        ids = [f"{pools.language}-{pool}{i}" for pool in ("s", "u") for i in range(k)]
-        clients = partition_language(
-            pools.language, _examples(pools.train, index), _examples(pools.test, index), ids,
-            options["train_size"], options["test_size"], options["alpha"], rng, disjoint=False,
-        )
-        pool_seen, pool_unseen = split_pools(clients, k)
-        seen += pool_seen
-        unseen += pool_unseen
+        for pool in POOLS:
+            # Within a pool clients sample from the pool's share (disjoint=False: the share is small);
+            # across pools nothing is shared. The test side is common: nobody trains on it.
+            ids = [f"{pools.language}-{pool[0]}{i}" for i in range(k)]
+            clients[pool] += partition_language(
+                pools.language, _examples(pools.train[pool], index), _examples(pools.test, index), ids,
+                options["train_size"], options["test_size"], options["alpha"], rng, disjoint=False,
+            )
+    seen, unseen = clients["seen"], clients["unseen"]
     info = {
         "source": f"home-assistant-intents=={version('home-assistant-intents')}",
         "options": options,
         "languages": [p.language for p in all_pools],
         "skipped_languages": skipped,
         "templates": {p.language: {side: len(t) for side, t in p.templates.items()} for p in all_pools},
+        "train_sentences": {p.language: {pool: p.n_train(pool) for pool in POOLS} for p in all_pools},
     }
     return FederatedDataset("intents", "classification", labels, seen, unseen, info)
 

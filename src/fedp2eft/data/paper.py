@@ -1,4 +1,4 @@
-"""The paper's benchmarks (SPEC §8): XNLI and MasakhaNEWS through ``datasets``, Fed-Aya from FedLLM-Bench.
+"""The paper's benchmarks (docs/data.md): XNLI and MasakhaNEWS through ``datasets``, Fed-Aya from FedLLM-Bench.
 
 Online, XNLI and MasakhaNEWS are fetched from the Hugging Face hub. Offline, pass ``path=`` to a
 local copy: one sub-folder per language holding ``train`` and ``test`` data files (parquet, arrow,
@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from fedp2eft.data.files import read_rows
-from fedp2eft.data.partition import group_by_label, partition_language, split_pools
+from fedp2eft.data.partition import group_by_label, partition_language, split_items
 from fedp2eft.data.types import ClientData, FederatedDataset
 from fedp2eft.errors import FedP2EFTError
 
@@ -36,6 +36,7 @@ MASAKHANEWS = dict(
     defaults=dict(clients_per_language=10, train_size=None, test_size=None),
 )
 FED_AYA_LANGUAGES = ["ar", "en", "es", "fr", "pt", "ru", "te", "zh"]
+POOLS = ("seen", "unseen")
 DATA_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
@@ -96,11 +97,12 @@ def _label_index(value, names: list[str], where: str) -> int:
     raise FedP2EFTError(f"{where}: unknown label {value!r}; expected 0..{len(names) - 1} or one of {names}")
 
 
-def _examples(split, spec: dict, where: str) -> list[dict]:
+def _examples(split, spec: dict, where: str) -> dict[int, dict]:
+    """Labeled examples keyed by row position, which identifies the item across parallel languages."""
     missing = {*spec["fields"].values(), "label"} - set(split.column_names)
     if missing:
         raise FedP2EFTError(f"{where}: missing column(s) {sorted(missing)}; found {split.column_names}")
-    out = []
+    out = {}
     for number, row in enumerate(split, start=1):
         if row["label"] is None or (isinstance(row["label"], int) and row["label"] < 0):
             continue  # unlabeled rows (-1) in some releases
@@ -109,15 +111,27 @@ def _examples(split, spec: dict, where: str) -> list[dict]:
         if empty:
             raise FedP2EFTError(f"{where} row {number}: empty or missing {empty}")
         example["label"] = _label_index(row["label"], spec["labels"], where)
-        out.append(example)
+        out[number - 1] = example
     return out
+
+
+def _pool_examples(split, spec: dict, seed: int, where: str) -> dict[str, list[dict]]:
+    """The split's labeled examples for each client pool: one seeded shuffle of the row indices,
+    first half seen, second half unseen (``split_items``); aligned across parallel languages."""
+    examples = _examples(split, spec, where)
+    halves = split_items(len(split), seed)
+    return {pool: [examples[i] for i in sorted(half.tolist()) if i in examples] for pool, half in zip(POOLS, halves)}
 
 
 def load_classification(
     name: str, spec: dict, path=None, languages=None, seed: int = 0, alpha: float = 0.5, **sizes
 ) -> FederatedDataset:
-    """XNLI or MasakhaNEWS with the paper's partitioning: per language 2K clients, Dirichlet(alpha)
-    label skew, disjoint examples; sizes ``None`` mean an even share of the language's data."""
+    """XNLI or MasakhaNEWS with the paper's partitioning: per language K seen and K unseen clients,
+    Dirichlet(alpha) label skew, disjoint examples; sizes ``None`` mean an even share of a pool.
+
+    Seen clients draw only from seen items and unseen clients only from unseen items, the same item
+    halves in every language of a parallel corpus (XNLI), so no translation of a training item of one
+    pool trains the other pool."""
     unknown = set(sizes) - set(spec["defaults"])
     if unknown:
         raise FedP2EFTError(f"{name}: unknown option(s) {sorted(unknown)}")
@@ -127,7 +141,7 @@ def load_classification(
     languages = list(languages or spec["languages"])
     rng = np.random.default_rng(seed)
     k = sizes["clients_per_language"]
-    seen, unseen = [], []
+    clients: dict[str, list[ClientData]] = {pool: [] for pool in POOLS}
     for language in languages:
         if path is not None:
             folder = Path(path).expanduser() / language
@@ -136,20 +150,19 @@ def load_classification(
             data = _local_language(folder)
         else:
             data = _hub_language(spec["hub_id"], language, name)
-        train = _examples(data["train"], spec, f"{name}/{language}/train")
-        test = _examples(data["test"], spec, f"{name}/{language}/test")
-        ids = [f"{language}-{pool}{i}" for pool in ("s", "u") for i in range(k)]
-        clients = partition_language(
-            language, group_by_label(train), group_by_label(test), ids,
-            sizes["train_size"] or len(train) // (2 * k), sizes["test_size"] or len(test) // (2 * k),
-            alpha, rng, disjoint=True, strict=bool(sizes["train_size"] and sizes["test_size"]),
-        )
-        pool_seen, pool_unseen = split_pools(clients, k)
-        seen += pool_seen
-        unseen += pool_unseen
+        train = _pool_examples(data["train"], spec, seed, f"{name}/{language}/train")
+        test = _pool_examples(data["test"], spec, seed, f"{name}/{language}/test")
+        train_size = sizes["train_size"] or min(len(train[pool]) for pool in POOLS) // k
+        test_size = sizes["test_size"] or min(len(test[pool]) for pool in POOLS) // k
+        for pool in POOLS:
+            ids = [f"{language}-{pool[0]}{i}" for i in range(k)]
+            clients[pool] += partition_language(
+                language, group_by_label(train[pool]), group_by_label(test[pool]), ids, train_size, test_size,
+                alpha, rng, disjoint=True, strict=bool(sizes["train_size"] and sizes["test_size"]),
+            )
     source = str(path) if path else spec["hub_id"]
     info = {"source": source, "languages": languages, "seed": seed, "alpha": alpha, **sizes}
-    return FederatedDataset(name, "classification", spec["labels"], seen, unseen, info)
+    return FederatedDataset(name, "classification", spec["labels"], clients["seen"], clients["unseen"], info)
 
 
 def load_xnli(**options) -> FederatedDataset:

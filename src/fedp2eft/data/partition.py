@@ -1,10 +1,11 @@
-"""Dirichlet label-skew partitioning shared by every loader (the paper's client construction, SPEC §8).
+"""Dirichlet label-skew partitioning shared by every loader (the paper's client construction, docs/data.md).
 
 Each client of a language draws label proportions from Dirichlet(alpha); its train set follows them
 and its test set is drawn with the same proportions, so the test measures the client's own
 distribution. With ``disjoint=True`` examples are used by at most one client (real corpora such as
 XNLI); with ``disjoint=False`` clients sample independently from a shared pool (the template
-benchmark, whose pools are small by nature).
+benchmark, whose pools are small by nature). Loaders that must keep the seen and unseen client pools
+apart call ``partition_language`` once per pool, each with its own examples (``split_items``).
 """
 
 from __future__ import annotations
@@ -104,6 +105,17 @@ def partition_language(
         rng.shuffle(test)
         clients.append(ClientData(client_id, language, train, test))
     return clients
+
+
+def split_items(n_items: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Item indices ``0..n_items-1`` shuffled once and halved into (seen, unseen).
+
+    The shuffle depends only on ``seed`` and ``n_items``, so in a parallel corpus (row i of every
+    language is a translation of item i) every language gets the same halves and no item reaches
+    both pools through different languages; with other row counts it is a plain disjoint split.
+    """
+    order = np.random.default_rng([seed, n_items]).permutation(n_items)
+    return order[: n_items // 2], order[n_items // 2 :]
 
 
 def split_pools(clients: list[ClientData], per_pool: int) -> tuple[list[ClientData], list[ClientData]]:
