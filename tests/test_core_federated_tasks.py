@@ -77,3 +77,15 @@ def test_unknown_training_keys_are_named():
                                                                                     "priors": {"gamma_rate": 5.0}}})
     assert config.local_epochs == 3 and config.personalize.max_rank == 8
     assert config.personalize.priors.gamma_rate == 5.0
+
+
+def test_budget_warmup_defaults_to_the_papers_share_of_the_rounds():
+    from fedp2eft.core.generator_training import GeneratorTrainingConfig
+    from fedp2eft.errors import FedP2EFTError
+
+    assert GeneratorTrainingConfig.from_dict({"budget_sampling": True, "total_rounds": 150}).warmup_rounds == 20
+    assert GeneratorTrainingConfig.from_dict({"budget_sampling": True, "total_rounds": 30}).warmup_rounds == 4
+    assert GeneratorTrainingConfig.from_dict({"budget_sampling": True, "total_rounds": 30,
+                                              "budget_warmup_rounds": 0}).warmup_rounds == 0
+    with pytest.raises(FedP2EFTError, match="needs budget_warmup_rounds or total_rounds"):
+        GeneratorTrainingConfig.from_dict({"budget_sampling": True})

@@ -16,6 +16,8 @@ def test_generator_shape_and_first_output_near_1e_4():
     output = generator(features)
     assert output.shape == (48,)
     assert output.min() >= 1e-4 and output.max() <= 2e-4
+    other = generator(torch.randn(14) * 50)  # both layers start tiny: the first output ignores the features
+    assert torch.allclose(output, other, atol=1e-7)
 
 
 def test_generator_save_load_roundtrip(tmp_path):

@@ -27,3 +27,21 @@ def test_generation_metric_improves_when_the_model_learns_the_answers(tokenizer)
     after = task.evaluate(personalize("lora", base, task, train, 8, config).model, test)["rouge_l"]
     assert 0.0 <= before < after <= 1.0
     assert after > 0.9
+
+
+def test_evaluation_and_generation_run_in_inference_mode(tokenizer):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(len(tokenizer)))
+    task = InstructionTask(tokenizer, max_length=32, generation_tokens=2)
+    modes = []
+    handle = model.register_forward_pre_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    try:
+        with torch.no_grad():
+            plain = model(**task.collate(instruction_examples(4, seed=5))).logits
+        metrics = task.evaluate(model, instruction_examples(4, seed=5))
+    finally:
+        handle.remove()
+    assert modes[0] is False and len(modes) > 1 and all(modes[1:])
+    assert metrics["count"] > 0 and "rouge_l" in metrics
+    assert not plain.is_inference()
+    assert torch.is_grad_enabled()  # evaluation leaves autograd as it found it

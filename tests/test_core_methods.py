@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedp2eft.core.methods import METHODS, PersonalizeConfig, generator_spec, personalize
+from fedp2eft.core.methods import METHODS, NEEDS_GENERATOR, ClientContext, PersonalizeConfig, generator_spec, personalize
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.errors import FedP2EFTError
 
@@ -26,7 +26,7 @@ def test_method_runs_end_to_end_and_reduces_training_loss(setup, method):
     base, task, train, test = setup
     reference = copy.deepcopy(base.state_dict())
     before = task.evaluate(base, train)["loss"]
-    generator = trained_like_generator(base) if method == "fedp2eft" else None
+    generator = trained_like_generator(base) if method in NEEDS_GENERATOR else None
     result = personalize(method, base, task, train, budget=4, config=FAST, generator=generator)
     after = task.evaluate(result.model, train)["loss"]
     assert after < 0.95 * before, (method, before, after)
@@ -39,10 +39,10 @@ def test_method_runs_end_to_end_and_reduces_training_loss(setup, method):
         assert torch.equal(value, reference[key])
 
 
-@pytest.mark.parametrize("method", ["btlora", "fedp2eft"])
+@pytest.mark.parametrize("method", ["btlora", "fedp2eft", "fedp2eft-structure"])
 def test_budget_methods_respect_the_budget_and_export(setup, method, tmp_path):
     base, task, train, _ = setup
-    generator = trained_like_generator(base) if method == "fedp2eft" else None
+    generator = trained_like_generator(base) if method in NEEDS_GENERATOR else None
     result = personalize(method, base, task, train, budget=2, config=FAST, generator=generator)
     modules = len(generator_spec(base, FAST, "tiny").module_names)
     assert sum(result.ranks.values()) == 2 * modules
@@ -77,3 +77,41 @@ def test_label_outside_label_set_is_refused(tokenizer):
     bad = classification_examples(4, seed=0) + [{"text": "cat", "label": 7}]
     with pytest.raises(FedP2EFTError, match="example 4: label 7 is not in the model's label set"):
         personalize("lora", classifier_from_config(bert_config(len(tokenizer)), LABELS), task, bad, 2, FAST)
+
+
+def test_structure_variant_keeps_the_ranks_and_sets_lambdas_to_one(setup):
+    base, task, train, _ = setup
+    context = ClientContext(base, task, train, trained_like_generator(base))
+    full = personalize("fedp2eft", context, budget=2, config=FAST)
+    structure = personalize("fedp2eft-structure", context, budget=2, config=FAST)
+    assert structure.ranks == full.ranks
+    assert all(v == 1.0 for values in structure.kept_scales.values() for v in values)
+    kept = [v for values in full.kept_scales.values() for v in values]
+    assert min(kept) > 0.2 and max(kept) != min(kept)  # the generator's values, which vary
+
+
+def test_a_client_context_shares_work_between_budgets_without_changing_results(setup):
+    """Features, generator output and the BayesTune search are computed once per client; results are those of
+    separate runs."""
+    base, task, train, test = setup
+    context = ClientContext(base, task, train, trained_like_generator(base))
+    shared = [personalize("btlora", context, budget=b, config=FAST) for b in (2, 4)]
+    assert len(context._searches) == 1
+    alone = personalize("btlora", base, task, train, budget=4, config=FAST)
+    assert alone.ranks == shared[1].ranks
+    assert task.evaluate(alone.model, test)["loss"] == pytest.approx(task.evaluate(shared[1].model, test)["loss"],
+                                                                       rel=1e-5)
+    personalize("btlora", context, budget=2, config=FAST.with_lr_scale(0.5))  # another search setting
+    assert len(context._searches) == 2
+
+
+def test_adalora_keeps_peft_default_alpha(setup):
+    base, task, train, _ = setup
+    result = personalize("adalora", base, task, train, budget=4, config=FAST)
+    config = result.model.peft_config["default"]
+    assert config.lora_alpha == 8 and config.init_r == 6  # scaling alpha/init_r, as the reference runs it
+
+
+def test_lr_scale_keeps_the_paper_ratios():
+    scaled = PersonalizeConfig().with_lr_scale(10)
+    assert (scaled.lora_lr, scaled.scale_lr, scaled.adalora_lr) == pytest.approx((1e-3, 1e-1, 1e-2))

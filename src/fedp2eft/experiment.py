@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from fedp2eft.core.device import resolve_device
 from fedp2eft.core.modeling import SequenceClassifier, load_causal_lm
 from fedp2eft.core.tasks import ClassificationTask, InstructionTask, Task
 from fedp2eft.data.registry import load_dataset
@@ -47,11 +49,16 @@ class Setup:
             return ClassificationTask(self.tokenizer, self.data.labels, self.max_length)
         return InstructionTask(self.tokenizer, self.max_length)
 
-    def load_base_model(self) -> nn.Module:
-        """A fresh copy of the base model from disk (classification models get the dataset's label head)."""
+    def load_base_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """A fresh copy of the base model from disk (classification models get the dataset's label head), placed
+        on ``device``: a torch device or a ``device:`` setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see
+        ``core/device.py``). The CPU by default."""
+        target = device if isinstance(device, torch.device) else resolve_device(device)
         if self.data.task == "classification":
-            return SequenceClassifier.from_pretrained(self.model_path, self.data.labels)
-        return load_causal_lm(self.model_path)
+            model = SequenceClassifier.from_pretrained(self.model_path, self.data.labels)
+        else:
+            model = load_causal_lm(self.model_path)
+        return model if target.type == "cpu" else model.to(target)
 
     @classmethod
     def from_config(cls, config: dict) -> Setup:

@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from fedp2eft.fl.tasks import export_final
 
     config = read_task_config(args.config)
+    if args.task == "psg":  # the budget-sampling warm-up is a share of the run's rounds
+        config.setdefault("training", {}).setdefault("total_rounds", args.rounds)
     run_federated(
         args.task, config, args.rounds, args.clients_per_round,
         output_dir=args.output, min_clients=args.min_clients, seed=args.seed,

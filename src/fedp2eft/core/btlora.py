@@ -131,7 +131,7 @@ class BTLoRAModel(nn.Module):
         self.gates = nn.ModuleDict()
         for name in self.module_names:
             init = init_scales if isinstance(init_scales, float) else init_scales[name]
-            gate = RankGate(ranks[name], init, trainable_scales)
+            gate = RankGate(ranks[name], init, trainable_scales).to(self.lora_b(name).device)
             self.gates[self._key(name)] = gate
             self.lora_layers[name].lora_A[adapter_name].register_forward_hook(self._gate_hook(gate))
         self.snapshot_b()

@@ -1,5 +1,6 @@
-"""Client meta-features (SPEC §3): mean and standard deviation of the input of every hooked base linear layer,
-pooled over the client's whole training set with LoRA switched off and padding tokens left out."""
+"""Client meta-features (docs/method.md, "Client features"): mean and standard deviation of the input of every
+hooked base linear layer, pooled over the client's whole training set with LoRA switched off and padding tokens
+left out."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from contextlib import ExitStack, nullcontext
 import torch
 from peft import PeftModel
 from torch import nn
+
+from fedp2eft.core.device import model_device, to_device
 
 
 def feature_layer_names(model: nn.Module, target_modules: list[str]) -> list[str]:
@@ -87,20 +90,25 @@ class FeatureCollector:
         self._stack.close()
 
 
-@torch.no_grad()
 def client_features(model: nn.Module, batches: Iterable[dict], layer_names: list[str]) -> torch.Tensor:
-    """Run the base model over ``batches`` (dicts of model inputs with an ``attention_mask``) and return the
-    feature vector. ``layer_names`` are names in ``model``; a PEFT model is run with its adapters disabled."""
+    """Run the base model over ``batches`` and return the feature vector (on the CPU).
+
+    ``batches`` are dicts of model inputs with an ``attention_mask``; build them with the task's
+    ``feature_collate`` so that only the inputs (for instruction data: the prompt, never the response) shape the
+    features. A ``labels`` entry is dropped. Batches go to the model's device; the forward pass stays in float32
+    (no autocast) and runs in inference mode. ``layer_names`` are names in ``model``; a PEFT model is run with
+    its adapters disabled."""
+    device = model_device(model)
     hooked = model.get_base_model() if isinstance(model, PeftModel) else model
     collector = FeatureCollector(hooked, layer_names)
     disabled = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
     was_training = model.training
     model.eval()
     try:
-        with disabled:
+        with disabled, torch.inference_mode():
             for batch in batches:
-                collector.token_mask = batch.get("attention_mask")
-                inputs = {key: value for key, value in batch.items() if key != "labels"}
+                inputs = to_device({key: value for key, value in batch.items() if key != "labels"}, device)
+                collector.token_mask = inputs.get("attention_mask")
                 model(**inputs)
     finally:
         collector.close()

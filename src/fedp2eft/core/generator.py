@@ -50,8 +50,8 @@ class GeneratorSpec:
 class PSGenerator(nn.Module):
     """Linear(D, 2D) -> PReLU -> Linear(2D, M*R) -> clamp to [1e-4, 1000] (straight-through).
 
-    The last layer starts with a tiny weight and bias 1e-4, so the first output is ~1e-4 everywhere: the same
-    start as plain BayesTune."""
+    Both linear layers start with a tiny weight gain and bias 1e-4, so the first output is ~1e-4 everywhere
+    whatever the client's features: the same start as plain BayesTune (docs/method.md, "PS generator")."""
 
     def __init__(self, spec: GeneratorSpec, init_gain: float = 1e-6) -> None:
         super().__init__()
@@ -60,9 +60,9 @@ class PSGenerator(nn.Module):
         self.net = nn.Sequential(
             nn.Linear(spec.num_inputs, width), nn.PReLU(), nn.Linear(width, spec.num_outputs)
         )
-        last = self.net[-1]
-        nn.init.xavier_uniform_(last.weight, gain=init_gain)
-        nn.init.constant_(last.bias, SCALE_MIN)
+        for layer in (self.net[0], self.net[-1]):
+            nn.init.xavier_uniform_(layer.weight, gain=init_gain)
+            nn.init.constant_(layer.bias, SCALE_MIN)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return clamp_ste(self.net(features))

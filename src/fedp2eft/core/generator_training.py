@@ -20,28 +20,45 @@ from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.methods import PersonalizeConfig, features_for, generator_spec, new_btlora, train_btlora
 from fedp2eft.core.tasks import Task
 from fedp2eft.data.types import ClientData
-from fedp2eft.errors import config_from_mapping
+from fedp2eft.errors import FedP2EFTError, config_from_mapping
 
 GENERATOR_FILE = "generator.safetensors"
 
 
+WARMUP_FRACTION = 20 / 150  # the paper's budget-sampling warm-up: 20 of 150 rounds
+
+
 @dataclass
 class GeneratorTrainingConfig:
-    """SPEC §4 values by default. ``budget_sampling`` is the optional any-budget variant (off in the paper)."""
+    """Paper values by default (docs/method.md, "Federated training of the PS generator").
+
+    ``budget_sampling`` is the optional any-budget variant (off in the paper's runs); its warm-up defaults to the
+    paper's share of the rounds (20 of 150) of ``total_rounds``, the length of the federated run."""
 
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     local_epochs: int = 2
     regression_steps: int = 10
     regression_lr: float = 1e-4
     budget_sampling: bool = False
-    budget_warmup_rounds: int = 0
+    budget_warmup_rounds: int | None = None
+    total_rounds: int | None = None
     seed: int = 0
 
     @classmethod
     def from_dict(cls, raw: dict) -> GeneratorTrainingConfig:
         raw = dict(raw)
         personalize = PersonalizeConfig.from_dict(raw.pop("personalize", {}))
-        return config_from_mapping(cls, {**raw, "personalize": personalize}, "training")
+        config = config_from_mapping(cls, {**raw, "personalize": personalize}, "training")
+        if config.budget_sampling and config.budget_warmup_rounds is None and config.total_rounds is None:
+            raise FedP2EFTError("training.budget_sampling needs budget_warmup_rounds or total_rounds (the number "
+                                "of federated rounds, from which the paper's 20/150 warm-up share is taken)")
+        return config
+
+    @property
+    def warmup_rounds(self) -> int:
+        if self.budget_warmup_rounds is not None:
+            return self.budget_warmup_rounds
+        return round(WARMUP_FRACTION * (self.total_rounds or 0))
 
 
 class GeneratorTask:
@@ -79,7 +96,7 @@ class GeneratorTask:
 
     def _budget(self, client_index: int, server_round: int) -> int | None:
         config = self.config
-        if not config.budget_sampling or server_round <= config.budget_warmup_rounds:
+        if not config.budget_sampling or server_round <= config.warmup_rounds:
             return None
         rank = config.personalize.max_rank
         choices = [rank >> shift for shift in range(rank.bit_length()) if rank >> shift >= 1]
@@ -102,7 +119,7 @@ class GeneratorTask:
         model = new_btlora(self.base_model, config.personalize)
         model.set_scales(initial * mask)
         stage1 = train_btlora(model, self.task, client.train, config.personalize, config.local_epochs)
-        target = clamp_ste(model.scales().detach()) * mask
+        target = clamp_ste(model.scales().detach().cpu()) * mask  # the generator lives on the CPU
         del model
 
         # Stage 2: L1 regression of the generator onto the learned scales, fresh optimizer state.

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from fedp2eft.core.device import autocast_for, model_device, to_device
 from fedp2eft.errors import FedP2EFTError
 
 IGNORE_INDEX = -100
@@ -36,7 +38,8 @@ class ClassificationTask:
                     f"(0..{len(self.labels) - 1}: {', '.join(self.labels[:8])}...); fix the data or the label list"
                 )
 
-    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+    def feature_collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """The model inputs of ``collate`` without the labels (what client features are computed from)."""
         texts = [example["text"] for example in examples]
         pairs = [example["text_pair"] for example in examples] if "text_pair" in examples[0] else None
         batch = self.tokenizer(
@@ -44,17 +47,24 @@ class ClassificationTask:
         )
         if pairs is None:
             batch.pop("token_type_ids", None)  # all zeros for single texts, and not every encoder accepts them
-        batch["labels"] = torch.tensor([example["label"] for example in examples])
         return dict(batch)
 
-    @torch.no_grad()
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.feature_collate(examples)
+        batch["labels"] = torch.tensor([example["label"] for example in examples])
+        return batch
+
     def evaluate(self, model: nn.Module, examples: list[dict], batch_size: int = 32) -> dict[str, float]:
+        """Accuracy and mean loss; batches go to the model's device (bf16 autocast on a CUDA GPU that has it)."""
         model.eval()
+        device = model_device(model)
         correct, loss_sum = 0, 0.0
-        for batch in iterate_batches(examples, self.collate, batch_size):
-            output = model(**batch)
-            correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
-            loss_sum += float(output.loss) * len(batch["labels"])
+        with _evaluation(device):
+            for batch in iterate_batches(examples, self.collate, batch_size):
+                batch = to_device(batch, device)
+                output = model(**batch)
+                correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
+                loss_sum += float(output.loss) * len(batch["labels"])
         return {"accuracy": correct / len(examples), "loss": loss_sum / len(examples),
                 "correct": correct, "count": len(examples)}
 
@@ -77,36 +87,50 @@ class InstructionTask:
             if not example.get("instruction") or not example.get("response"):
                 raise FedP2EFTError(f"{where}, example {row}: needs a non-empty 'instruction' and 'response'")
 
+    def prompt_ids(self, instruction: str) -> list[int]:
+        """Token ids of the prompt template around ``instruction`` (special tokens included)."""
+        return self.tokenizer(PROMPT_TEMPLATE.format(instruction=instruction))["input_ids"]
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         rows, labels = [], []
         for example in examples:
-            prompt = self.tokenizer(PROMPT_TEMPLATE.format(instruction=example["instruction"]))["input_ids"]
+            prompt = self.prompt_ids(example["instruction"])
             response = self.tokenizer(example["response"], add_special_tokens=False)["input_ids"]
             if self.tokenizer.eos_token_id is not None:
                 response = response + [self.tokenizer.eos_token_id]
-            ids = (prompt + response)[: self.max_length]
-            rows.append(ids)
+            rows.append((prompt + response)[: self.max_length])
             labels.append(([IGNORE_INDEX] * len(prompt) + response)[: self.max_length])
-        width = max(map(len, rows))
-        return {
-            "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids in rows]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows]),
-            "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]),
-        }
+        batch = _right_pad(rows, self.pad_id)
+        width = batch["input_ids"].shape[1]
+        batch["labels"] = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels])
+        return batch
 
-    @torch.no_grad()
+    def feature_collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """The prompts alone (template + instruction), padded, with their attention mask. Client features are
+        computed from these: the response is the label and must not leak into them (docs/method.md, "Client
+        features")."""
+        return _right_pad([self.prompt_ids(example["instruction"])[: self.max_length] for example in examples],
+                          self.pad_id)
+
     def evaluate(self, model: nn.Module, examples: list[dict], batch_size: int = 16) -> dict[str, float]:
         """Token-level loss and next-token accuracy over response tokens, pooled over the whole set."""
         model.eval()
+        device = model_device(model)
         loss_sum, correct, count = 0.0, 0, 0
-        for batch in iterate_batches(examples, self.collate, batch_size):
-            logits = model(**batch).logits[:, :-1]
-            target = batch["labels"][:, 1:]
-            keep = target != IGNORE_INDEX
-            loss_sum += float(nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
-            correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
-            count += int(keep.sum())
+        with _evaluation(device):
+            for batch in iterate_batches(examples, self.collate, batch_size):
+                batch = to_device(batch, device)
+                logits = model(**batch).logits[:, :-1]
+                target = batch["labels"][:, 1:]
+                keep = target != IGNORE_INDEX
+                loss_sum += float(nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+                correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
+                count += int(keep.sum())
         metrics = {"loss": loss_sum / count, "perplexity": math.exp(min(loss_sum / count, 50.0)),
                    "token_accuracy": correct / count, "correct": correct, "count": count}
         if self.generation_tokens > 0:
@@ -116,17 +140,19 @@ class InstructionTask:
             metrics["rouge_l"] = sum(scores) / len(scores)
         return metrics
 
-    @torch.no_grad()
     def generate(self, model: nn.Module, instruction: str) -> list[int]:
         """Greedy decoding through the model's plain forward (works for every wrapper), until EOS."""
-        ids = self.tokenizer(PROMPT_TEMPLATE.format(instruction=instruction))["input_ids"]
+        device = model_device(model)
+        ids = self.prompt_ids(instruction)
         prompt_length = len(ids)
-        for _ in range(self.generation_tokens):
-            logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-            token = int(logits.logits[0, -1].argmax())
-            if token == self.tokenizer.eos_token_id:
-                break
-            ids.append(token)
+        with _evaluation(device):
+            for _ in range(self.generation_tokens):
+                inputs = to_device({"input_ids": torch.tensor([ids]),
+                                    "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}, device)
+                token = int(model(**inputs).logits[0, -1].argmax())
+                if token == self.tokenizer.eos_token_id:
+                    break
+                ids.append(token)
         return ids[prompt_length:]
 
 
@@ -148,6 +174,22 @@ def rouge_l(candidate: list, reference: list) -> float:
 
 
 Task = ClassificationTask | InstructionTask
+
+
+def _right_pad(rows: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    """Token-id rows padded on the right to the longest one, with the attention mask of the real tokens."""
+    width = max(map(len, rows))
+    return {
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids in rows]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows]),
+    }
+
+
+@contextmanager
+def _evaluation(device: torch.device) -> Iterator[None]:
+    """No autograd at all (inference mode) plus bf16 autocast on a CUDA GPU that supports it."""
+    with torch.inference_mode(), autocast_for(device):
+        yield
 
 
 def _check_nonempty(examples: list[dict], where: str) -> None:

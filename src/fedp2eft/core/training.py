@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fedp2eft.core.device import autocast_for, model_device, to_device
 from fedp2eft.core.tasks import Task, iterate_batches
 
 
@@ -41,15 +42,20 @@ def train(
     """Minimise ``output.loss (+ extra_loss())`` for ``epochs`` passes over shuffled ``examples``.
 
     ``after_step(global_step)`` runs after ``optimizer.step()`` and before gradients are cleared (AdaLoRA's
-    rank allocation reads them there)."""
+    rank allocation reads them there).
+
+    Batches go to the model's device (that of its first parameter); on a CUDA GPU with bfloat16 support the
+    forward pass and the extra loss run under bf16 autocast, on the CPU in plain float32."""
     result = TrainResult()
+    device = model_device(model)
     model.train()
     step = 0
     for epoch in range(epochs):
         epoch_losses = []
         for batch in iterate_batches(examples, task.collate, batch_size, shuffle_seed=seed * 1000 + epoch):
-            loss = model(**batch).loss
-            total = loss + extra_loss() if extra_loss is not None else loss
+            with autocast_for(device):
+                loss = model(**to_device(batch, device)).loss
+                total = loss + extra_loss() if extra_loss is not None else loss
             total.backward()
             optimizer.step()
             if after_step is not None:

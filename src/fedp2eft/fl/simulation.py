@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
@@ -21,13 +22,42 @@ from fedp2eft.fl.server_app import serve
 from fedp2eft.fl.tasks import build_task
 
 
-def backend_settings(num_cpus_per_client: float, backend_config: dict[str, Any] | None) -> dict[str, Any]:
-    """Ray backend config: one client per ``num_cpus_per_client`` cores, no GPUs unless asked for."""
+MAX_CLIENTS_PER_GPU = 4  # more actors per GPU than this mostly add model copies to its memory
+
+
+def default_gpus_per_client(clients_per_round: int) -> float:
+    """The GPU share each virtual client asks for by default: 0 without a visible CUDA GPU; otherwise the
+    visible GPUs split over the round's clients (``gpus / clients_per_round``), at most 1 and at least
+    ``1 / MAX_CLIENTS_PER_GPU``."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        return 0.0
+    share = gpus / max(1, clients_per_round)
+    return min(1.0, max(share, 1.0 / MAX_CLIENTS_PER_GPU))
+
+
+def backend_settings(num_cpus_per_client: float, backend_config: dict[str, Any] | None,
+                     num_gpus_per_client: float | None = None, clients_per_round: int = 1) -> dict[str, Any]:
+    """Ray backend config: one client per ``num_cpus_per_client`` cores and ``num_gpus_per_client`` GPUs.
+
+    ``num_gpus_per_client=None`` picks :func:`default_gpus_per_client` for ``clients_per_round``: 0.0 on a
+    machine without a CUDA GPU (CPU-only clients), else a fraction such as 1/clients_per_round (capped to
+    [1/MAX_CLIENTS_PER_GPU, 1]), so that Ray packs the round's clients onto the GPUs it sees. A fraction only
+    schedules: each client still places its model with ``device: auto``. ``backend_config`` entries override
+    all of this section by section."""
     cores = os.cpu_count() or 1
     if not 0 < num_cpus_per_client <= cores:
         raise FedP2EFTError(f"num_cpus_per_client must be in (0, {cores}] on this machine, got {num_cpus_per_client}")
+    if num_gpus_per_client is None:
+        num_gpus_per_client = default_gpus_per_client(clients_per_round)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num_gpus_per_client < 0 or (num_gpus_per_client > 0 and gpus == 0):
+        raise FedP2EFTError(
+            f"num_gpus_per_client={num_gpus_per_client} needs a value >= 0, and 0 on a machine without a visible "
+            f"CUDA GPU (this one has {gpus}); leave it unset to choose automatically"
+        )
     settings: dict[str, Any] = {
-        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": float(num_gpus_per_client)},
         "init_args": {"include_dashboard": False},
     }
     for section, values in (backend_config or {}).items():
@@ -51,6 +81,7 @@ def run_federated(
     startup_timeout_s: float = 300.0,
     resume: bool = False,
     num_cpus_per_client: float = 1.0,
+    num_gpus_per_client: float | None = None,
     backend_config: dict[str, Any] | None = None,
     verbose: bool = False,
 ) -> Path:
@@ -58,12 +89,14 @@ def run_federated(
 
     One virtual SuperNode per task client (node i has partition-id i). Raises
     ``FedP2EFTError`` when a round has fewer than ``min_clients`` valid replies; the last
-    finished round's checkpoint in ``output_dir`` then stays usable for ``resume=True``.
+    finished round's checkpoint in ``output_dir`` then stays usable for ``resume=True``. Each client gets
+    ``num_cpus_per_client`` cores and ``num_gpus_per_client`` GPUs (default: 0 without a GPU, a share of the
+    GPUs otherwise; see :func:`backend_settings`).
     """
     job = Job(task=task_name, task_config=dict(task_config), rounds=rounds, clients_per_round=clients_per_round,
               min_clients=min_clients, seed=seed, output_dir=str(Path(output_dir).resolve()),
               round_timeout_s=round_timeout_s, startup_timeout_s=startup_timeout_s, resume=resume)
-    settings = backend_settings(num_cpus_per_client, backend_config)
+    settings = backend_settings(num_cpus_per_client, backend_config, num_gpus_per_client, clients_per_round)
     task = build_task(job.task, job.task_config)
     finished: list[Path] = []
     server_app = ServerApp()
