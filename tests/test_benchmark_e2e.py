@@ -21,24 +21,55 @@ def quick_run(tmp_path_factory):
 def test_quick_profile_writes_the_full_report(quick_run):
     config = resolve("quick", [])
     for name in ["report.md", "results.json", "results.csv", "config.yaml", "figures/accuracy_vs_budget.png",
-                 "figures/rank_heatmap.png", "figures/psg_training.png", "psg/generator.safetensors",
-                 "base/model/config.json"]:
+                 "figures/rank_heatmap.png", "figures/psg_training.png", "seed0/psg/generator.safetensors",
+                 "seed1/psg/generator.safetensors", "base/model/config.json", "selection.json"]:
         assert (quick_run / name).is_file(), name
     summary = json.loads((quick_run / "results.json").read_text())["summary"]
     settings = {(row["pool"], row["method"], row["budget"]) for row in summary}
     expected = {(p, m, b) for p in config["pools"] for m in config["methods"] for b in config["budgets"]}
     assert expected | {(p, "base", 0) for p in config["pools"]} == settings
-    assert all(0.0 <= row["mean"] <= 1.0 for row in summary)
+    assert all(0.0 <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= 1.0 for row in summary)
     report = (quick_run / "report.md").read_text()
-    assert "Does FedP²EFT win?" in report and "r=8" in report
+    assert "Does FedP²EFT win?" in report and "r=8" in report and "Learning-rate selection" in report
+
+
+def test_learning_rates_are_chosen_on_validation_data_only(quick_run):
+    """Every method and budget got a scale from the grid, chosen on seen clients' training data: the selection
+    clients are seen clients and no test example was scored to choose."""
+    config = resolve("quick", [])
+    selection = json.loads((quick_run / "selection.json").read_text())
+    assert set(selection["chosen"]) == set(config["methods"])
+    assert all(set(map(int, by_budget)) == set(config["budgets"]) for by_budget in selection["chosen"].values())
+    assert all(row["scale"] in config["selection"]["grid"] for row in selection["results"])
+    assert all(client.split("-")[-1].startswith("s") for client in selection["clients"])
+    data = load_dataset(config["dataset"], **config["dataset_options"])
+    seen = {c.client_id: c for c in data.seen}
+    count = sum(row["val_count"] for row in selection["results"] if row["method"] == "lora" and row["budget"] == 2
+                and row["scale"] == config["selection"]["grid"][0])
+    fraction = config["selection"]["validation_fraction"]
+    assert count == sum(max(1, round(fraction * len(seen[c].train))) for c in selection["clients"])
+    records = [json.loads(line) for line in (quick_run / "personalize.jsonl").read_text().splitlines()]
+    for record in records:
+        for row in record["rows"]:
+            if row["method"] != "base":
+                assert row["lr_scale"] == selection["chosen"][row["method"]][str(row["budget"])]
+
+
+def test_structure_variant_uses_fedp2eft_ranks_with_unit_lambdas(quick_run):
+    records = [json.loads(line) for line in (quick_run / "personalize.jsonl").read_text().splitlines()]
+    for record in records:
+        rows = {(row["method"], row["budget"]): row for row in record["rows"]}
+        for budget in resolve("quick", [])["budgets"]:
+            assert rows[("fedp2eft-structure", budget)]["ranks"] == rows[("fedp2eft", budget)]["ranks"]
+            assert sum(len(v) for v in rows[("fedp2eft", budget)]["lambdas"].values()) == budget * 72
 
 
 def test_rerun_resumes_without_redoing_stages(quick_run):
     rows_before = (quick_run / "personalize.jsonl").read_text()
-    generator_before = (quick_run / "psg" / "generator.safetensors").stat().st_mtime_ns
+    generator_before = (quick_run / "seed1" / "psg" / "generator.safetensors").stat().st_mtime_ns
     assert main(["benchmark", "--config", "quick", "--results", str(quick_run.parent)]) == 0
     assert (quick_run / "personalize.jsonl").read_text() == rows_before
-    assert (quick_run / "psg" / "generator.safetensors").stat().st_mtime_ns == generator_before
+    assert (quick_run / "seed1" / "psg" / "generator.safetensors").stat().st_mtime_ns == generator_before
 
 
 def test_unseen_clients_never_train_the_generator_or_base(quick_run):
@@ -49,7 +80,7 @@ def test_unseen_clients_never_train_the_generator_or_base(quick_run):
     task = make_task({"model": str(quick_run / "base" / "model"), "dataset": config["dataset"],
                       "dataset_options": config["dataset_options"], "training": {"personalize": {"max_rank": 8}}})
     assert {c.client_id for c in task.clients} == seen
-    for stage in ("base", "psg"):
+    for stage in ("base", "seed0/psg", "seed1/psg"):
         for line in (quick_run / stage / "metrics.jsonl").read_text().splitlines():
             assert all(0 <= index < len(data.seen) for index in json.loads(line)["clients"])
 
@@ -63,7 +94,7 @@ def test_bad_config_fails_before_work(tmp_path, capsys):
 def test_personalize_command_uses_the_runs_base_model_and_generator(quick_run, tmp_path, capsys):
     args = ["personalize", "--model", str(quick_run / "base" / "model"), "--client", "en-u0", "--method",
             "fedp2eft", "--budget", "2", "--max-rank", "8", "--generator",
-            str(quick_run / "psg" / "generator.safetensors"), "--export", str(tmp_path / "adapter")]
+            str(quick_run / "seed0" / "psg" / "generator.safetensors"), "--export", str(tmp_path / "adapter")]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["lora_ranks_total"] == 2 * 72 and 0.0 <= report["test"]["accuracy"] <= 1.0

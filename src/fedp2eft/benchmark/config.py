@@ -61,9 +61,24 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         parts = key.split(".")
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = yaml.safe_load(raw)
+        cursor[parts[-1]] = _parse_value(raw)
         config = merge(config, update, "command line")
     return config
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML, except that numbers YAML 1.1 reads as strings (``1e-4``: no dot) are numbers, as a user means."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def validate(config: dict) -> dict:
@@ -77,8 +92,26 @@ def validate(config: dict) -> dict:
         raise FedP2EFTError(f"budget(s) {bad} out of range: each must be an integer in 1..R={max_rank}")
     if not set(config["pools"]) <= {"seen", "unseen"} or not config["pools"]:
         raise FedP2EFTError(f"pools must be a non-empty subset of [seen, unseen], got {config['pools']}")
-    if not config["seeds"]:
-        raise FedP2EFTError("seeds must list at least one seed")
+    if not config["seeds"] or len(set(config["seeds"])) != len(config["seeds"]):
+        raise FedP2EFTError(f"seeds must list at least one seed, each once; got {config['seeds']}")
+    selection = config["selection"]
+    if not selection["grid"] or not all(_positive_number(v) for v in selection["grid"]):
+        raise FedP2EFTError(f"selection.grid must list positive learning-rate scales, got {selection['grid']}")
+    if not 0 < selection["validation_fraction"] < 1:
+        raise FedP2EFTError("selection.validation_fraction must be between 0 and 1 (the share of a seen client's "
+                            f"training data held out for validation), got {selection['validation_fraction']}")
+    if not isinstance(selection["clients_per_language"], int) or selection["clients_per_language"] < 1:
+        raise FedP2EFTError("selection.clients_per_language must be a positive integer")
+    lr_scale = config["psg"]["lr_scale"]
+    if lr_scale != "btlora" and not _positive_number(lr_scale):
+        raise FedP2EFTError(f"psg.lr_scale must be 'btlora' (the scale chosen for BT-LoRA) or a positive number, "
+                            f"got {lr_scale!r}")
+    if lr_scale == "btlora" and "btlora" not in config["methods"] and any(m.startswith("fedp2eft")
+                                                                        for m in config["methods"]):
+        raise FedP2EFTError("psg.lr_scale: btlora takes BT-LoRA's selected scale, but btlora is not among the "
+                            "methods; add it or give psg.lr_scale a number")
+    if config["device"] not in ("auto", "cpu", "cuda") and not str(config["device"]).startswith("cuda:"):
+        raise FedP2EFTError(f"device must be auto, cpu, cuda or cuda:N, got {config['device']!r}")
     from fedp2eft.data.registry import dataset_names
 
     dataset = config["dataset"]

@@ -1,13 +1,28 @@
-"""Tables and figures from ``personalize.jsonl``: accuracy pooled per language, then averaged over languages;
-mean +- std over seeds. Everything in the report is computed here from the run's own files."""
+"""The benchmark report: every table, figure and sentence of ``report.md`` is computed here from the run's own
+records and files (nothing is typed in by hand), so the report can be regenerated and audited.
+
+How the statistics work (the method being measured is described in docs/method.md):
+
+* The metric is the paper's: accuracy pooled per language (sum correct / sum count over that language's
+  clients), averaged over languages, then averaged over seeds.
+* Its uncertainty comes from the clients. A stratified bootstrap resamples clients with replacement inside each
+  language, so every language stays present and the metric stays defined; a client carries all its seeds (they
+  share its data, so they are not independent draws). The metric is recomputed on each resample and the 95%
+  percentile interval is reported.
+* FedP²EFT is compared with every other method on the *same* resamples (a paired bootstrap): the variation
+  the two methods share (easy and hard clients) cancels, so the interval of the difference is honest and tight.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
-import statistics
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +33,40 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-METHOD_ORDER = ["base", "lora", "adalora", "btlora", "fedp2eft"]
+KNOWN_METHODS = ["base", "lora", "adalora", "btlora", "fedp2eft-structure", "fedp2eft"]
+OURS = "fedp2eft"
+RESAMPLES = 2000
+BOOTSTRAP_SEED = 20240601
+LEVEL = 0.95
+FLAT_TOLERANCE = 0.05
+FLAT_MIN_FRACTION = 0.25
+PSG_CURVES = {"train/stage1_loss": "stage-1 loss", "train/mean_lambda": "mean λ", "train/l1_before": "L1 before"}
+
+Setting = tuple[str, str, int]          # (pool, method, budget)
+Unit = tuple[str, int, int]             # (language, correct, count)
+Units = dict[tuple[int, str], Unit]     # (seed, client) -> unit
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """Known methods in reading order, then every other method, sorted: a new method must show up in the tables
+    rather than vanish because nobody added it to a list."""
+    present = set(methods)
+    return [m for m in KNOWN_METHODS if m in present] + sorted(present - set(KNOWN_METHODS))
+
+
+def client_units(records: list[dict]) -> dict[Setting, Units]:
+    """(pool, method, budget) -> {(seed, client): (language, correct, count)}. Clients without a test example
+    are left out: they carry no accuracy, and a resample made only of them would be 0/0."""
+    units: dict[Setting, Units] = defaultdict(dict)
+    for record in records:
+        for row in record["rows"]:
+            if row["count"] > 0:
+                units[(record["pool"], row["method"], row["budget"])][(record["seed"], record["client"])] = (
+                    record["language"], int(row["correct"]), int(row["count"]))
+    return dict(units)
 
 
 def per_language(records: list[dict]) -> dict[tuple, float]:
@@ -30,95 +78,653 @@ def per_language(records: list[dict]) -> dict[tuple, float]:
             key = (record["seed"], record["pool"], row["method"], row["budget"], record["language"])
             correct[key] += row["correct"]
             count[key] += row["count"]
-    return {key: correct[key] / count[key] for key in count}
+    return {key: correct[key] / count[key] for key in count if count[key] > 0}
 
 
-def summarize(language_scores: dict[tuple, float]) -> dict[tuple, tuple[float, float, int]]:
-    """(pool, method, budget) -> (mean, std over seeds, number of seeds) of the language-averaged accuracy."""
-    by_seed: dict[tuple, list[float]] = defaultdict(list)
-    for (seed, pool, method, budget, _), score in language_scores.items():
-        by_seed[(seed, pool, method, budget)].append(score)
-    per_setting: dict[tuple, list[float]] = defaultdict(list)
-    for (_seed, pool, method, budget), scores in sorted(by_seed.items()):
-        per_setting[(pool, method, budget)].append(sum(scores) / len(scores))
-    return {key: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
-            for key, v in per_setting.items()}
+def _at(table: Mapping[Setting, object], pool: str, method: str, budget: int):
+    """The entry of ``method`` at ``budget``; a method without a rank budget (``base``) keeps its rows at budget 0
+    and stands in every budget column."""
+    if (pool, method, budget) in table:
+        return table[(pool, method, budget)]
+    return table.get((pool, method, 0))
 
 
-def _methods(keys) -> list[str]:
-    present = {key[1] for key in keys}
-    return [m for m in METHOD_ORDER if m in present]
+# ----------------------------------------------------------------------------------------------- bootstrap
 
 
-def main_table_markdown(summary: dict, config: dict) -> str:
-    lines = []
-    for pool in config["pools"]:
-        lines += [f"\n**{pool} clients** (accuracy %, languages averaged; mean ± std over "
-                  f"{len(config['seeds'])} seed(s)); `base` = no personalization\n",
-                  "| method | " + " | ".join(f"r={b}" for b in config["budgets"]) + " |",
-                  "|---|" + "---|" * len(config["budgets"])]
-        base = summary.get((pool, "base", 0))
-        best = {budget: max((summary[key][0] for key in summary
-                             if key[0] == pool and key[1] != "base" and key[2] == budget), default=None)
-                for budget in config["budgets"]}
-        for method in _methods(summary):
-            if method == "base":
-                lines.append("| base | " + " | ".join(_cell(base) for _ in config["budgets"]) + " |")
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate (computed on all units) with its bootstrap percentile interval."""
+
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    @property
+    def outcome(self) -> str:
+        """For a difference: 'win' when the whole interval lies above zero, 'loss' below zero, else 'tie'."""
+        return "win" if self.low > 0 else "loss" if self.high < 0 else "tie"
+
+
+def _strata(languages: Sequence[str]) -> list[np.ndarray]:
+    """Unit indices of each language: the strata of the bootstrap (resampling inside a language keeps every
+    language present, so the language average is always defined and always over the same languages)."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, language in enumerate(languages):
+        groups[language].append(index)
+    return [np.array(groups[lang]) for lang in sorted(groups)]
+
+
+def _arrays(units: Units, keys: Sequence[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([units[k][1] for k in keys], dtype=float), np.array([units[k][2] for k in keys], dtype=float))
+
+
+def _resampled(groups: list[np.ndarray], arrays: list[tuple[np.ndarray, np.ndarray]], resamples: int,
+               seed: int) -> list[np.ndarray]:
+    """The metric of every (correct, count) pair on the *same* stratified resamples, one value per resample.
+    Sharing the draws is what makes a difference of two methods paired. Within a language a resample pools the
+    (seed, client) units it drew; with the same clients in every seed that is the mean over seeds of the
+    per-seed pooled accuracy, so the statistic is the metric itself."""
+    rng = np.random.default_rng(seed)
+    totals = [np.zeros(resamples) for _ in arrays]
+    for members in groups:
+        draws = members[rng.integers(0, len(members), size=(resamples, len(members)))]
+        for total, (correct, count) in zip(totals, arrays):
+            total += correct[draws].sum(axis=1) / count[draws].sum(axis=1) / len(groups)
+    return totals
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+def metric(units: Units) -> float:
+    """The paper's metric: accuracy pooled per language (sum correct / sum count), averaged over languages; then
+    averaged over seeds."""
+    per_seed = []
+    for seed in sorted({s for s, _ in units}):
+        keys = [k for k in sorted(units) if k[0] == seed]
+        correct, count = _arrays(units, keys)
+        groups = _strata([units[k][0] for k in keys])
+        per_seed.append(np.mean([correct[g].sum() / count[g].sum() for g in groups]))
+    return float(np.mean(per_seed))
+
+
+def by_client(units: Units) -> Units:
+    """One unit per client, its seeds pooled. A client appears in every seed (same data, another LoRA init, batch
+    order and generator), so its seeds are not independent draws: the bootstrap resamples clients, carrying all
+    their seeds along. With equal test counts per seed, pooling equals the mean over seeds."""
+    merged: dict[tuple, tuple[str, int, int]] = {}
+    for (_, client), (language, correct, count) in units.items():
+        _, c, n = merged.get((0, client), (language, 0, 0))
+        merged[(0, client)] = (language, c + correct, n + count)
+    return merged
+
+
+def bootstrap(units: Units, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = LEVEL) -> Interval:
+    """The metric with the percentile interval of a bootstrap over clients (seeds pooled), stratified by
+    language."""
+    units = by_client(units)
+    keys = sorted(units)
+    (values,) = _resampled(_strata([units[k][0] for k in keys]), [_arrays(units, keys)], resamples, seed)
+    return Interval(metric(units), *_percentiles(values, level))
+
+
+def paired_bootstrap(ours: Units, theirs: Units, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                     level: float = LEVEL) -> Interval | None:
+    """``ours`` minus ``theirs`` on the (seed, client) units both have, each resample drawn once and used for
+    both; None when they share no unit."""
+    ours, theirs = by_client(ours), by_client(theirs)
+    keys = sorted(set(ours) & set(theirs))
+    if not keys:
+        return None
+    groups = _strata([ours[k][0] for k in keys])
+    a, b = _resampled(groups, [_arrays(ours, keys), _arrays(theirs, keys)], resamples, seed)
+    point = metric({k: ours[k] for k in keys}) - metric({k: theirs[k] for k in keys})
+    return Interval(point, *_percentiles(a - b, level))
+
+
+def summarize(records: list[dict], resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[Setting, dict]:
+    """(pool, method, budget) -> mean over seeds, bootstrap interval, number of seeds and clients, and the value
+    of each seed (so the seed-to-seed spread stays visible next to the client-level interval)."""
+    summary = {}
+    for setting, units in sorted(client_units(records).items()):
+        interval = bootstrap(units, resamples, seed)
+        seeds = sorted({s for s, _ in units})
+        seed_values = {s: metric({k: u for k, u in units.items() if k[0] == s}) for s in seeds}
+        summary[setting] = {"mean": interval.mean, "ci_low": interval.low, "ci_high": interval.high,
+                            "seeds": len(seeds), "clients": len(units), "seed_values": seed_values,
+                            "seed_std": float(np.std(list(seed_values.values()), ddof=1)) if len(seeds) > 1
+                            else 0.0}
+    return summary
+
+
+def compare(units: Mapping[Setting, Units], pools: Sequence[str], budgets: Sequence[int], methods: Sequence[str],
+            resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> list[dict]:
+    """FedP²EFT minus every other method, paired on the same resampled clients, per pool and budget."""
+    comparisons = []
+    for method in methods:
+        if method == OURS:
+            continue
+        for pool in pools:
+            for budget in budgets:
+                ours, theirs = units.get((pool, OURS, budget)), _at(units, pool, method, budget)
+                interval = paired_bootstrap(ours, theirs, resamples, seed) if ours and theirs else None
+                if interval is None:
+                    continue
+                comparisons.append({"pool": pool, "budget": budget, "method": method,
+                                    "method_budget": budget if (pool, method, budget) in units else 0,
+                                    "difference": interval.mean, "ci_low": interval.low, "ci_high": interval.high,
+                                    "outcome": interval.outcome, "clients": len(set(ours) & set(theirs))})
+    return comparisons
+
+
+def language_intervals(units: Units, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Interval]:
+    """Language -> mean over seeds of its pooled accuracy, with the bootstrap interval over its own clients."""
+    languages = sorted({u[0] for u in units.values()})
+    return {lang: bootstrap({k: u for k, u in units.items() if u[0] == lang}, resamples, seed) for lang in languages}
+
+
+# ----------------------------------------------------------------------------------------------- structure
+
+
+def kept_lambdas(row: dict) -> dict[str, list[float]]:
+    """Module -> the lambdas a client kept. Rows normally store only the kept ones; when a row stores more than
+    the module's rank, the largest ``rank`` are the kept ones (the top-k rule of docs/method.md)."""
+    ranks = row.get("ranks", {})
+    kept = {}
+    for module, values in row.get("lambdas", {}).items():
+        values = sorted((float(v) for v in values), reverse=True)
+        rank = ranks.get(module, len(values))
+        if rank > 0 and values:
+            kept[module] = values[:rank]
+    return kept
+
+
+def lambda_spread(rows: Iterable[dict]) -> dict | None:
+    """How much the kept lambdas vary: their mean (over clients of each client's mean), the spread across a
+    client's modules (std of per-module means, averaged over clients), the spread across clients (std of
+    per-client means), and their min/max. A generator that learned one magnitude for everyone shows ~0 spreads."""
+    client_means, module_stds, lows, highs = [], [], [], []
+    for row in rows:
+        kept = kept_lambdas(row)
+        if not kept:
+            continue
+        values = np.concatenate([np.array(v) for v in kept.values()])
+        client_means.append(values.mean())
+        module_stds.append(np.std([np.mean(v) for v in kept.values()]))
+        lows.append(values.min())
+        highs.append(values.max())
+    if not client_means:
+        return None
+    return {"mean": float(np.mean(client_means)), "std_modules": float(np.mean(module_stds)),
+            "std_clients": float(np.std(client_means)), "min": float(min(lows)), "max": float(max(highs)),
+            "clients": len(client_means)}
+
+
+def rank_overlap(a: Mapping[str, float], b: Mapping[str, float]) -> float:
+    """Share of allocation ``a`` that ``b`` also gives: sum_m min(a_m, b_m) / sum_m a_m (1 = identical
+    allocation, 0 = disjoint modules); NaN when ``a`` allocates nothing."""
+    total = sum(a.values())
+    if total <= 0:
+        return float("nan")
+    return sum(min(value, b.get(module, 0.0)) for module, value in a.items()) / total
+
+
+def _pairwise_overlap(matrix: np.ndarray) -> np.ndarray:
+    """rank_overlap of every row of ``matrix`` with every other row, vectorised."""
+    shared = np.minimum(matrix[:, None, :], matrix[None, :, :]).sum(axis=-1)
+    totals = matrix.sum(axis=1)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, shared / np.where(totals > 0, totals, 1), np.nan)
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def rank_agreement(allocations: Sequence[tuple[int, str, Mapping[str, float]]]) -> dict | None:
+    """How language-specific rank maps are, from (seed, language, ranks) of each client: the overlap of the
+    language-mean maps between different languages, and - like for like, at the client level - the overlap
+    between two clients of one seed that share a language (the reference level: what a language has in common)
+    or do not. Language means are smoother than single clients, so compare the first number with care."""
+    if not allocations:
+        return None
+    modules = sorted({m for _, _, ranks in allocations for m in ranks})
+    matrix = np.array([[float(ranks.get(m, 0)) for m in modules] for _, _, ranks in allocations])
+    languages = np.array([lang for _, lang, _ in allocations])
+    seeds = np.array([seed for seed, _, _ in allocations])
+    names = sorted(set(languages))
+    means = np.array([matrix[languages == lang].mean(axis=0) for lang in names])
+    between = _pairwise_overlap(means)[~np.eye(len(names), dtype=bool)]
+    same, different = [], []
+    for seed in sorted(set(seeds)):
+        rows = seeds == seed
+        overlap, langs = _pairwise_overlap(matrix[rows]), languages[rows]
+        off_diagonal = ~np.eye(len(langs), dtype=bool)
+        same_language = langs[:, None] == langs[None, :]
+        same.append(overlap[off_diagonal & same_language])
+        different.append(overlap[~same_language])
+    return {"languages": len(names), "clients": len(allocations),
+            "between_language_means": _nanmean(between),
+            "client_pairs_same_language": _nanmean(np.concatenate(same)),
+            "client_pairs_different_language": _nanmean(np.concatenate(different))}
+
+
+def structure(records: list[dict], pools: Sequence[str], budgets: Sequence[int], methods: Sequence[str]) -> list[dict]:
+    """Per (budget, pool): the spread of FedP²EFT's kept lambdas and the rank-map agreement of every method whose
+    rows carry ranks (fedp2eft-structure is left out: it reuses FedP²EFT's ranks)."""
+    ranked = [m for m in methods if m != "fedp2eft-structure"]
+    out = []
+    for budget in budgets:
+        for pool in pools:
+            rows: dict[str, list[tuple[int, str, dict]]] = defaultdict(list)
+            for record in records:
+                if record["pool"] != pool:
+                    continue
+                for row in record["rows"]:
+                    if row["budget"] == budget and row["method"] in ranked and row.get("ranks"):
+                        rows[row["method"]].append((record["seed"], record["language"], row))
+            if not rows:
                 continue
+            agreement = {m: rank_agreement([(s, lang, r["ranks"]) for s, lang, r in rows[m]])
+                         for m in ranked if rows.get(m)}
+            out.append({"budget": budget, "pool": pool,
+                        "lambda": lambda_spread(r for _, _, r in rows.get(OURS, [])), "agreement": agreement})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ PS generator
+
+
+def flattening_round(rounds: Sequence[int], values: Sequence[float], tolerance: float = FLAT_TOLERANCE,
+                     min_fraction: float = FLAT_MIN_FRACTION) -> int | None:
+    """First round from which every later value stays within ±``tolerance`` of the final value; None when the
+    curve has not flattened. Every curve is within 5% of its end for its last few rounds, even a steadily rising
+    one, so a stable stretch shorter than ``min_fraction`` of the rounds (and than two rounds) does not count."""
+    curve = np.asarray(values, dtype=float)
+    if curve.size < 2 or not np.isfinite(curve[-1]):
+        return None
+    final = curve[-1]
+    band = tolerance * (abs(final) if final != 0 else np.nanmax(np.abs(curve)))
+    outside = np.flatnonzero(~(np.abs(curve - final) <= band))
+    start = int(outside[-1]) + 1 if outside.size else 0
+    needed = max(2, math.ceil(min_fraction * curve.size))
+    return int(rounds[start]) if curve.size - start >= needed else None
+
+
+def load_psg_metrics(run_dir: Path) -> dict[str, list[dict]]:
+    """Label -> rounds of the PS-generator training log: one ``seed*/psg/metrics.jsonl`` per seed, or the single
+    ``psg/metrics.jsonl`` of a one-generator run. A torn last line (an interrupted run) is skipped."""
+    files = sorted(run_dir.glob("seed*/psg/metrics.jsonl"),
+                   key=lambda p: (int(re.sub(r"\D", "", p.parent.parent.name) or 0), p.parent.parent.name))
+    labels = [p.parent.parent.name for p in files]
+    if not files and (run_dir / "psg" / "metrics.jsonl").is_file():
+        files, labels = [run_dir / "psg" / "metrics.jsonl"], ["run"]
+    logs = {}
+    for label, path in zip(labels, files):
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        rows = [r for r in rows if isinstance(r, dict) and "round" in r]
+        if rows:
+            logs[label] = rows
+    return logs
+
+
+def psg_flattening(logs: Mapping[str, list[dict]]) -> list[dict]:
+    """Per seed: rounds logged, final value and flattening round of each training curve present."""
+    out = []
+    for label, rows in logs.items():
+        entry = {"seed": label, "rounds": len(rows)}
+        for key in PSG_CURVES:
+            points = [(r["round"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                rounds, values = zip(*points)
+                entry[key] = {"final": float(values[-1]), "flattened_at": flattening_round(rounds, values),
+                              "rounds": len(points)}
+        out.append(entry)
+    return out
+
+
+def plot_psg_training(logs: Mapping[str, list[dict]], path: Path) -> bool:
+    """One panel per curve (stage-1 loss, mean λ, and L1 before when logged), one line per seed, with a dotted
+    line at the round where that seed's curve flattened."""
+    keys = [k for k in PSG_CURVES if any(k in r for rows in logs.values() for r in rows)]
+    if not keys:
+        return False
+    figure, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    for axis, key in zip(axes[0], keys):
+        for index, (label, rows) in enumerate(logs.items()):
+            points = [(r["round"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if not points:
+                continue
+            rounds, values = zip(*points)
+            color = f"C{index % 10}"
+            axis.plot(rounds, values, marker=".", color=color, label=label)
+            flat = flattening_round(rounds, values)
+            if flat is not None:
+                axis.axvline(flat, color=color, ls=":", alpha=0.7)
+        axis.set_xlabel("round")
+        axis.set_title(PSG_CURVES[key])
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _cell(entry: dict | None) -> str:
+    """``mean ± half-width`` of the 95% interval, in accuracy points."""
+    if entry is None:
+        return "–"
+    return f"{_pct(entry['mean'])} ± {100 * (entry['ci_high'] - entry['ci_low']) / 2:.1f}"
+
+
+def _pools(config: dict, keys: Iterable[Setting]) -> list[str]:
+    pools = list(config.get("pools", []))
+    return pools + sorted({k[0] for k in keys} - set(pools))
+
+
+def _budgets(config: dict, keys: Iterable[Setting]) -> list[int]:
+    return sorted(set(config.get("budgets", [])) | {k[2] for k in keys if k[2] != 0})
+
+
+def _table_methods(config: dict, keys: Iterable[Setting]) -> list[str]:
+    """Methods that produced rows plus those the config asked for (a method that produced nothing shows '–')."""
+    return method_order({k[1] for k in keys} | set(config.get("methods", [])))
+
+
+def best_per_budget(summary: Mapping[Setting, dict], pool: str, methods: Sequence[str],
+                    budgets: Sequence[int]) -> dict[int, float]:
+    """Budget -> the highest mean of any method in that column (``base`` included: if no method beats the base
+    model, the table should say so)."""
+    best = {}
+    for budget in budgets:
+        means = [entry["mean"] for m in methods if (entry := _at(summary, pool, m, budget)) is not None]
+        if means:
+            best[budget] = max(means)
+    return best
+
+
+def main_table_markdown(summary: Mapping[Setting, dict], config: dict) -> str:
+    pools, budgets, methods = _pools(config, summary), _budgets(config, summary), _table_methods(config, summary)
+    lines = []
+    for pool in pools:
+        best = best_per_budget(summary, pool, methods, budgets)
+        lines += [f"\n**{pool} clients** (accuracy %, languages averaged, mean over seeds ± half-width of the 95% "
+                  "client-bootstrap interval; best per budget in bold); `base` = no personalization\n",
+                  "| method | " + " | ".join(f"r={b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for method in methods:
             cells = []
-            for budget in config["budgets"]:
-                value = summary.get((pool, method, budget))
-                cell = _cell(value)
-                cells.append(f"**{cell}**" if value and value[0] == best[budget] else cell)
+            for budget in budgets:
+                entry = _at(summary, pool, method, budget)
+                cell = _cell(entry)
+                cells.append(f"**{cell}**" if entry is not None and entry["mean"] == best.get(budget) else cell)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _cell(value) -> str:
-    if value is None:
-        return "–"
-    mean, std, seeds = value
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if seeds > 1 else f"{100 * mean:.1f}"
+def _signed(value: float) -> str:
+    return f"{100 * value:+.1f}"
 
 
-def language_table_markdown(language_scores: dict, config: dict, budget: int) -> str:
-    languages = sorted({key[4] for key in language_scores})
-    methods = [m for m in METHOD_ORDER if any(k[2] == m for k in language_scores)]
+def comparison_markdown(comparisons: list[dict], config: dict, summary: Mapping[Setting, dict]) -> str:
+    """Rows = other method, columns = pool and budget, cells = FedP²EFT minus it with the paired interval."""
+    pools, budgets = _pools(config, summary), _budgets(config, summary)
+    settings = [(p, b) for p in pools for b in budgets]
+    others = [m for m in _table_methods(config, summary) if m != OURS]
+    cells = {(c["method"], c["pool"], c["budget"]): c for c in comparisons}
+    lines = ["| FedP²EFT minus | " + " | ".join(f"{p} r={b}" for p, b in settings) + " |",
+             "|---|" + "---|" * len(settings)]
+    for method in others:
+        row = []
+        for pool, budget in settings:
+            c = cells.get((method, pool, budget))
+            row.append("–" if c is None else
+                       f"{_signed(c['difference'])} [{_signed(c['ci_low'])}, {_signed(c['ci_high'])}] {c['outcome']}")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def verdict(comparisons: list[dict]) -> str:
+    """One line counting wins, ties and losses, and a plain sentence naming every loss."""
+    if not comparisons:
+        return "FedP²EFT has no comparable rows in this run, so there is nothing to compare."
+    counts = Counter(c["outcome"] for c in comparisons)
+    line = (f"**Verdict:** FedP²EFT wins {counts['win']}, ties {counts['tie']} and loses {counts['loss']} of "
+            f"{len(comparisons)} paired comparisons (win = the 95% interval of the difference lies above zero).")
+    losses = [f"{c['method']} ({c['pool']} r={c['budget']})" for c in comparisons if c["outcome"] == "loss"]
+    if losses:
+        return (line + f" It loses to {', '.join(losses)}: FedP²EFT does not beat every method everywhere in this "
+                "run; docs/discussion.md discusses why.")
+    if counts["tie"]:
+        return line + (f" It loses nowhere, but {counts['tie']} comparison(s) are within noise: this run cannot "
+                       "tell those methods apart.")
+    return line + " It wins every comparison in this run."
+
+
+def language_table_markdown(units: Mapping[Setting, Units], config: dict, budget: int) -> str:
+    """Rows = languages, columns = methods: each language's pooled accuracy (mean over seeds) ± half-width of
+    the bootstrap interval over that language's clients."""
+    pools, methods = _pools(config, units), _table_methods(config, units)
     lines = []
-    for pool in config["pools"]:
-        lines += [f"\n**{pool} clients, r={budget}** (accuracy %, mean over seeds)\n",
+    for pool in pools:
+        intervals = {m: language_intervals(u) for m in methods if (u := _at(units, pool, m, budget))}
+        languages = sorted({lang for per in intervals.values() for lang in per})
+        if not languages:
+            continue
+        lines += [f"\n**{pool} clients, r={budget}** (accuracy %, mean over seeds ± half-width of the 95% "
+                  "bootstrap interval over the language's clients)\n",
                   "| language | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
         for language in languages:
             cells = []
             for method in methods:
-                b = 0 if method == "base" else budget
-                values = [s for (seed, p, m, bb, lang), s in language_scores.items()
-                          if p == pool and m == method and bb == b and lang == language]
-                cells.append(f"{100 * statistics.mean(values):.1f}" if values else "–")
+                interval = intervals.get(method, {}).get(language)
+                cells.append("–" if interval is None else f"{_pct(interval.mean)} ± {100 * interval.half_width:.1f}")
             lines.append(f"| {language} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_accuracy(summary: dict, config: dict, path: Path) -> None:
-    pools = config["pools"]
+def language_records(units: Mapping[Setting, Units], budgets: Iterable[int]) -> list[dict]:
+    """The per-language intervals shown in the report, as data for results.json."""
+    out = []
+    for (pool, method, budget), per in sorted(units.items()):
+        if budget in budgets or budget == 0:
+            for language, interval in language_intervals(per).items():
+                out.append({"pool": pool, "method": method, "budget": budget, "language": language,
+                            "mean": interval.mean, "ci_low": interval.low, "ci_high": interval.high})
+    return out
+
+
+def _number(value, digits: int = 3) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def structure_markdown(entries: list[dict]) -> str:
+    """One small table per budget (columns = pools): kept-lambda spread, then rank-map agreement per method."""
+    lines = []
+    for budget in sorted({e["budget"] for e in entries}):
+        block = [e for e in entries if e["budget"] == budget]
+        pools = [e["pool"] for e in block]
+        methods = method_order({m for e in block for m in e["agreement"]})
+        rows = [("mean kept λ", lambda e: _number((e["lambda"] or {}).get("mean"))),
+                ("std of kept λ across modules (within a client)",
+                 lambda e: _number((e["lambda"] or {}).get("std_modules"))),
+                ("std of kept λ across clients", lambda e: _number((e["lambda"] or {}).get("std_clients"))),
+                ("min / max kept λ", lambda e: "–" if not e["lambda"] else
+                 f"{_number(e['lambda']['min'])} / {_number(e['lambda']['max'])}")]
+        for method in methods:
+            for key, label in [("between_language_means", "overlap of language-mean rank maps, different languages"),
+                               ("client_pairs_same_language", "overlap of two clients, same language (reference)"),
+                               ("client_pairs_different_language", "overlap of two clients, different languages")]:
+                rows.append((f"{method}: {label}",
+                             lambda e, m=method, k=key: _number((e["agreement"].get(m) or {}).get(k))))
+        lines += [f"\n**r={budget}**\n", "| | " + " | ".join(pools) + " |", "|---|" + "---|" * len(pools)]
+        lines += [f"| {label} | " + " | ".join(f(e) for e in block) + " |" for label, f in rows]
+        lines += [_agreement_sentence(e, budget) for e in block if e["agreement"].get(OURS)]
+    return "\n".join(lines)
+
+
+def _agreement_sentence(entry: dict, budget: int) -> str:
+    """Says whether FedP²EFT's rank maps depend on the language more than on the client, from the numbers."""
+    a = entry["agreement"][OURS]
+    same, different = a["client_pairs_same_language"], a["client_pairs_different_language"]
+    if not (np.isfinite(same) and np.isfinite(different)):
+        return ""
+    gap = same - different
+    reading = ("clients of one language share noticeably more of their allocation than clients of different "
+               "languages" if gap > 0.02 else
+               "the allocation is about as similar across languages as within one: the generator gives no "
+               "language-specific structure beyond client-to-client variation")
+    return (f"\n{entry['pool']} r={budget}: two FedP²EFT clients of the same language overlap by {same:.3f}, of "
+            f"different languages by {different:.3f}; {reading}.")
+
+
+def psg_markdown(flattening: list[dict]) -> str:
+    """Per seed: final values and the round by which each curve flattened (or an honest 'did not flatten')."""
+    keys = [k for k in ("train/mean_lambda", "train/stage1_loss") if any(k in e for e in flattening)]
+    if not keys:
+        return ""
+    lines = ["| seed | rounds | " + " | ".join(f"final {PSG_CURVES[k]} | {PSG_CURVES[k]} flattened by"
+                                               for k in keys) + " |",
+             "|---|---|" + "---|---|" * len(keys)]
+    for entry in flattening:
+        cells = []
+        for key in keys:
+            curve = entry.get(key)
+            if curve is None:
+                cells += ["–", "–"]
+                continue
+            flat = curve["flattened_at"]
+            cells += [f"{curve['final']:.4g}",
+                      f"round {flat}" if flat is not None else f"did not flatten within {curve['rounds']} rounds"]
+        lines.append(f"| {entry['seed']} | {entry['rounds']} | " + " | ".join(cells) + " |")
+    rule = (f"A curve has flattened at the first round from which every later round stays within "
+            f"±{100 * FLAT_TOLERANCE:.0f}% of its final value; a stable stretch shorter than "
+            f"{100 * FLAT_MIN_FRACTION:.0f}% of the rounds does not count (any curve is near its end at the end).")
+    return "\n".join(lines) + "\n\n" + rule + "\n\n" + " ".join(_flattening_sentence(flattening, k) for k in keys)
+
+
+def _flattening_sentence(flattening: list[dict], key: str) -> str:
+    """E.g. 'mean λ flattened in 1 of 2 seed(s) (by round 6 in seed0); it did not flatten within 20 rounds in
+    seed1.' - one line per curve, so a curve still moving in any seed is said plainly."""
+    curves = [(entry["seed"], entry[key]) for entry in flattening if key in entry]
+    done = [(seed, c["flattened_at"]) for seed, c in curves if c["flattened_at"] is not None]
+    open_ = [(seed, c["rounds"]) for seed, c in curves if c["flattened_at"] is None]
+    text = f"**{PSG_CURVES[key]}** flattened in {len(done)} of {len(curves)} seed(s)"
+    if done:
+        text += " (by round " + ", ".join(f"{r} in {seed}" for seed, r in done) + ")"
+    if open_:
+        text += "; it did not flatten within " + ", ".join(f"{n} rounds in {seed}" for seed, n in open_)
+    return text + "."
+
+
+def _lr(value) -> str:
+    return f"{float(value):g}"
+
+
+def _is_pick(point: dict, pick) -> bool:
+    """Whether a grid point is the chosen one: ``chosen`` holds the grid scale when points carry one (the
+    runner's format), else the learning rate itself."""
+    if pick is None:
+        return False
+    return math.isclose(float(point["scale"] if "scale" in point else point["lr"]), float(pick))
+
+
+def _chosen_cell(points: list[dict], pick) -> str:
+    """The chosen learning rate (and its grid scale when known); the raw choice if no grid point matches."""
+    if pick is None:
+        return "–"
+    match = next((r for r in points if _is_pick(r, pick)), None)
+    if match is None:
+        return _lr(pick)
+    return _lr(match["lr"]) + (f" (x{_lr(match['scale'])})" if "scale" in match else "")
+
+
+def selection_markdown(selection: dict) -> str:
+    """The learning rate each method got (chosen on a validation split of seen clients' training data), and the
+    validation accuracy of every grid point it was chosen from (chosen one in bold)."""
+    chosen = {m: {int(b): v for b, v in per.items()} for m, per in selection.get("chosen", {}).items()}
+    results = selection.get("results", [])
+    methods = method_order(set(chosen) | {r["method"] for r in results})
+    budgets = sorted({b for per in chosen.values() for b in per} | {int(r["budget"]) for r in results})
+    if not methods or not budgets:
+        return "selection.json holds no choices."
+
+    def points(method: str, budget: int) -> list[dict]:
+        return sorted((r for r in results if r["method"] == method and int(r["budget"]) == budget),
+                      key=lambda r: r["lr"])
+
+    head = ("| method | " + " | ".join(f"r={b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets))
+    lines = [f"Grid (multiples of each method's default learning rate): "
+             f"{', '.join(_lr(g) for g in selection.get('grid', []))}; validation fraction "
+             f"{selection.get('validation_fraction', '–')} of the training data of "
+             f"{len(selection.get('clients', []))} seen clients.\n",
+             "**Chosen learning rate** (grid scale in brackets)\n", *head]
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(_chosen_cell(points(method, b), chosen.get(method, {}).get(b))
+                                                  for b in budgets) + " |")
+    lines += ["\n**Validation accuracy % of every grid point** (`lr: accuracy`, chosen in bold)\n", *head]
+    for method in methods:
+        cells = []
+        for budget in budgets:
+            pick = chosen.get(method, {}).get(budget)
+            parts = [f"{_lr(r['lr'])}: {_pct(r['val_accuracy'])}" for r in points(method, budget)]
+            parts = [f"**{text}**" if _is_pick(r, pick) else text for r, text in zip(points(method, budget), parts)]
+            cells.append(" · ".join(parts) or "–")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def plot_accuracy(summary: Mapping[Setting, dict], config: dict, path: Path) -> None:
+    """Accuracy vs budget per method, error bars = the 95% client-bootstrap interval; base as a shaded band."""
+    pools, budgets = _pools(config, summary), _budgets(config, summary)
     figure, axes = plt.subplots(1, len(pools), figsize=(5.5 * len(pools), 4), squeeze=False)
     for axis, pool in zip(axes[0], pools):
-        for method in _methods(summary):
-            if method == "base":
-                if (pool, "base", 0) in summary:
-                    axis.axhline(100 * summary[(pool, "base", 0)][0], color="grey", ls="--", label="base")
+        for method in _table_methods(config, summary):
+            points = [(b, summary[(pool, method, b)]) for b in budgets if (pool, method, b) in summary]
+            if not points and (pool, method, 0) in summary:
+                entry = summary[(pool, method, 0)]
+                line = axis.axhline(100 * entry["mean"], color="grey", ls="--", label=method)
+                axis.axhspan(100 * entry["ci_low"], 100 * entry["ci_high"], color=line.get_color(), alpha=0.15)
                 continue
-            budgets = [b for b in config["budgets"] if (pool, method, b) in summary]
-            means = np.array([summary[(pool, method, b)][0] for b in budgets]) * 100
-            stds = np.array([summary[(pool, method, b)][1] for b in budgets]) * 100
-            axis.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, label=method)
+            if not points:
+                continue
+            xs = [b for b, _ in points]
+            means = np.array([e["mean"] for _, e in points]) * 100
+            errors = np.array([[e["mean"] - e["ci_low"], e["ci_high"] - e["mean"]] for _, e in points]).T * 100
+            axis.errorbar(xs, means, yerr=np.clip(errors, 0, None), marker="o", capsize=3, label=method)
         axis.set_xscale("log", base=2)
-        axis.set_xticks(config["budgets"], [str(b) for b in config["budgets"]])
+        axis.set_xticks(budgets, [str(b) for b in budgets])
         axis.set_xlabel("rank budget r (average rank per module)")
         axis.set_ylabel("accuracy (%)")
-        axis.set_title(f"{pool} clients")
+        axis.set_title(f"{pool} clients (95% client-bootstrap intervals)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -128,24 +734,23 @@ def plot_rank_heatmap(records: list[dict], budget: int, path: Path, max_language
     """Average rank the PS generator gives each module, per language (fedp2eft rows at ``budget``)."""
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     counts: dict[str, int] = defaultdict(int)
-    modules: list[str] = []
+    modules: set[str] = set()
     for record in records:
         for row in record["rows"]:
-            if row["method"] == "fedp2eft" and row["budget"] == budget and "ranks" in row:
+            if row["method"] == OURS and row["budget"] == budget and row.get("ranks"):
                 counts[record["language"]] += 1
                 for name, rank in row["ranks"].items():
                     sums[record["language"]][name] += rank
-                    if name not in modules:
-                        modules.append(name)
+                    modules.add(name)
     if not counts:
         return False
     languages = sorted(counts)[:max_languages]
-    modules.sort(key=_module_order)
-    grid = np.array([[sums[lang][m] / counts[lang] for m in modules] for lang in languages])
-    figure, axis = plt.subplots(figsize=(max(6, 0.18 * len(modules)), 0.5 * len(languages) + 2))
+    ordered = sorted(modules, key=_module_order)
+    grid = np.array([[sums[lang][m] / counts[lang] for m in ordered] for lang in languages])
+    figure, axis = plt.subplots(figsize=(max(6, 0.18 * len(ordered)), 0.5 * len(languages) + 2))
     image = axis.imshow(grid, aspect="auto", cmap="viridis")
     axis.set_yticks(range(len(languages)), languages)
-    axis.set_xticks(range(len(modules)), [_short(m) for m in modules], rotation=90, fontsize=6)
+    axis.set_xticks(range(len(ordered)), [_short(m) for m in ordered], rotation=90, fontsize=6)
     axis.set_title(f"ranks given by the PS generator per module (r={budget}, mean over clients)")
     figure.colorbar(image, ax=axis, label="rank")
     figure.tight_layout()
@@ -166,108 +771,140 @@ def _short(name: str) -> str:
     return ".".join(parts[index:])
 
 
-def plot_psg_training(metrics_file: Path, path: Path) -> bool:
-    if not metrics_file.exists():
-        return False
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    keys = [k for k in ("train/stage1_loss", "train/l1_before", "train/mean_lambda") if rows and k in rows[0]]
-    if not keys:
-        return False
-    figure, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
-    for axis, key in zip(axes[0], keys):
-        axis.plot([r["round"] for r in rows], [r[key] for r in rows], marker=".")
-        axis.set_xlabel("round")
-        axis.set_title(key.removeprefix("train/"))
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
+# ------------------------------------------------------------------------------------------------- output
 
 
-def write_report(config: dict, run_dir: Path, records: list[dict], generator: Path | None, base_model: str,
-                 stage_seconds: dict[str, float], command: str) -> None:
-    language_scores = per_language(records)
-    summary = summarize(language_scores)
-    figures = run_dir / "figures"
-    figures.mkdir(exist_ok=True)
-    plot_accuracy(summary, config, figures / "accuracy_vs_budget.png")
-    heat_budget = 8 if 8 in config["budgets"] else config["budgets"][-1]
-    has_heatmap = plot_rank_heatmap(records, heat_budget, figures / "rank_heatmap.png")
-    has_curve = plot_psg_training(run_dir / "psg" / "metrics.jsonl", figures / "psg_training.png")
+def _jsonable(value):
+    """NaN is not JSON: write null instead; tuple keys and numpy scalars become plain values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
-    with (run_dir / "results.csv").open("w", newline="") as handle:
+
+def _write_csv(path: Path, language_scores: Mapping[tuple, float]) -> None:
+    with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["seed", "pool", "method", "budget", "language", "accuracy"])
         for key, score in sorted(language_scores.items()):
             writer.writerow([*key, f"{score:.6f}"])
-    (run_dir / "results.json").write_text(json.dumps({
-        "config": config, "stage_seconds": stage_seconds, "command": command, "base_model": base_model,
-        "generator": str(generator) if generator else None,
-        "summary": [{"pool": p, "method": m, "budget": b, "mean": mean, "std": std, "seeds": n}
-                    for (p, m, b), (mean, std, n) in sorted(summary.items())],
-    }, indent=1))
 
-    findings = compare(summary, config)
+
+def _statistics_note(records: list[dict]) -> str:
+    """How the numbers are made, with the caveats this run's shape calls for."""
+    seeds = sorted({r["seed"] for r in records})
+    clients_per_language = Counter((pool, language) for pool, _, language in
+                                   {(r["pool"], r["client"], r["language"]) for r in records})
+    note = (f"Accuracy is pooled per language (sum correct / sum count over its clients), averaged over languages, "
+            f"then over {len(seeds)} seed(s). Intervals are 95% percentile intervals of a bootstrap ({RESAMPLES} "
+            f"resamples, numpy seed {BOOTSTRAP_SEED}) over clients, resampled with replacement within each language "
+            "so every language stays present; a client carries all its seeds along (they share its data, so they "
+            "are not independent draws). Differences are paired: both methods are scored on the same resamples.")
+    thin = sorted(f"{pool}/{lang}" for (pool, lang), n in clients_per_language.items() if n < 3)
+    if thin:
+        note += (f" Fewer than 3 clients in {', '.join(thin)}: the bootstrap cannot see how much clients of those "
+                 "languages vary, and the intervals there are too narrow.")
+    return note + "\n"
+
+
+def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds: dict[str, float],
+                 command: str) -> None:
+    """Write report.md, results.json, results.csv and figures/ for a finished run, and print the main table."""
+    run_dir = Path(run_dir)
+    # every method that produced a row is listed, even one whose rows hold no test example (it shows '–')
+    produced = {row["method"] for record in records for row in record["rows"]}
+    shown = {**config, "methods": method_order(set(config.get("methods", [])) | (produced - {"base"}))}
+    units = client_units(records)
+    summary = summarize(records)
+    pools, budgets, methods = _pools(shown, units), _budgets(shown, units), _table_methods(shown, units)
+    heat_budget = 8 if 8 in budgets else (budgets[-1] if budgets else 0)
+    selection_path = run_dir / "selection.json"
+    logs = load_psg_metrics(run_dir)
+    facts = {"comparisons": compare(units, pools, budgets, methods),
+             "structure": structure(records, pools, budgets, methods), "psg_training": psg_flattening(logs),
+             "selection": json.loads(selection_path.read_text()) if selection_path.is_file() else None,
+             "language_budgets": sorted({min(budgets), heat_budget}) if budgets else [], "heat_budget": heat_budget}
+
+    figures = run_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_accuracy(summary, shown, figures / "accuracy_vs_budget.png")
+    facts["has_heatmap"] = plot_rank_heatmap(records, heat_budget, figures / "rank_heatmap.png")
+    facts["has_curve"] = plot_psg_training(logs, figures / "psg_training.png")
+
+    _write_csv(run_dir / "results.csv", per_language(records))
+    (run_dir / "results.json").write_text(json.dumps(_jsonable({
+        "config": config, "stage_seconds": stage_seconds, "command": command,
+        "statistics": {"resamples": RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED, "level": LEVEL},
+        "summary": [{"pool": p, "method": m, "budget": b, **entry} for (p, m, b), entry in summary.items()],
+        "comparisons": facts["comparisons"], "per_language": language_records(units, facts["language_budgets"]),
+        "structure": facts["structure"], "psg_training": facts["psg_training"],
+        "selection": facts["selection"].get("chosen") if facts["selection"] else None,
+    }), indent=1))
+    (run_dir / "report.md").write_text(
+        report_markdown(shown, run_dir, records, stage_seconds, command, summary, units, facts))
+    print_main_table(summary, shown)
+
+
+def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seconds: dict[str, float], command: str,
+                    summary: Mapping[Setting, dict], units: Mapping[Setting, Units], facts: dict) -> str:
+    """The text of report.md; sections whose inputs are missing (no generator log, no selection.json) are left
+    out rather than shown empty."""
+    links = [f"[{name}]({name})" for name in ("config.yaml", "personalize.jsonl", "selection.json")
+             if (run_dir / name).exists()] + ["[results.csv](results.csv)", "[results.json](results.json)"]
+    budgets = _budgets(config, units)
+    comparisons = facts["comparisons"]
     sections = [
         f"# FedP²EFT benchmark: `{config['name']}`\n",
         f"Command: `{command}`\n",
-        f"Model `{config['model']}`, dataset `{config['dataset']}`, {len(records)} client runs "
-        f"({len(config['methods'])} methods x {len(config['budgets'])} budgets each). Wall time "
-        f"{sum(stage_seconds.values()) / 60:.1f} min on {os.cpu_count()} CPU cores ("
+        f"Model `{config['model']}`, dataset `{config['dataset']}`, {len(records)} client runs; methods "
+        f"{', '.join(config['methods'])} at budgets {', '.join(map(str, budgets))}; seeds {config.get('seeds')}. "
+        f"Wall time {sum(stage_seconds.values()) / 60:.1f} min on {os.cpu_count()} CPU cores ("
         + ", ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in stage_seconds.items())
-        + "). Resolved config: [config.yaml](config.yaml); raw rows: [personalize.jsonl](personalize.jsonl), "
-        "[results.csv](results.csv), [results.json](results.json).\n",
+        + "). Files: " + ", ".join(links) + ".\n",
+        "## How the numbers are computed\n", _statistics_note(records),
         "## Accuracy by budget", main_table_markdown(summary, config),
         "\n![accuracy vs budget](figures/accuracy_vs_budget.png)\n",
-        "## Does FedP²EFT win?\n", findings + "\n",
-        "## Per language", *(language_table_markdown(language_scores, config, budget)
-                             for budget in sorted({min(config["budgets"]), heat_budget})),
+        "## Does FedP²EFT win?\n",
+        "FedP²EFT minus each method in accuracy points, with the 95% paired-bootstrap interval of the difference "
+        "(positive = FedP²EFT better; `base` is compared at every budget).\n",
+        comparison_markdown(comparisons, config, units), "\n" + verdict(comparisons) + "\n",
+        "## Per language", *(language_table_markdown(units, config, b) for b in facts["language_budgets"]),
     ]
-    if has_heatmap:
-        sections.append(f"\n## Structure the PS generator gives each language (r={heat_budget})\n\n"
-                        "![rank heatmap](figures/rank_heatmap.png)\n")
-    if has_curve:
-        sections.append("\n## PS generator training\n\n![psg training](figures/psg_training.png)\n")
-    (run_dir / "report.md").write_text("\n".join(sections))
-    print_main_table(summary, config)
+    if facts["structure"]:
+        sections += ["\n## Structure the PS generator gives each language\n",
+                     "Kept λ: the multipliers FedP²EFT keeps on its ranks. Rank-map overlap(a, b) = "
+                     "Σ_m min(r̄_a[m], r̄_b[m]) / Σ_m r̄_a[m] (1 = identical allocation). BT-LoRA (a local search "
+                     "per client) is the comparison.\n", structure_markdown(facts["structure"])]
+        if facts["has_heatmap"]:
+            sections.append(f"\n![rank heatmap, r={facts['heat_budget']}](figures/rank_heatmap.png)\n")
+    if facts["has_curve"]:
+        sections += ["\n## PS generator training\n", "![psg training](figures/psg_training.png)\n",
+                     psg_markdown(facts["psg_training"])]
+    if facts["selection"]:
+        sections += ["\n## Learning-rate selection\n", selection_markdown(facts["selection"])]
+    return "\n".join(sections) + "\n"
 
 
-def compare(summary: dict, config: dict) -> str:
-    """FedP²EFT minus each baseline, in accuracy points, per pool and budget; and a one-line verdict."""
-    baselines = [m for m in _methods(summary) if m != "fedp2eft"]
-    settings = [(p, b) for p in config["pools"] for b in config["budgets"] if (p, "fedp2eft", b) in summary]
-    if not settings:
-        return "FedP²EFT was not part of this run."
-    lines = ["| FedP²EFT minus | " + " | ".join(f"{p} r={b}" for p, b in settings) + " |",
-             "|---|" + "---|" * len(settings)]
-    wins = total = 0
-    for method in baselines:
-        cells = []
-        for pool, budget in settings:
-            theirs = summary.get((pool, method, 0 if method == "base" else budget))
-            if theirs is None:
-                cells.append("–")
-                continue
-            delta = 100 * (summary[(pool, "fedp2eft", budget)][0] - theirs[0])
-            wins += delta > 0
-            total += 1
-            cells.append(f"{delta:+.1f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    verdict = (f"\n\nFedP²EFT is ahead in {wins} of {total} comparisons (positive = FedP²EFT better). "
-               + ("It does not beat every baseline everywhere; docs/discussion.md discusses why."
-                  if wins < total else "It beats every baseline in every setting of this run."))
-    return "\n".join(lines) + verdict
-
-
-def print_main_table(summary: dict, config: dict) -> None:
+def print_main_table(summary: Mapping[Setting, dict], config: dict) -> None:
+    """The main table on the terminal, best per budget in bold."""
     console = Console()
-    for pool in config["pools"]:
-        table = Table(title=f"{config['name']}: {pool} clients, accuracy % (languages averaged)")
+    budgets, methods = _budgets(config, summary), _table_methods(config, summary)
+    for pool in _pools(config, summary):
+        best = best_per_budget(summary, pool, methods, budgets)
+        table = Table(title=f"{config['name']}: {pool} clients, accuracy % (languages averaged, ± 95% CI half-width)")
         table.add_column("method")
-        for budget in config["budgets"]:
+        for budget in budgets:
             table.add_column(f"r={budget}", justify="right")
-        for method in _methods(summary):
-            budgets = [0] * len(config["budgets"]) if method == "base" else config["budgets"]
-            table.add_row(method, *(_cell(summary.get((pool, method, b))) for b in budgets))
+        for method in methods:
+            cells = []
+            for budget in budgets:
+                entry = _at(summary, pool, method, budget)
+                bold = entry is not None and entry["mean"] == best.get(budget)
+                cells.append(f"[bold]{_cell(entry)}[/bold]" if bold else _cell(entry))
+            table.add_row(method, *cells)
         console.print(table)

@@ -1,17 +1,24 @@
-"""The protocol, stage by stage. Each stage writes its output atomically and is skipped when already done,
-so a killed run resumes where it stopped:
+"""The protocol, stage by stage. Each stage writes its output atomically and is skipped when already done, so a
+killed run resumes where it stopped; a run folder made with another config is refused (``check_run_folder``):
 
-    base/model/               base model (FedAvg on the seen pool), a normal HF checkpoint
-    psg/generator.safetensors PS generator (Flower, seen pool only)
-    personalize.jsonl         one row per (seed, pool, client): every method x budget evaluated
-    report.md ...             tables and figures (``report.py``)
+    base/model/                       base model (FedAvg on the seen pool, first seed), a normal HF checkpoint
+    selection.jsonl                   validation scores of every method x budget x learning-rate scale
+    seed<s>/psg/generator.safetensors PS generator per seed (Flower, seen pool only)
+    personalize.jsonl                 one row per (seed, pool, client): every method x budget evaluated
+    report.md ...                     tables and figures (``report.py``)
+
+The learning rate of every method and budget is chosen on a validation split of seen clients' *training* data
+with the same grid for every method (docs/method.md, "Benchmark regime"); test data are never looked at.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -23,7 +30,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.generator_training import GENERATOR_FILE
-from fedp2eft.core.methods import PersonalizeConfig, generator_spec, personalize
+from fedp2eft.core.methods import NEEDS_GENERATOR, ClientContext, PersonalizeConfig, generator_spec, personalize
+from fedp2eft.errors import FedP2EFTError
 from fedp2eft.experiment import Setup
 from fedp2eft.fl.checkpoint import load_state
 from fedp2eft.fl.simulation import run_federated
@@ -31,6 +39,8 @@ from fedp2eft.fl.tasks import export_final
 from fedp2eft.logs import quiet_third_party
 
 console = Console()
+# Keys that change how fast a run goes, never what it computes: they may differ when a run is resumed.
+RUNTIME_KEYS = ("workers", "device")
 
 
 def task_config(config: dict, model: str, training: dict) -> dict:
@@ -38,76 +48,88 @@ def task_config(config: dict, model: str, training: dict) -> dict:
             "max_length": config["max_length"], "training": training}
 
 
-def federated(name: str, config: dict, section: dict, model: str, training: dict, output: Path) -> Path:
+def check_run_folder(run_dir: Path, config: dict) -> None:
+    """Refuse a run folder whose saved config differs from ``config`` in anything that shapes the results, so a
+    changed config never silently reuses stages computed with another one."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    previous = yaml.safe_load(saved.read_text()) or {}
+    changed = sorted(key for key in set(previous) | set(config)
+                     if key not in RUNTIME_KEYS and previous.get(key) != config.get(key))
+    if changed:
+        raise FedP2EFTError(
+            f"{run_dir} holds a run made with another config (differs in: {', '.join(changed)}); its finished "
+            f"stages would not match. Give this run another name (name=...) or delete {run_dir}"
+        )
+
+
+def federated(name: str, config: dict, section: dict, model: str, training: dict, output: Path,
+              seed: int) -> Path:
     """Run (or resume) one Flower job and export its artifact (base checkpoint or generator file)."""
     output.mkdir(parents=True, exist_ok=True)
     state = load_state(output)
     job = task_config(config, model, training)
-    if state is None or state.server_round < section["rounds"]:
-        run_federated(name, job, section["rounds"], section["clients_per_round"], output_dir=output,
-                      seed=config["seeds"][0], resume=state is not None,
-                      min_clients=max(1, section["clients_per_round"] // 2))
+    if state is None or state.round < section["rounds"]:
+        run_federated(name, job, section["rounds"], section["clients_per_round"], output_dir=output, seed=seed,
+                      resume=state is not None, min_clients=max(1, section["clients_per_round"] // 2))
     return export_final(name, job, output)
 
 
 def stage_base(config: dict, run_dir: Path) -> str:
-    """Path of the base model: the configured checkpoint, or one trained with FedAvg on the seen pool."""
+    """Path of the base model: the configured checkpoint, or one trained with FedAvg on the seen pool. One base
+    model serves every seed: it is the common starting point of all methods (docs/method.md)."""
     section = config["base"]
     if section["checkpoint"]:
         return str(section["checkpoint"])
     final = run_dir / "base" / "model"
     if (final / "config.json").exists():
         return str(final)
-    console.rule("[bold]Stage 1/4: base model (FedAvg on the seen pool)")
+    console.rule("[bold]Stage 1/5: base model (FedAvg on the seen pool)")
     training = {**section["training"], "seed": config["seeds"][0]}
-    return str(federated("base", config, section, config["model"], training, run_dir / "base"))
+    return str(federated("base", config, section, config["model"], training, run_dir / "base",
+                         config["seeds"][0]))
 
 
-def stage_generator(config: dict, run_dir: Path, base_model: str) -> Path | None:
-    if "fedp2eft" not in config["methods"]:
-        return None
+def uses_generator(config: dict) -> bool:
+    return any(method in NEEDS_GENERATOR for method in config["methods"])
+
+
+def stage_generator(config: dict, run_dir: Path, base_model: str, seed: int, lr_scale: float) -> Path:
+    """The PS generator of one seed; its stage-1 BayesTune runs at the personalization rates x ``lr_scale``."""
     section = config["psg"]
     if section["generator"]:
         return Path(section["generator"])
-    final = run_dir / "psg" / GENERATOR_FILE
-    if final.exists():
-        return final
-    console.rule("[bold]Stage 2/4: PS generator (Flower, seen pool)")
-    training = {**section["training"], "personalize": config["personalize"], "seed": config["seeds"][0]}
-    return federated("psg", config, section, base_model, training, run_dir / "psg")
+    output = run_dir / f"seed{seed}" / "psg"
+    if (output / GENERATOR_FILE).exists():
+        return output / GENERATOR_FILE
+    console.rule(f"[bold]Stage 3/5: PS generator, seed {seed} (Flower, seen pool)")
+    personal = PersonalizeConfig.from_dict(config["personalize"]).with_lr_scale(lr_scale)
+    rates = {"lora_lr": personal.lora_lr, "scale_lr": personal.scale_lr, "adalora_lr": personal.adalora_lr}
+    training = {**section["training"], "personalize": {**config["personalize"], **rates}, "seed": seed,
+                "total_rounds": section["rounds"]}
+    return federated("psg", config, section, base_model, training, output, seed)
 
 
-# --- personalization workers ---------------------------------------------------------------------------------
+# --- worker processes: one base model each, generators loaded on first use -----------------------------------
 _WORKER: dict = {}
 
 
-def _init_worker(config: dict, base_model: str, generator_path: str | None) -> None:
+def _init_worker(config: dict, base_model: str) -> None:
     torch.set_num_threads(1)
     quiet_third_party()
     setup = Setup.from_config(task_config(config, base_model, {}))
-    base = setup.load_base_model()
-    spec = generator_spec(base, PersonalizeConfig.from_dict(config["personalize"]), base_model)
-    _WORKER.update(setup=setup, base=base,
-                   generator=PSGenerator.load(generator_path, expected=spec) if generator_path else None)
+    _WORKER.update(setup=setup, base=setup.load_base_model(config["device"]), generators={}, base_model=base_model,
+                   config=PersonalizeConfig.from_dict(config["personalize"]))
 
 
-def personalize_client(config: dict, seed: int, pool: str, index: int) -> dict:
-    """Every method x budget for one client (in a worker process). Also the un-personalized base model."""
-    setup, base, generator = _WORKER["setup"], _WORKER["base"], _WORKER["generator"]
-    client = setup.data.pool(pool)[index]
-    personal = PersonalizeConfig.from_dict({**config["personalize"], "seed": seed})
-    rows = [{"method": "base", "budget": 0, **_scores(setup.task.evaluate(base, client.test)), "seconds": 0.0}]
-    for method in config["methods"]:
-        for budget in config["budgets"]:
-            start = time.perf_counter()
-            result = personalize(method, base, setup.task, client.train, budget, personal, generator)
-            scores = _scores(setup.task.evaluate(result.model, client.test))
-            row = {"method": method, "budget": budget, **scores, "seconds": time.perf_counter() - start,
-                   "train_loss_last_epoch": result.metrics["train_loss_last_epoch"]}
-            if method in ("fedp2eft", "btlora"):
-                row["ranks"] = result.ranks
-            rows.append(row)
-    return {"seed": seed, "pool": pool, "client": client.client_id, "language": client.language, "rows": rows}
+def _generator(path: str | None) -> PSGenerator | None:
+    if path is None:
+        return None
+    if path not in _WORKER["generators"]:
+        spec = generator_spec(_WORKER["base"], _WORKER["config"], _WORKER["base_model"])
+        _WORKER["generators"][path] = PSGenerator.load(path, expected=spec)
+    return _WORKER["generators"][path]
 
 
 def _scores(metrics: dict) -> dict:
@@ -115,31 +137,193 @@ def _scores(metrics: dict) -> dict:
             "score": metrics["correct"] / metrics["count"]}
 
 
-def stage_personalize(config: dict, run_dir: Path, base_model: str, generator: Path | None) -> list[dict]:
-    console.rule("[bold]Stage 3/4: personalize every client (seen and unseen)")
-    results_file = run_dir / "personalize.jsonl"
-    done = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
-    finished = {(r["seed"], r["pool"], r["client"]) for r in done}
-    setup = Setup.from_config(task_config(config, base_model, {}))
-    jobs = [(seed, pool, index) for seed in config["seeds"] for pool in config["pools"]
-            for index, client in enumerate(setup.data.pool(pool)) if (seed, pool, client.client_id) not in finished]
-    if not jobs:  # resumed after this stage finished: no worker needs to load the model
-        return done
+def validation_split(examples: list[dict], fraction: float, key: str) -> tuple[list[dict], list[dict]]:
+    """A seeded (by client id) split of a client's *training* data into inner-train and validation."""
+    order = list(range(len(examples)))
+    random.Random(key).shuffle(order)
+    n_val = max(1, round(fraction * len(examples)))
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def validate_client(config: dict, index: int, methods: list[str], generator: str | None) -> dict:
+    """Every method x budget x learning-rate scale of the grid, trained on the inner split of one seen client's
+    training data and scored on its validation split."""
+    setup, base = _WORKER["setup"], _WORKER["base"]
+    client = setup.data.seen[index]
+    section = config["selection"]
+    inner, held_out = validation_split(client.train, section["validation_fraction"], client.client_id)
+    context = ClientContext(base, setup.task, inner, _generator(generator))
+    personal = PersonalizeConfig.from_dict({**config["personalize"], "seed": config["seeds"][0]})
+    rows = []
+    for method in methods:
+        for scale in section["grid"]:
+            for budget in config["budgets"]:
+                result = personalize(method, context, budget=budget, config=personal.with_lr_scale(scale))
+                rows.append({"method": method, "budget": budget, "scale": scale,
+                             **_scores(setup.task.evaluate(result.model, held_out))})
+    return {"client": client.client_id, "language": client.language, "methods": methods, "rows": rows}
+
+
+def personalize_client(config: dict, seed: int, pool: str, index: int, scales: dict[str, dict[int, float]],
+                       generator: str | None) -> dict:
+    """Every method x budget for one client (in a worker process), each at its selected learning-rate scale;
+    also the un-personalized base model. The client's features, generator output and BayesTune search are
+    computed once for all budgets."""
+    setup, base = _WORKER["setup"], _WORKER["base"]
+    client = setup.data.pool(pool)[index]
+    personal = PersonalizeConfig.from_dict({**config["personalize"], "seed": seed})
+    context = ClientContext(base, setup.task, client.train, _generator(generator))
+    start = time.perf_counter()
+    rows = [{"method": "base", "budget": 0, **_scores(setup.task.evaluate(base, client.test)),
+             "seconds": time.perf_counter() - start}]
+    for method in config["methods"]:
+        for budget in config["budgets"]:
+            start = time.perf_counter()
+            tuned = personal.with_lr_scale(scales[method][budget])
+            result = personalize(method, context, budget=budget, config=tuned)
+            row = {"method": method, "budget": budget, **_scores(setup.task.evaluate(result.model, client.test)),
+                   "seconds": time.perf_counter() - start, "lr_scale": scales[method][budget],
+                   "lr": tuned.adalora_lr if method == "adalora" else tuned.lora_lr,
+                   "train_loss_last_epoch": result.metrics["train_loss_last_epoch"]}
+            if method != "lora":
+                row["ranks"] = result.ranks
+            if method == "fedp2eft":
+                row["lambdas"] = result.kept_scales
+            rows.append(row)
+    return {"seed": seed, "pool": pool, "client": client.client_id, "language": client.language, "rows": rows}
+
+
+def run_jobs(config: dict, base_model: str, function: Callable, jobs: list[tuple], sink: Path,
+             label: str) -> list[dict]:
+    """``function(config, *job)`` for every job in a pool of worker processes; each record is appended to the
+    JSONL file ``sink`` as soon as it is done, so a killed run keeps its finished work."""
+    if not jobs:
+        return []
     workers = max(1, min(int(config["workers"]), os.cpu_count() or 1, len(jobs)))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress, results_file.open("a") as sink, ProcessPoolExecutor(
-        workers, mp_context=get_context("spawn"), initializer=_init_worker,
-        initargs=(config, base_model, str(generator) if generator else None),
-    ) as pool_executor:
-        bar = progress.add_task("clients", total=len(jobs))
-        futures = [pool_executor.submit(personalize_client, config, *job) for job in jobs]
+    records = []
+    with Progress(*columns, console=console) as progress, sink.open("a") as out, ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(config, base_model),
+    ) as executor:
+        bar = progress.add_task(label, total=len(jobs))
+        futures = [executor.submit(function, config, *job) for job in jobs]
         for future in as_completed(futures):
             record = future.result()
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
-            done.append(record)
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            records.append(record)
             progress.advance(bar)
-    return done
+    return records
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a JSONL file; a last line cut by a hard kill is dropped (its work is redone)."""
+    if not path.exists():
+        return []
+    records, lines = [], path.read_text().splitlines()
+    for number, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines) - 1:
+                raise FedP2EFTError(f"{path} line {number + 1} is corrupt; delete the file to redo its stage")
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return records
+
+
+def validation_clients(config: dict, setup: Setup) -> list[int]:
+    """Indices of the seen clients used for learning-rate selection: the first ``clients_per_language`` of every
+    language."""
+    taken: Counter = Counter()
+    chosen = []
+    for index, client in enumerate(setup.data.seen):
+        if taken[client.language] < config["selection"]["clients_per_language"]:
+            taken[client.language] += 1
+            chosen.append(index)
+    return chosen
+
+
+def stage_select(config: dict, run_dir: Path, base_model: str, methods: list[str],
+                 generator: Path | None) -> list[dict]:
+    """Validation scores of ``methods`` over the whole grid (skipped for a one-point grid)."""
+    sink = run_dir / "selection.jsonl"
+    done = read_jsonl(sink)
+    if len(config["selection"]["grid"]) == 1 or not methods:
+        return done
+    finished = {(record["client"], tuple(record["methods"])) for record in done}
+    setup = Setup.from_config(task_config(config, base_model, {}))
+    jobs = [(index, methods, str(generator) if generator else None) for index in validation_clients(config, setup)
+            if (setup.data.seen[index].client_id, tuple(methods)) not in finished]
+    if jobs:
+        console.rule(f"[bold]Stage 2/5: learning-rate selection on validation data: {', '.join(methods)}")
+    return done + run_jobs(config, base_model, validate_client, jobs, sink, "validation clients")
+
+
+def chosen_scales(config: dict, records: list[dict]) -> dict[str, dict[int, float]]:
+    """Per method and budget, the grid scale with the best pooled validation accuracy (ties: the smaller
+    scale). With a one-point grid that point."""
+    grid = config["selection"]["grid"]
+    correct, count = defaultdict(int), defaultdict(int)
+    for record in records:
+        for row in record["rows"]:
+            key = (row["method"], row["budget"], row["scale"])
+            correct[key] += row["correct"]
+            count[key] += row["count"]
+    chosen: dict[str, dict[int, float]] = {}
+    for method in config["methods"]:
+        chosen[method] = {}
+        for budget in config["budgets"]:
+            scored = [(correct[(method, budget, s)] / count[(method, budget, s)], -i, s)
+                      for i, s in enumerate(grid) if count[(method, budget, s)]]
+            chosen[method][budget] = max(scored)[2] if scored else grid[0]
+    return chosen
+
+
+def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: dict) -> None:
+    """``selection.json``: the grid, every grid point's pooled validation accuracy, and the choice."""
+    correct, count = defaultdict(int), defaultdict(int)
+    for record in records:
+        for row in record["rows"]:
+            key = (row["method"], row["budget"], row["scale"])
+            correct[key] += row["correct"]
+            count[key] += row["count"]
+    personal = PersonalizeConfig.from_dict(config["personalize"])
+    results = [{"method": m, "budget": b, "scale": s,
+                "lr": personal.with_lr_scale(s).adalora_lr if m == "adalora" else personal.with_lr_scale(s).lora_lr,
+                "val_accuracy": correct[(m, b, s)] / count[(m, b, s)], "val_count": count[(m, b, s)]}
+               for (m, b, s) in sorted(count)]
+    payload = {"grid": config["selection"]["grid"], "validation_fraction": config["selection"]["validation_fraction"],
+               "clients": sorted({record["client"] for record in records}), "results": results,
+               "chosen": {m: {str(b): s for b, s in by_budget.items()} for m, by_budget in chosen.items()}}
+    tmp = run_dir / "selection.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, run_dir / "selection.json")
+
+
+def generator_lr_scale(config: dict, chosen: dict[str, dict[int, float]]) -> float:
+    """Stage 1 of generator training is BayesTune, so by default it runs at the scale validation chose for
+    local BayesTune (``btlora``): the one chosen for most budgets, ties to the smaller."""
+    setting = config["psg"]["lr_scale"]
+    if setting != "btlora":
+        return float(setting)
+    if "btlora" not in chosen:
+        raise FedP2EFTError("psg.lr_scale: btlora needs method btlora in methods; give a number instead")
+    votes = Counter(chosen["btlora"].values())
+    return min(votes, key=lambda scale: (-votes[scale], scale))
+
+
+def stage_personalize(config: dict, run_dir: Path, base_model: str, generators: dict[int, Path | None],
+                      scales: dict[str, dict[int, float]]) -> list[dict]:
+    results_file = run_dir / "personalize.jsonl"
+    done = read_jsonl(results_file)
+    finished = {(r["seed"], r["pool"], r["client"]) for r in done}
+    setup = Setup.from_config(task_config(config, base_model, {}))
+    jobs = [(seed, pool, index, scales, str(generators[seed]) if generators[seed] else None)
+            for seed in config["seeds"] for pool in config["pools"]
+            for index, client in enumerate(setup.data.pool(pool)) if (seed, pool, client.client_id) not in finished]
+    if jobs:
+        console.rule("[bold]Stage 4/5: personalize every client (seen and unseen), every seed")
+    return done + run_jobs(config, base_model, personalize_client, jobs, results_file, "clients")
 
 
 class StageClock:
@@ -167,15 +351,24 @@ def run(config: dict, results_root: Path = Path("results"), command: str = "") -
 
     run_dir = results_root / config["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.yaml"
-    if saved.exists() and yaml.safe_load(saved.read_text()) != config:
-        console.print(f"[yellow]{saved} differs from this config; stages already done are kept. "
-                      f"Use another name= to start afresh.")
-    saved.write_text(yaml.safe_dump(config, sort_keys=False))
+    check_run_folder(run_dir, config)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     clock = StageClock(run_dir / "timings.json")
     base_model = clock.time("base", stage_base, config, run_dir)
-    generator = clock.time("psg", stage_generator, config, run_dir, base_model)
-    records = clock.time("personalize", stage_personalize, config, run_dir, base_model, generator)
-    console.rule("[bold]Stage 4/4: report")
-    write_report(config, run_dir, records, generator, base_model, clock.seconds, command)
+    plain = [m for m in config["methods"] if m not in NEEDS_GENERATOR]
+    records = clock.time("select", stage_select, config, run_dir, base_model, plain, None)
+    scales = chosen_scales(config, records)
+    generators: dict[int, Path | None] = {seed: None for seed in config["seeds"]}
+    if uses_generator(config):
+        lr_scale = generator_lr_scale(config, scales)
+        for seed in config["seeds"]:
+            generators[seed] = clock.time("psg", stage_generator, config, run_dir, base_model, seed, lr_scale)
+        with_generator = [m for m in config["methods"] if m in NEEDS_GENERATOR]
+        records = clock.time("select", stage_select, config, run_dir, base_model, with_generator,
+                             generators[config["seeds"][0]])
+        scales = chosen_scales(config, records)
+    write_selection(config, run_dir, records, scales)
+    results = clock.time("personalize", stage_personalize, config, run_dir, base_model, generators, scales)
+    console.rule("[bold]Stage 5/5: report")
+    write_report(config, run_dir, results, clock.seconds, command)
     return run_dir

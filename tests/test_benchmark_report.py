@@ -1,0 +1,254 @@
+"""The report's statistics on synthetic records: the client bootstrap, the paired win/tie/loss rule, methods outside
+the known order, rank-map overlap, the flattening round of a training curve, and a full write_report run."""
+
+import csv
+import json
+import time
+
+import numpy as np
+import pytest
+
+from fedp2eft.benchmark.report import (
+    bootstrap,
+    client_units,
+    compare,
+    flattening_round,
+    lambda_spread,
+    main_table_markdown,
+    metric,
+    paired_bootstrap,
+    rank_agreement,
+    rank_overlap,
+    summarize,
+    write_report,
+)
+
+MODULES = [f"encoder.layer.{i}.attention.self.{p}" for i in range(3) for p in ("query", "value")]
+
+
+def _units(rng, languages=("en", "de"), clients=3, seeds=(0,), count=48, skill=0.6):
+    """(seed, client) -> (language, correct, count) with client-to-client spread around ``skill``."""
+    units = {}
+    for seed in seeds:
+        for language in languages:
+            for c in range(clients):
+                p = float(np.clip(skill + rng.normal(0, 0.15), 0.05, 0.95))
+                units[(seed, f"{language}-s{c}")] = (language, int(rng.binomial(count, p)), count)
+    return units
+
+
+def test_bootstrap_interval_contains_estimate_and_shrinks_with_more_clients():
+    rng = np.random.default_rng(0)
+    few, many = _units(rng, clients=3), _units(rng, clients=40)
+    small, large = bootstrap(few), bootstrap(many)
+    for interval in (small, large):
+        assert interval.low <= interval.mean <= interval.high
+        assert interval.high > interval.low
+    assert large.half_width < small.half_width
+    # the point estimate is the paper's metric: pooled per language, then averaged over languages
+    en = [u for u in few.values() if u[0] == "en"]
+    de = [u for u in few.values() if u[0] == "de"]
+    expected = (sum(u[1] for u in en) / sum(u[2] for u in en) + sum(u[1] for u in de) / sum(u[2] for u in de)) / 2
+    assert metric(few) == pytest.approx(expected)
+
+
+def test_bootstrap_keeps_every_language_and_is_deterministic():
+    # one language at 100%, the other at 0%: any resample that dropped a language would leave 0.5
+    units = {(0, f"a{i}"): ("a", 10, 10) for i in range(4)} | {(0, f"b{i}"): ("b", 0, 10) for i in range(2)}
+    interval = bootstrap(units)
+    assert interval.low == interval.high == interval.mean == pytest.approx(0.5)
+    rng = np.random.default_rng(1)
+    noisy = _units(rng, clients=5, seeds=(0, 1))
+    assert bootstrap(noisy) == bootstrap(noisy)
+
+
+def test_constant_margin_is_a_win_and_noise_is_a_tie():
+    rng = np.random.default_rng(2)
+    theirs = _units(rng, clients=10, seeds=(0, 1), skill=0.5)
+    better = {k: (lang, correct + 5, count) for k, (lang, correct, count) in theirs.items()}
+    win = paired_bootstrap(better, theirs)
+    assert win.outcome == "win" and win.low > 0
+    assert win.mean == pytest.approx(5 / 48)
+    assert paired_bootstrap(theirs, better).outcome == "loss"
+    # identical up to +-1 correct answer, alternating so the noise has no direction
+    noise = {k: (lang, correct + (1 if i % 2 else -1), count)
+             for i, (k, (lang, correct, count)) in enumerate(sorted(theirs.items()))}
+    tie = paired_bootstrap(noise, theirs)
+    assert tie.outcome == "tie" and tie.low < 0 < tie.high
+    assert abs(tie.mean) < 0.01
+
+
+def _record(seed, pool, language, index, rows):
+    return {"seed": seed, "pool": pool, "client": f"{language}-{pool[0]}{index}", "language": language, "rows": rows}
+
+
+def _ranks(budget, language, index):
+    """A rank map with total budget * len(MODULES): languages favour different halves, clients differ a bit."""
+    first_half = np.arange(len(MODULES)) < len(MODULES) // 2
+    weights = np.where(first_half == (language == "en"), 3.0, 1.0)
+    weights[index % len(MODULES)] += 1
+    ranks = np.floor(weights / weights.sum() * budget * len(MODULES)).astype(int)
+    ranks[0] += budget * len(MODULES) - ranks.sum()
+    return {m: int(r) for m, r in zip(MODULES, ranks)}
+
+
+def _records(methods=("lora", "fedp2eft", "fedp2eft-structure", "btlora"), budgets=(2, 8), seeds=(0, 1),
+             pools=("seen", "unseen"), languages=("en", "de"), clients=3, margin=None):
+    rng = np.random.default_rng(3)
+    margin = margin or {"lora": 0, "fedp2eft": 6, "fedp2eft-structure": 3, "btlora": 1}
+    records = []
+    for seed in seeds:
+        for pool in pools:
+            for language in languages:
+                for index in range(clients):
+                    base = int(rng.integers(10, 25))
+                    rows = [{"method": "base", "budget": 0, "correct": base, "count": 48, "score": base / 48,
+                             "seconds": 0.1}]
+                    for budget in budgets:
+                        for method in methods:
+                            correct = min(48, base + 8 + margin.get(method, 0) + int(rng.integers(0, 3)))
+                            row = {"method": method, "budget": budget, "correct": correct, "count": 48,
+                                   "score": correct / 48, "seconds": 1.0, "lr": 0.001, "train_loss_last_epoch": 0.5}
+                            if method in ("fedp2eft", "fedp2eft-structure", "btlora"):
+                                row["ranks"] = _ranks(budget, language, index + seed)
+                            if method == "fedp2eft":
+                                row["lambdas"] = {m: [2.0 + 0.1 * index - 0.01 * k for k in range(r)]
+                                                  for m, r in row["ranks"].items()}
+                            rows.append(row)
+                    records.append(_record(seed, pool, language, index, rows))
+    return records
+
+
+def test_unknown_method_still_appears_in_tables_and_comparisons():
+    records = _records(methods=("lora", "fedp2eft", "my-new-method"), budgets=(4,), seeds=(0,), pools=("seen",),
+                       margin={"my-new-method": 2})
+    config = {"pools": ["seen"], "budgets": [4], "methods": ["lora", "fedp2eft"]}
+    summary = summarize(records, resamples=200)
+    assert ("seen", "my-new-method", 4) in summary
+    table = main_table_markdown(summary, config)
+    assert "| my-new-method |" in table and "| base |" in table
+    assert table.index("| lora |") < table.index("| fedp2eft |") < table.index("| my-new-method |")
+    units = client_units(records)
+    compared = {c["method"] for c in compare(units, ["seen"], [4], ["base", "lora", "fedp2eft", "my-new-method"])}
+    assert compared == {"base", "lora", "my-new-method"}
+
+
+def test_bootstrap_is_fast_for_a_full_run():
+    rng = np.random.default_rng(4)
+    languages = [f"l{i}" for i in range(10)]
+    settings = [_units(rng, languages=languages, clients=15, seeds=(0,)) for _ in range(25)]
+    start = time.perf_counter()
+    for units in settings:
+        bootstrap(units)
+    assert time.perf_counter() - start < 2.0  # ~150 clients x 25 settings x 2000 resamples
+
+
+def test_rank_overlap_identical_disjoint_and_agreement():
+    a = {"q": 2.0, "v": 2.0, "o": 0.0}
+    assert rank_overlap(a, dict(a)) == 1.0
+    assert rank_overlap(a, {"q": 0.0, "v": 0.0, "o": 4.0}) == 0.0
+    assert rank_overlap(a, {"q": 2.0, "o": 2.0}) == 0.5
+    same = {"q": 4, "v": 0}
+    other = {"q": 0, "v": 4}
+    agreement = rank_agreement([(0, "en", same), (0, "en", same), (0, "de", other), (0, "de", other)])
+    assert agreement["client_pairs_same_language"] == 1.0
+    assert agreement["client_pairs_different_language"] == 0.0
+    assert agreement["between_language_means"] == 0.0
+
+
+def test_lambda_spread_separates_modules_and_clients():
+    rows = [{"ranks": {"q": 2, "v": 1, "o": 0}, "lambdas": {"q": [1.0, 1.0], "v": [3.0], "o": []}},
+            {"ranks": {"q": 1, "v": 1}, "lambdas": {"q": [2.0, 0.5], "v": [2.0]}}]  # q stores one lambda too many
+    spread = lambda_spread(rows)
+    assert spread["clients"] == 2
+    assert spread["mean"] == pytest.approx((5 / 3 + 2.0) / 2)
+    assert spread["std_modules"] == pytest.approx((1.0 + 0.0) / 2)
+    assert spread["std_clients"] == pytest.approx(np.std([5 / 3, 2.0]))
+    assert (spread["min"], spread["max"]) == (1.0, 3.0)
+
+
+def test_flattening_round():
+    rounds = list(range(1, 21))
+    saturating = [3.0 * (1 - 0.5 ** r) for r in rounds]  # within 5% of 3.0 once 0.5**r <= ~0.05
+    flat = flattening_round(rounds, saturating)
+    assert flat == 5
+    assert all(abs(v - saturating[-1]) <= 0.05 * saturating[-1] for v in saturating[flat - 1:])
+    assert abs(saturating[flat - 2] - saturating[-1]) > 0.05 * saturating[-1]
+    rising = [0.1 * r for r in rounds]
+    assert flattening_round(rounds, rising) is None
+    assert flattening_round([1], [1.0]) is None
+    assert flattening_round([1, 2, 3, 4], [-2.0, -1.0, -1.02, -1.0]) == 2
+
+
+def _write_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "selection.json").write_text(json.dumps({
+        "grid": [0.3, 1.0, 3.0], "validation_fraction": 0.2, "clients": ["en-s0", "de-s0"],
+        "results": [{"method": m, "budget": b, "scale": scale, "lr": 0.001 * scale, "val_accuracy": 0.5 + scale / 10,
+                     "val_count": 20}
+                    for m in ("lora", "btlora", "fedp2eft") for b in (2, 8) for scale in (0.3, 1.0, 3.0)],
+        "chosen": {m: {"2": 3.0, "8": 1.0} for m in ("lora", "btlora", "fedp2eft")}}))
+    for seed, flat_from in ((0, 6), (1, 9)):
+        folder = run_dir / f"seed{seed}" / "psg"
+        folder.mkdir(parents=True)
+        rows = [{"round": r, "train/stage1_loss": 2.0 / r, "train/l1_before": 0.1,
+                 "train/mean_lambda": 1.0 + min(r, flat_from) * 0.5} for r in range(1, 21)]
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return run_dir
+
+
+def test_write_report_end_to_end(tmp_path):
+    run_dir = _write_run(tmp_path)
+    records = _records()
+    config = {"name": "synthetic", "model": "tiny", "dataset": "toy", "seeds": [0, 1], "pools": ["seen", "unseen"],
+              "methods": ["lora", "fedp2eft", "fedp2eft-structure", "btlora"], "budgets": [2, 8], "personalize": {}}
+    write_report(config, run_dir, records, {"base": 60.0, "psg": 120.0, "personalize": 30.0}, "fedp2eft benchmark")
+
+    report = (run_dir / "report.md").read_text()
+    for text in ["Does FedP²EFT win?", "r=8", "Verdict", "Per language", "Learning-rate selection",
+                 "PS generator training", "overlap of two clients, same language", "mean kept λ",
+                 "flattened in 2 of 2 seed(s) (by round 6 in seed0, 9 in seed1)",
+                 "stage-1 loss** flattened in 0 of 2", "did not flatten within 20 rounds in seed0",
+                 "fedp2eft-structure"]:
+        assert text in report, text
+    assert " ± " in report and "] win" in report
+    assert "| lora | 0.003 (x3) | 0.001 (x1) |" in report  # chosen scale shown as the learning rate it gave
+    assert "**0.003: 80.0**" in report and "**0.001: 60.0**" in report and "**0.0003" not in report
+
+    results = json.loads((run_dir / "results.json").read_text())
+    settings = {(row["pool"], row["method"], row["budget"]) for row in results["summary"]}
+    expected = {(p, m, b) for p in config["pools"] for m in config["methods"] for b in config["budgets"]}
+    assert settings == expected | {(p, "base", 0) for p in config["pools"]}
+    for row in results["summary"]:
+        assert {"pool", "method", "budget", "mean", "ci_low", "ci_high", "seeds"} <= set(row)
+        assert row["ci_low"] <= row["mean"] <= row["ci_high"] and row["seeds"] == 2
+    outcomes = {(c["method"], c["pool"], c["budget"]): c["outcome"] for c in results["comparisons"]}
+    assert outcomes[("base", "seen", 2)] == "win" and outcomes[("lora", "unseen", 8)] == "win"
+    assert len(outcomes) == 4 * 2 * 2  # base, lora, btlora, fedp2eft-structure x pools x budgets
+    structure_settings = {(s["budget"], s["pool"]) for s in results["structure"]}
+    assert structure_settings == {(b, p) for b in (2, 8) for p in ("seen", "unseen")}
+    lam = results["structure"][0]["lambda"]
+    assert lam["min"] <= lam["mean"] <= lam["max"] and lam["std_clients"] > 0
+    assert [e["train/mean_lambda"]["flattened_at"] for e in results["psg_training"]] == [6, 9]
+
+    with (run_dir / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert set(rows[0]) == {"seed", "pool", "method", "budget", "language", "accuracy"}
+    assert len(rows) == 2 * 2 * 2 * (1 + 4 * 2)  # seeds x pools x languages x (base + methods x budgets)
+    for name in ("accuracy_vs_budget.png", "rank_heatmap.png", "psg_training.png"):
+        assert (run_dir / "figures" / name).stat().st_size > 1000, name
+
+
+def test_report_says_so_when_fedp2eft_loses(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = _records(methods=("lora", "fedp2eft"), budgets=(2,), seeds=(0,), pools=("seen",),
+                       margin={"lora": 6, "fedp2eft": 0})
+    config = {"name": "losing", "model": "tiny", "dataset": "toy", "seeds": [0], "pools": ["seen"],
+              "methods": ["lora", "fedp2eft", "adalora"], "budgets": [2], "personalize": {}}
+    write_report(config, run_dir, records, {"personalize": 1.0}, "cmd")
+    report = (run_dir / "report.md").read_text()
+    assert "loses 1" in report and "docs/discussion.md" in report
+    assert "| adalora | – |" in report  # asked for, produced nothing: shown as missing, not dropped
+    assert "PS generator training" not in report and "Learning-rate selection" not in report
