@@ -24,11 +24,17 @@ def main() -> None:
     report = (args.run_dir / "report.md").read_text()
     prefix = f"results/{args.run_dir.name}/"
     report = report.replace("](figures/", f"]({prefix}figures/")
-    for name in ("config.yaml", "personalize.jsonl", "results.csv", "results.json"):
-        shutil.copy2(args.run_dir / name, target / name)
-        report = report.replace(f"]({name})", f"]({prefix}{name})")
+    for name in ("config.yaml", "personalize.jsonl", "results.csv", "results.json", "selection.json", "timings.json"):
+        if (args.run_dir / name).exists():
+            shutil.copy2(args.run_dir / name, target / name)
+            report = report.replace(f"]({name})", f"]({prefix}{name})")
+    for metrics in sorted(args.run_dir.glob("seed*/psg/metrics.jsonl")):  # the generator's training curves
+        copy = target / metrics.relative_to(args.run_dir)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(metrics, copy)
     (args.docs_dir / args.page).write_text(report)
     print(f"wrote {args.docs_dir / args.page} and {target}")
+
 
 if __name__ == "__main__":
     main()
