@@ -25,6 +25,12 @@ def test_overrides_parse_yaml_values():
     ("pools=[seen,elsewhere]", "pools must be"),
     ("dataset=no-such-data", "unknown dataset 'no-such-data'"),
     ("budgets", "must look like key.sub=value"),
+    ("device=tpu", "not a known device"),
+    ("selection.grid=[]", "selection.grid must list positive"),
+    ("selection.grid=[1,-3]", "selection.grid must list positive"),
+    ("selection.validation_fraction=1.5", "validation_fraction must be between 0 and 1"),
+    ("psg.lr_scale=fast", "psg.lr_scale must be 'btlora'"),
+    ("seeds=[0,0]", "each once"),
 ])
 def test_bad_configs_fail_before_any_work(override, message):
     with pytest.raises(FedP2EFTError, match=message):
@@ -39,3 +45,15 @@ def test_config_file_extends_a_profile(tmp_path):
     path.write_text("profile: quick\nbogus: 1\n")
     with pytest.raises(FedP2EFTError, match="unknown config key 'bogus'"):
         load_profile(str(path))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible, so device=cuda is valid")
+def test_cuda_without_a_gpu_fails_before_any_work():
+    with pytest.raises(FedP2EFTError, match="device: cuda was requested but no CUDA GPU is visible"):
+        resolve("quick", ["device=cuda"])
+
+
+def test_numbers_written_without_a_dot_are_numbers():
+    config = apply_overrides(load_profile("quick"), ["personalize.lora_lr=1e-4", "psg.lr_scale=btlora"])
+    assert config["personalize"]["lora_lr"] == 1e-4 and isinstance(config["personalize"]["lora_lr"], float)
+    assert config["psg"]["lr_scale"] == "btlora"

@@ -110,8 +110,9 @@ def validate(config: dict) -> dict:
                                                                         for m in config["methods"]):
         raise FedP2EFTError("psg.lr_scale: btlora takes BT-LoRA's selected scale, but btlora is not among the "
                             "methods; add it or give psg.lr_scale a number")
-    if config["device"] not in ("auto", "cpu", "cuda") and not str(config["device"]).startswith("cuda:"):
-        raise FedP2EFTError(f"device must be auto, cpu, cuda or cuda:N, got {config['device']!r}")
+    from fedp2eft.core.device import resolve_device
+
+    resolve_device(str(config["device"]))  # an unknown device, or cuda without a GPU, fails here, before any work
     from fedp2eft.data.registry import dataset_names
 
     dataset = config["dataset"]

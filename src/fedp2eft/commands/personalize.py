@@ -12,30 +12,37 @@ from fedp2eft.errors import FedP2EFTError
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "personalize", help="personalize one client's model and evaluate it on its test set",
-        description="Personalize one client with lora, adalora, btlora or fedp2eft under a rank budget.",
+        description="Personalize one client with lora, adalora, btlora, fedp2eft or fedp2eft-structure under a rank "
+                    "budget.",
     )
     parser.add_argument("--model", required=True, help="base model: a checkpoint folder, hub id or embedded name")
     parser.add_argument("--data", default="intents", help="dataset name or file/folder (default: %(default)s)")
     parser.add_argument("--client", required=True, help="client id (see `fedp2eft data describe`)")
-    parser.add_argument("--method", default="fedp2eft", help="lora, adalora, btlora or fedp2eft")
+    parser.add_argument("--method", default="fedp2eft",
+                        help="lora, adalora, btlora, fedp2eft or fedp2eft-structure (default: %(default)s)")
     parser.add_argument("--budget", type=int, default=8, help="average LoRA rank per module r")
     parser.add_argument("--generator", type=Path, help="PS generator (.safetensors), needed by fedp2eft")
     parser.add_argument("--max-rank", type=int, default=32, help="R, the generator's maximum rank")
     parser.add_argument("--export", type=Path, help="write the personalized adapter here (standard PEFT)")
+    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when present), cpu, cuda or cuda:N "
+                                                         "(default: %(default)s)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from fedp2eft.core.generator import PSGenerator
-    from fedp2eft.core.methods import PersonalizeConfig, generator_spec, personalize
+    from fedp2eft.core.device import resolve_device
+    from fedp2eft.core.methods import PersonalizeConfig, check_method, generator_spec, personalize
     from fedp2eft.experiment import Setup
 
+    check_method(args.method)
+    device = resolve_device(args.device)
     setup = Setup(args.model, args.data, {})
     clients = {client.client_id: client for client in setup.data.seen + setup.data.unseen}
     if args.client not in clients:
         raise FedP2EFTError(f"no client '{args.client}' in {args.data}; e.g. {', '.join(list(clients)[:4])}")
     client = clients[args.client]
-    base = setup.load_base_model()
+    base = setup.load_base_model(device)
     config = PersonalizeConfig(max_rank=args.max_rank)
     generator = None
     if args.generator is not None:
