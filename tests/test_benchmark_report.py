@@ -252,3 +252,13 @@ def test_report_says_so_when_fedp2eft_loses(tmp_path):
     assert "loses 1" in report and "docs/discussion.md" in report
     assert "| adalora | – |" in report  # asked for, produced nothing: shown as missing, not dropped
     assert "PS generator training" not in report and "Learning-rate selection" not in report
+
+
+def test_relative_growth_tells_a_slowing_curve_from_a_steady_one():
+    from fedp2eft.benchmark.report import relative_growth
+
+    slowing = [1 - 0.9 ** r for r in range(1, 41)]
+    steady = [0.1 * r for r in range(1, 41)]
+    assert relative_growth(slowing, 1) > 5 * relative_growth(slowing, 3) > 0
+    assert relative_growth(steady, 3) == pytest.approx(relative_growth(steady, 1)) == pytest.approx(0.1 / 4.0)
+    assert relative_growth([1.0, 2.0], 3) is None

@@ -382,6 +382,18 @@ def load_psg_metrics(run_dir: Path) -> dict[str, list[dict]]:
     return logs
 
 
+def relative_growth(values: Sequence[float], quarter: int) -> float | None:
+    """Least-squares slope per round over one quarter of the curve (0 = first), as a fraction of the final value:
+    how fast a curve still moves, which says more than a yes/no flattening test when it is slowing down."""
+    curve = np.asarray(values, dtype=float)
+    size = curve.size // 4
+    if size < 2 or curve[-1] == 0:
+        return None
+    part = curve[quarter * size: (quarter + 1) * size if quarter < 3 else curve.size]
+    slope = np.polyfit(np.arange(part.size), part, 1)[0]
+    return float(slope / abs(curve[-1]))
+
+
 def psg_flattening(logs: Mapping[str, list[dict]]) -> list[dict]:
     """Per seed: rounds logged, final value and flattening round of each training curve present."""
     out = []
@@ -392,7 +404,8 @@ def psg_flattening(logs: Mapping[str, list[dict]]) -> list[dict]:
             if points:
                 rounds, values = zip(*points)
                 entry[key] = {"final": float(values[-1]), "flattened_at": flattening_round(rounds, values),
-                              "rounds": len(points)}
+                              "rounds": len(points), "growth_second_quarter": relative_growth(values, 1),
+                              "growth_last_quarter": relative_growth(values, 3)}
         out.append(entry)
     return out
 
@@ -557,7 +570,10 @@ def language_records(units: Mapping[Setting, Units], budgets: Iterable[int]) -> 
 
 
 def _number(value, digits: int = 3) -> str:
-    return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+    """Three decimals, or three significant digits for values too small to show that way (lambda starts at 1e-4)."""
+    if value is None or not np.isfinite(value):
+        return "–"
+    return f"{value:.{digits}f}" if value == 0 or abs(value) >= 10 ** -digits else f"{value:.{digits}g}"
 
 
 def structure_markdown(entries: list[dict]) -> str:
@@ -605,23 +621,27 @@ def psg_markdown(flattening: list[dict]) -> str:
     keys = [k for k in ("train/mean_lambda", "train/stage1_loss") if any(k in e for e in flattening)]
     if not keys:
         return ""
-    lines = ["| seed | rounds | " + " | ".join(f"final {PSG_CURVES[k]} | {PSG_CURVES[k]} flattened by"
+    lines = ["| seed | rounds | " + " | ".join(f"final {PSG_CURVES[k]} | {PSG_CURVES[k]} flattened by | "
+                                               f"{PSG_CURVES[k]} change per round, 2nd → last quarter"
                                                for k in keys) + " |",
-             "|---|---|" + "---|---|" * len(keys)]
+             "|---|---|" + "---|---|---|" * len(keys)]
     for entry in flattening:
         cells = []
         for key in keys:
             curve = entry.get(key)
             if curve is None:
-                cells += ["–", "–"]
+                cells += ["–", "–", "–"]
                 continue
             flat = curve["flattened_at"]
             cells += [f"{curve['final']:.4g}",
-                      f"round {flat}" if flat is not None else f"did not flatten within {curve['rounds']} rounds"]
+                      f"round {flat}" if flat is not None else f"did not flatten within {curve['rounds']} rounds",
+                      f"{_percent(curve.get('growth_second_quarter'))} → {_percent(curve.get('growth_last_quarter'))}"]
         lines.append(f"| {entry['seed']} | {entry['rounds']} | " + " | ".join(cells) + " |")
     rule = (f"A curve has flattened at the first round from which every later round stays within "
             f"±{100 * FLAT_TOLERANCE:.0f}% of its final value; a stable stretch shorter than "
-            f"{100 * FLAT_MIN_FRACTION:.0f}% of the rounds does not count (any curve is near its end at the end).")
+            f"{100 * FLAT_MIN_FRACTION:.0f}% of the rounds does not count (any curve is near its end at the end). "
+            "The change per round is the least-squares slope over that quarter of the rounds, in % of the final "
+            "value: a curve that is slowing down shows it there even before it passes the flattening test.")
     return "\n".join(lines) + "\n\n" + rule + "\n\n" + " ".join(_flattening_sentence(flattening, k) for k in keys)
 
 
@@ -637,6 +657,10 @@ def _flattening_sentence(flattening: list[dict], key: str) -> str:
     if open_:
         text += "; it did not flatten within " + ", ".join(f"{n} rounds in {seed}" for seed, n in open_)
     return text + "."
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:+.1f}%"
 
 
 def _lr(value) -> str:
