@@ -30,6 +30,7 @@ def test_overrides_parse_yaml_values():
     ("selection.grid=[1,-3]", "selection.grid must list positive"),
     ("selection.validation_fraction=1.5", "validation_fraction must be between 0 and 1"),
     ("psg.lr_scale=fast", "psg.lr_scale must be 'btlora'"),
+    ("selection.pool=test", "selection.pool must be seen or unseen"),
     ("seeds=[0,0]", "each once"),
 ])
 def test_bad_configs_fail_before_any_work(override, message):

@@ -34,16 +34,17 @@ def test_quick_profile_writes_the_full_report(quick_run):
 
 
 def test_learning_rates_are_chosen_on_validation_data_only(quick_run):
-    """Every method and budget got a scale from the grid, chosen on seen clients' training data: the selection
-    clients are seen clients and no test example was scored to choose."""
+    """Every method and budget got a scale from the grid, chosen on the training data of clients the base model
+    never saw (the profile's selection pool): no test example was scored to choose."""
     config = resolve("quick", [])
     selection = json.loads((quick_run / "selection.json").read_text())
     assert set(selection["chosen"]) == set(config["methods"])
     assert all(set(map(int, by_budget)) == set(config["budgets"]) for by_budget in selection["chosen"].values())
     assert all(row["scale"] in config["selection"]["grid"] for row in selection["results"])
-    assert all(client.split("-")[-1].startswith("s") for client in selection["clients"])
+    assert config["selection"]["pool"] == "unseen"
+    assert all(client.split("-")[-1].startswith("u") for client in selection["clients"])
     data = load_dataset(config["dataset"], **config["dataset_options"])
-    seen = {c.client_id: c for c in data.seen}
+    seen = {c.client_id: c for c in data.unseen}
     count = sum(row["val_count"] for row in selection["results"] if row["method"] == "lora" and row["budget"] == 2
                 and row["scale"] == config["selection"]["grid"][0])
     fraction = config["selection"]["validation_fraction"]

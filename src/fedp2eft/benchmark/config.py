@@ -100,6 +100,9 @@ def validate(config: dict) -> dict:
     if not 0 < selection["validation_fraction"] < 1:
         raise FedP2EFTError("selection.validation_fraction must be between 0 and 1 (the share of a seen client's "
                             f"training data held out for validation), got {selection['validation_fraction']}")
+    if selection["pool"] not in ("seen", "unseen"):
+        raise FedP2EFTError(f"selection.pool must be seen or unseen (whose clients' training data serve learning-rate "
+                            f"selection), got {selection['pool']!r}")
     if not isinstance(selection["clients_per_language"], int) or selection["clients_per_language"] < 1:
         raise FedP2EFTError("selection.clients_per_language must be a positive integer")
     lr_scale = config["psg"]["lr_scale"]

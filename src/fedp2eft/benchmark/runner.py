@@ -7,8 +7,9 @@ killed run resumes where it stopped; a run folder made with another config is re
     personalize.jsonl                 one row per (seed, pool, client): every method x budget evaluated
     report.md ...                     tables and figures (``report.py``)
 
-The learning rate of every method and budget is chosen on a validation split of seen clients' *training* data
-with the same grid for every method (docs/method.md, "Benchmark regime"); test data are never looked at.
+The learning rate of every method and budget is chosen on a validation split of some clients' *training* data
+(by default clients the base model and generator never saw) with the same grid for every method
+(docs/method.md, "Benchmark regime"); test data are never looked at.
 """
 
 from __future__ import annotations
@@ -146,11 +147,11 @@ def validation_split(examples: list[dict], fraction: float, key: str) -> tuple[l
 
 
 def validate_client(config: dict, index: int, methods: list[str], generator: str | None) -> dict:
-    """Every method x budget x learning-rate scale of the grid, trained on the inner split of one seen client's
-    training data and scored on its validation split."""
+    """Every method x budget x learning-rate scale of the grid, trained on the inner split of one client's
+    training data and scored on its validation split (that client's test data are never touched)."""
     setup, base = _WORKER["setup"], _WORKER["base"]
-    client = setup.data.seen[index]
     section = config["selection"]
+    client = setup.data.pool(section["pool"])[index]
     inner, held_out = validation_split(client.train, section["validation_fraction"], client.client_id)
     context = ClientContext(base, setup.task, inner, _generator(generator))
     personal = PersonalizeConfig.from_dict({**config["personalize"], "seed": config["seeds"][0]})
@@ -232,11 +233,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def validation_clients(config: dict, setup: Setup) -> list[int]:
-    """Indices of the seen clients used for learning-rate selection: the first ``clients_per_language`` of every
-    language."""
+    """Indices (in ``selection.pool``) of the clients whose training data serve learning-rate selection: the
+    first ``clients_per_language`` of every language."""
     taken: Counter = Counter()
     chosen = []
-    for index, client in enumerate(setup.data.seen):
+    for index, client in enumerate(setup.data.pool(config["selection"]["pool"])):
         if taken[client.language] < config["selection"]["clients_per_language"]:
             taken[client.language] += 1
             chosen.append(index)
@@ -252,8 +253,9 @@ def stage_select(config: dict, run_dir: Path, base_model: str, methods: list[str
         return done
     finished = {(record["client"], tuple(record["methods"])) for record in done}
     setup = Setup.from_config(task_config(config, base_model, {}))
+    clients = setup.data.pool(config["selection"]["pool"])
     jobs = [(index, methods, str(generator) if generator else None) for index in validation_clients(config, setup)
-            if (setup.data.seen[index].client_id, tuple(methods)) not in finished]
+            if (clients[index].client_id, tuple(methods)) not in finished]
     if jobs:
         console.rule(f"[bold]Stage 2/5: learning-rate selection on validation data: {', '.join(methods)}")
     return done + run_jobs(config, base_model, validate_client, jobs, sink, "validation clients")
