@@ -703,7 +703,8 @@ def selection_markdown(selection: dict) -> str:
     lines = [f"Grid (multiples of each method's default learning rate): "
              f"{', '.join(_lr(g) for g in selection.get('grid', []))}; validation fraction "
              f"{selection.get('validation_fraction', '–')} of the training data of "
-             f"{len(selection.get('clients', []))} seen clients.\n",
+             f"{len(selection.get('clients', []))} {selection.get('pool', 'seen')} clients "
+             f"({', '.join(selection.get('clients', []))}); their test data were not used.\n",
              "**Chosen learning rate** (grid scale in brackets)\n", *head]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(_chosen_cell(points(method, b), chosen.get(method, {}).get(b))

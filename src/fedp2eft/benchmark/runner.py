@@ -295,6 +295,7 @@ def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: di
                 "val_accuracy": correct[(m, b, s)] / count[(m, b, s)], "val_count": count[(m, b, s)]}
                for (m, b, s) in sorted(count)]
     payload = {"grid": config["selection"]["grid"], "validation_fraction": config["selection"]["validation_fraction"],
+               "pool": config["selection"]["pool"],
                "clients": sorted({record["client"] for record in records}), "results": results,
                "chosen": {m: {str(b): s for b, s in by_budget.items()} for m, by_budget in chosen.items()}}
     tmp = run_dir / "selection.json.tmp"
