@@ -410,6 +410,18 @@ def psg_flattening(logs: Mapping[str, list[dict]]) -> list[dict]:
     return out
 
 
+def _finish_axis(axis) -> None:
+    axis.grid(alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=8)
+
+
+def _save(figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_psg_training(logs: Mapping[str, list[dict]], path: Path) -> bool:
     """One panel per curve (stage-1 loss, mean λ, and L1 before when logged), one line per seed, with a dotted
     line at the round where that seed's curve flattened."""
@@ -430,12 +442,8 @@ def plot_psg_training(logs: Mapping[str, list[dict]], path: Path) -> bool:
                 axis.axvline(flat, color=color, ls=":", alpha=0.7)
         axis.set_xlabel("round")
         axis.set_title(PSG_CURVES[key])
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+        _finish_axis(axis)
+    _save(figure, path)
     return True
 
 
@@ -747,12 +755,8 @@ def plot_accuracy(summary: Mapping[Setting, dict], config: dict, path: Path) -> 
         axis.set_xlabel("rank budget r (average rank per module)")
         axis.set_ylabel("accuracy (%)")
         axis.set_title(f"{pool} clients (95% client-bootstrap intervals)")
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+        _finish_axis(axis)
+    _save(figure, path)
 
 
 def plot_rank_heatmap(records: list[dict], budget: int, path: Path, max_languages: int = 8) -> bool:
@@ -778,9 +782,7 @@ def plot_rank_heatmap(records: list[dict], budget: int, path: Path, max_language
     axis.set_xticks(range(len(ordered)), [_short(m) for m in ordered], rotation=90, fontsize=6)
     axis.set_title(f"ranks given by the PS generator per module (r={budget}, mean over clients)")
     figure.colorbar(image, ax=axis, label="rank")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
     return True
 
 

@@ -261,16 +261,22 @@ def stage_select(config: dict, run_dir: Path, base_model: str, methods: list[str
     return done + run_jobs(config, base_model, validate_client, jobs, sink, "validation clients")
 
 
-def chosen_scales(config: dict, records: list[dict]) -> dict[str, dict[int, float]]:
-    """Per method and budget, the grid scale with the best pooled validation accuracy (ties: the smaller
-    scale). With a one-point grid that point."""
-    grid = config["selection"]["grid"]
+def validation_counts(records: list[dict]) -> tuple[dict, dict]:
+    """(method, budget, scale) -> correct and count, pooled over the selection clients."""
     correct, count = defaultdict(int), defaultdict(int)
     for record in records:
         for row in record["rows"]:
             key = (row["method"], row["budget"], row["scale"])
             correct[key] += row["correct"]
             count[key] += row["count"]
+    return correct, count
+
+
+def chosen_scales(config: dict, records: list[dict]) -> dict[str, dict[int, float]]:
+    """Per method and budget, the grid scale with the best pooled validation accuracy (ties: the smaller
+    scale). With a one-point grid that point."""
+    grid = config["selection"]["grid"]
+    correct, count = validation_counts(records)
     chosen: dict[str, dict[int, float]] = {}
     for method in config["methods"]:
         chosen[method] = {}
@@ -283,12 +289,7 @@ def chosen_scales(config: dict, records: list[dict]) -> dict[str, dict[int, floa
 
 def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: dict) -> None:
     """``selection.json``: the grid, every grid point's pooled validation accuracy, and the choice."""
-    correct, count = defaultdict(int), defaultdict(int)
-    for record in records:
-        for row in record["rows"]:
-            key = (row["method"], row["budget"], row["scale"])
-            correct[key] += row["correct"]
-            count[key] += row["count"]
+    correct, count = validation_counts(records)
     personal = PersonalizeConfig.from_dict(config["personalize"])
     results = [{"method": m, "budget": b, "scale": s,
                 "lr": personal.with_lr_scale(s).adalora_lr if m == "adalora" else personal.with_lr_scale(s).lora_lr,
