@@ -98,7 +98,7 @@ def validate(config: dict) -> dict:
     if not selection["grid"] or not all(_positive_number(v) for v in selection["grid"]):
         raise FedP2EFTError(f"selection.grid must list positive learning-rate scales, got {selection['grid']}")
     if not 0 < selection["validation_fraction"] < 1:
-        raise FedP2EFTError("selection.validation_fraction must be between 0 and 1 (the share of a seen client's "
+        raise FedP2EFTError("selection.validation_fraction must be between 0 and 1 (the share of a selection client's "
                             f"training data held out for validation), got {selection['validation_fraction']}")
     if selection["pool"] not in ("seen", "unseen"):
         raise FedP2EFTError(f"selection.pool must be seen or unseen (whose clients' training data serve learning-rate "

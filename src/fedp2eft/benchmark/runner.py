@@ -184,7 +184,7 @@ def personalize_client(config: dict, seed: int, pool: str, index: int, scales: d
             result = personalize(method, context, budget=budget, config=tuned)
             row = {"method": method, "budget": budget, **_scores(setup.task.evaluate(result.model, client.test)),
                    "seconds": time.perf_counter() - start, "lr_scale": scales[method][budget],
-                   "lr": tuned.adalora_lr if method == "adalora" else tuned.lora_lr,
+                   "lr": tuned.method_lr(method),
                    "train_loss_last_epoch": result.metrics["train_loss_last_epoch"]}
             if method != "lora":
                 row["ranks"] = result.ranks
@@ -292,7 +292,7 @@ def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: di
     correct, count = validation_counts(records)
     personal = PersonalizeConfig.from_dict(config["personalize"])
     results = [{"method": m, "budget": b, "scale": s,
-                "lr": personal.with_lr_scale(s).adalora_lr if m == "adalora" else personal.with_lr_scale(s).lora_lr,
+                "lr": personal.with_lr_scale(s).method_lr(m),
                 "val_accuracy": correct[(m, b, s)] / count[(m, b, s)], "val_count": count[(m, b, s)]}
                for (m, b, s) in sorted(count)]
     payload = {"grid": config["selection"]["grid"], "validation_fraction": config["selection"]["validation_fraction"],

@@ -44,6 +44,11 @@ def resolve_device(setting: str = "auto") -> torch.device:
     return torch.device("cuda")
 
 
+def visible_gpus() -> int:
+    """How many CUDA GPUs this process can use (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (the CPU for a model without parameters)."""
     first = next(model.parameters(), None)

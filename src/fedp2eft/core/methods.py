@@ -58,6 +58,10 @@ class PersonalizeConfig:
         return replace(self, lora_lr=self.lora_lr * factor, scale_lr=self.scale_lr * factor,
                        adalora_lr=self.adalora_lr * factor)
 
+    def method_lr(self, method: str) -> float:
+        """The learning rate of ``method``'s LoRA weights (AdaLoRA has its own; every other method uses lora_lr)."""
+        return self.adalora_lr if method == "adalora" else self.lora_lr
+
 
 @dataclass
 class Personalized:

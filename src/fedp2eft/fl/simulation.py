@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from fedp2eft.core.device import visible_gpus
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl.client_app import app as client_app
 from fedp2eft.fl.job import Job
@@ -29,7 +29,7 @@ def default_gpus_per_client(clients_per_round: int) -> float:
     """The GPU share each virtual client asks for by default: 0 without a visible CUDA GPU; otherwise the
     visible GPUs split over the round's clients (``gpus / clients_per_round``), at most 1 and at least
     ``1 / MAX_CLIENTS_PER_GPU``."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible_gpus()
     if gpus == 0:
         return 0.0
     share = gpus / max(1, clients_per_round)
@@ -43,14 +43,14 @@ def backend_settings(num_cpus_per_client: float, backend_config: dict[str, Any] 
     ``num_gpus_per_client=None`` picks :func:`default_gpus_per_client` for ``clients_per_round``: 0.0 on a
     machine without a CUDA GPU (CPU-only clients), else a fraction such as 1/clients_per_round (capped to
     [1/MAX_CLIENTS_PER_GPU, 1]), so that Ray packs the round's clients onto the GPUs it sees. A fraction only
-    schedules: each client still places its model with ``device: auto``. ``backend_config`` entries override
-    all of this section by section."""
+    schedules: the federated tasks still load their models on the CPU (docs/method.md, "GPU").
+    ``backend_config`` entries override all of this section by section."""
     cores = os.cpu_count() or 1
     if not 0 < num_cpus_per_client <= cores:
         raise FedP2EFTError(f"num_cpus_per_client must be in (0, {cores}] on this machine, got {num_cpus_per_client}")
     if num_gpus_per_client is None:
         num_gpus_per_client = default_gpus_per_client(clients_per_round)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible_gpus()
     if num_gpus_per_client < 0 or (num_gpus_per_client > 0 and gpus == 0):
         raise FedP2EFTError(
             f"num_gpus_per_client={num_gpus_per_client} needs a value >= 0, and 0 on a machine without a visible "
