@@ -210,7 +210,7 @@ def test_write_report_end_to_end(tmp_path):
                  "PS generator training", "overlap of two clients, same language", "mean kept λ",
                  "flattened in 2 of 2 seed(s) (by round 6 in seed0, 9 in seed1)",
                  "stage-1 loss** flattened in 0 of 2", "did not flatten within 20 rounds in seed0",
-                 "fedp2eft-structure"]:
+                 "fedp2eft-structure", "3 of 6 choices lie on an edge of the grid (x0.3: 0, x3: 3)"]:
         assert text in report, text
     assert " ± " in report and "] win" in report
     assert "| lora | 0.003 (x3) | 0.001 (x1) |" in report  # chosen scale shown as the learning rate it gave

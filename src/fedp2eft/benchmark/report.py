@@ -693,6 +693,17 @@ def _chosen_cell(points: list[dict], pick) -> str:
     return _lr(match["lr"]) + (f" (x{_lr(match['scale'])})" if "scale" in match else "")
 
 
+def _grid_edge_note(selection: dict, chosen: dict[str, dict[int, float]]) -> str:
+    """How many choices sit on the grid's lowest or highest scale: there the best setting may lie outside it."""
+    grid = sorted(float(g) for g in selection.get("grid", []))
+    if len(grid) < 2 or not all("scale" in r for r in selection.get("results", [{}])):
+        return ""  # choices are grid scales only when the points carry them (see ``_is_pick``)
+    picked = [float(scale) for per in chosen.values() for scale in per.values()]
+    low, high = sum(s == grid[0] for s in picked), sum(s == grid[-1] for s in picked)
+    return (f"\n{low + high} of {len(picked)} choices lie on an edge of the grid (x{_lr(grid[0])}: {low}, "
+            f"x{_lr(grid[-1])}: {high}); where they do, a wider grid might choose a better setting.")
+
+
 def selection_markdown(selection: dict) -> str:
     """The learning rate each method got (chosen on a validation split of seen clients' training data), and the
     validation accuracy of every grid point it was chosen from (chosen one in bold)."""
@@ -717,6 +728,7 @@ def selection_markdown(selection: dict) -> str:
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(_chosen_cell(points(method, b), chosen.get(method, {}).get(b))
                                                   for b in budgets) + " |")
+    lines.append(_grid_edge_note(selection, chosen))
     lines += ["\n**Validation accuracy % of every grid point** (`lr: accuracy`, chosen in bold)\n", *head]
     for method in methods:
         cells = []

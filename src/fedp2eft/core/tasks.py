@@ -54,6 +54,11 @@ class ClassificationTask:
         batch["labels"] = torch.tensor([example["label"] for example in examples])
         return batch
 
+    @staticmethod
+    def loss_units(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How much of the batch's mean loss each row carries: one example each."""
+        return torch.ones(len(batch["labels"]))
+
     def evaluate(self, model: nn.Module, examples: list[dict], batch_size: int = 32) -> dict[str, float]:
         """Accuracy and mean loss; batches go to the model's device (bf16 autocast on a CUDA GPU that has it)."""
         model.eval()
@@ -61,10 +66,11 @@ class ClassificationTask:
         correct, loss_sum = 0, 0.0
         with _evaluation(device):
             for batch in iterate_batches(examples, self.collate, batch_size):
-                batch = to_device(batch, device)
-                output = model(**batch)
-                correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
-                loss_sum += float(output.loss) * len(batch["labels"])
+                for part, _ in length_groups(batch, self.loss_units, device):
+                    part = to_device(part, device)
+                    output = model(**part)
+                    correct += int((output.logits.argmax(-1) == part["labels"]).sum())
+                    loss_sum += float(output.loss) * len(part["labels"])
         return {"accuracy": correct / len(examples), "loss": loss_sum / len(examples),
                 "correct": correct, "count": len(examples)}
 
@@ -110,6 +116,12 @@ class InstructionTask:
         batch["labels"] = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels])
         return batch
 
+    @staticmethod
+    def loss_units(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How much of the batch's mean loss each row carries: its predicted response tokens (the causal LM loss
+        is the mean over tokens whose next-token label is not ignored)."""
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
+
     def feature_collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """The prompts alone (template + instruction), padded, with their attention mask. Client features are
         computed from these: the response is the label and must not leak into them (docs/method.md, "Client
@@ -124,13 +136,14 @@ class InstructionTask:
         loss_sum, correct, count = 0.0, 0, 0
         with _evaluation(device):
             for batch in iterate_batches(examples, self.collate, batch_size):
-                batch = to_device(batch, device)
-                logits = model(**batch).logits[:, :-1]
-                target = batch["labels"][:, 1:]
-                keep = target != IGNORE_INDEX
-                loss_sum += float(nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
-                correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
-                count += int(keep.sum())
+                for part, _ in length_groups(batch, self.loss_units, device):
+                    part = to_device(part, device)
+                    logits = model(**part).logits[:, :-1]
+                    target = part["labels"][:, 1:]
+                    keep = target != IGNORE_INDEX
+                    loss_sum += float(nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+                    correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
+                    count += int(keep.sum())
         metrics = {"loss": loss_sum / count, "perplexity": math.exp(min(loss_sum / count, 50.0)),
                    "token_accuracy": correct / count, "correct": correct, "count": count}
         if self.generation_tokens > 0:
@@ -206,3 +219,54 @@ def iterate_batches(
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
     for start in range(0, len(order), batch_size):
         yield collate([examples[i] for i in order[start : start + batch_size]])
+
+
+# Cost of one extra forward(+backward) call on the CPU, in padded tokens: measured on multilingual-e5-small with
+# one thread (about 55 ms per call against 1.6 ms per token; docs/method.md, "Speed"). On a GPU a call is cheap
+# and large batches are what it is good at, so batches are never split there.
+CPU_CALL_COST_TOKENS = 32
+
+
+def length_groups(
+    batch: dict[str, torch.Tensor], loss_units, device: torch.device
+) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """Split a right-padded batch into groups of rows of similar length, each cut to its own longest row, with the
+    share of the batch's mean loss each group carries (``loss_units``: per-row weights).
+
+    The sum over groups of ``share * group loss`` equals the batch's mean loss, so accumulating the groups'
+    gradients gives the batch's gradient (to float rounding; only dropout masks are drawn differently). On the
+    CPU this skips the padding that short sentences in a batch with one long sentence would otherwise pay for:
+    rows are sorted by length and cut into the contiguous groups that minimise padded tokens plus
+    ``CPU_CALL_COST_TOKENS`` per group. Groups without loss units (e.g. fully truncated responses) are dropped;
+    they add nothing to the mean."""
+    mask = batch["attention_mask"]
+    units = loss_units(batch).to(torch.float64)
+    total = float(units.sum())
+    if device.type != "cpu" or total == 0 or len(mask) == 1:
+        return [(batch, 1.0)]
+    width = mask.shape[1]
+    ends = width - mask.flip(1).int().argmax(1)  # one past each row's last real token (0-padded rows: width)
+    ends = torch.where(mask.any(1), ends, torch.ones_like(ends))
+    order = torch.argsort(ends, stable=True)
+    lengths = ends[order].tolist()
+    # best[j]: least cost of the first j sorted rows; cut[j]: where that solution's last group starts
+    best, cut = [0.0] + [float("inf")] * len(lengths), [0] * (len(lengths) + 1)
+    for j in range(1, len(lengths) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[j - 1] + CPU_CALL_COST_TOKENS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], len(lengths)
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    groups = []
+    for start, stop in reversed(bounds):
+        rows = order[start:stop]
+        share = float(units[rows].sum()) / total
+        if share == 0:
+            continue
+        keep = lengths[stop - 1]
+        groups.append(({key: value[rows][:, :keep] if value.dim() == 2 and value.shape[1] == width else value[rows]
+                        for key, value in batch.items()}, share))
+    return groups

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fedp2eft.core.device import autocast_for, model_device, to_device
-from fedp2eft.core.tasks import Task, iterate_batches
+from fedp2eft.core.tasks import Task, iterate_batches, length_groups
 
 
 @dataclass
@@ -44,8 +44,9 @@ def train(
     ``after_step(global_step)`` runs after ``optimizer.step()`` and before gradients are cleared (AdaLoRA's
     rank allocation reads them there).
 
-    Batches go to the model's device (that of its first parameter); on a CUDA GPU with bfloat16 support the
-    forward pass and the extra loss run under bf16 autocast, on the CPU in plain float32."""
+    A batch runs as length groups whose gradients add up to the batch's (``tasks.length_groups``; on the CPU this
+    skips most padding). Batches go to the model's device (that of its first parameter); on a CUDA GPU with
+    bfloat16 support the forward passes and the extra loss run under bf16 autocast, on the CPU in plain float32."""
     result = TrainResult()
     device = model_device(model)
     model.train()
@@ -53,15 +54,21 @@ def train(
     for epoch in range(epochs):
         epoch_losses = []
         for batch in iterate_batches(examples, task.collate, batch_size, shuffle_seed=seed * 1000 + epoch):
-            with autocast_for(device):
-                loss = model(**to_device(batch, device)).loss
-                total = loss + extra_loss() if extra_loss is not None else loss
-            total.backward()
+            loss = 0.0
+            for part, share in length_groups(batch, task.loss_units, device):
+                with autocast_for(device):
+                    part_loss = model(**to_device(part, device)).loss * share
+                part_loss.backward()
+                loss += part_loss.detach()
+            if extra_loss is not None:
+                with autocast_for(device):
+                    prior = extra_loss()
+                prior.backward()
             optimizer.step()
             if after_step is not None:
                 after_step(step)
             optimizer.zero_grad(set_to_none=True)
-            epoch_losses.append(loss.item())
+            epoch_losses.append(float(loss))
             step += 1
         result.step_losses += epoch_losses
         result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
