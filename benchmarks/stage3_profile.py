@@ -9,7 +9,7 @@ Everything runs in one process with one thread count (``torch.set_num_threads``)
     model evaluated once, then lora, adalora, btlora (BayesTune search + fine-tune) and fedp2eft (a freshly
     initialised PS generator) at budgets 2, 4, 8, 16, each evaluated on the client's test set. The methods run
     unmodified through ``fedp2eft.core.methods.personalize``; the phases are timed from outside by wrapping the
-    functions ``methods`` looks up at call time (frozen_copy, attach_lora, get_peft_model, BTLoRAModel.__init__,
+    functions the method modules look up at call time (frozen_copy, attach_lora, get_peft_model, BTLoRAModel.__init__,
     train, train_btlora, features_for, select_top_ranks), by forward hooks on the trained model and on the
     generator, by optimizer step hooks, and by wrapping the task's collate functions. Time is exclusive: a phase
     nested in another (e.g. tokenization inside training) is only counted in the inner one.
@@ -44,7 +44,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from fedp2eft.core import btlora as btlora_module
-from fedp2eft.core import methods
+from fedp2eft.core import methods, personalization
+from fedp2eft.core.methods import adalora, btlora, fedp2eft, lora
 from fedp2eft.core.btlora import default_target_modules
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.training import train as plain_train
@@ -54,6 +55,7 @@ from fedp2eft.logs import quiet_third_party
 MODEL = "multilingual-e5-small"
 METHOD_ORDER = ("lora", "adalora", "btlora", "fedp2eft")
 BUDGETS = (2, 4, 8, 16)
+CALLERS = (personalization, lora, adalora, btlora, fedp2eft, btlora_module)  # the modules whose lookups are timed
 CONFIG = methods.PersonalizeConfig(lora_lr=1e-3, scale_lr=0.1, adalora_lr=1e-2)
 TRAIN_SIGNATURE = inspect.signature(plain_train)
 
@@ -158,7 +160,7 @@ class Profiler:
         self.padded_tokens = 0
         self.flops = 0.0
         self.padded_flops = 0.0
-        self.steps = 0
+        self.forward_calls = 0
         self.in_search = False
 
     def train(self, *args, **kwargs):
@@ -175,7 +177,7 @@ class Profiler:
             self.padded_tokens += mask.numel()
             self.flops += tokens * per_token
             self.padded_flops += mask.numel() * per_token
-            self.steps += 1
+            self.forward_calls += 1
             clock.push(f"{group}: forward")
 
         with ExitStack() as stack:
@@ -207,27 +209,29 @@ class Profiler:
 
     @contextmanager
     def installed(self, task, generator: PSGenerator):
-        """Patch ``methods`` (and BT-LoRA's constructor) for the duration; everything is restored afterwards."""
+        """Patch the names the method modules call (and BT-LoRA's constructor) for the duration, in every module
+        that looks them up; everything is restored afterwards."""
         clock = self.clock
-        saved_methods = {name: getattr(methods, name) for name in
-                         ("frozen_copy", "attach_lora", "get_peft_model", "train", "train_btlora", "features_for",
-                          "select_top_ranks")}
-        saved_attach = btlora_module.attach_lora
+        wrappers = {
+            "frozen_copy": lambda f: clock.timed(f, "prepare: frozen copy"),
+            "attach_lora": lambda f: clock.timed(f, "prepare: PEFT wrap + adapters"),
+            "get_peft_model": lambda f: clock.timed(f, "prepare: PEFT wrap + adapters"),
+            "train": lambda f: self.train,
+            "train_btlora": self.train_btlora,
+            "features_for": lambda f: clock.timed(f, "features: base forward + moments"),
+            "select_top_ranks": lambda f: clock.timed(f, "other: rank selection"),
+        }
+        saved = [(module, name, getattr(module, name)) for module in CALLERS for name in wrappers
+                 if hasattr(module, name)]
         saved_init = btlora_module.BTLoRAModel.__init__
         saved_collates = {name: getattr(task, name) for name in ("collate", "feature_collate")}
 
         def collate(function, suffix):
             return lambda examples: clock.timed(function, f"{clock.group}: {suffix}")(examples)
 
-        methods.frozen_copy = clock.timed(saved_methods["frozen_copy"], "prepare: frozen copy")
-        methods.attach_lora = clock.timed(saved_methods["attach_lora"], "prepare: PEFT wrap + adapters")
-        methods.get_peft_model = clock.timed(saved_methods["get_peft_model"], "prepare: PEFT wrap + adapters")
-        btlora_module.attach_lora = clock.timed(saved_attach, "prepare: PEFT wrap + adapters")
+        for module, name, original in saved:
+            setattr(module, name, wrappers[name](original))
         btlora_module.BTLoRAModel.__init__ = clock.timed(saved_init, "prepare: BT-LoRA gates")
-        methods.train = self.train
-        methods.train_btlora = self.train_btlora(saved_methods["train_btlora"])
-        methods.features_for = clock.timed(saved_methods["features_for"], "features: base forward + moments")
-        methods.select_top_ranks = clock.timed(saved_methods["select_top_ranks"], "other: rank selection")
         task.collate = collate(saved_collates["collate"], "tokenize")
         task.feature_collate = collate(saved_collates["feature_collate"], "tokenize")
         handles = [generator.register_forward_pre_hook(lambda *_: clock.push("generator: inference")),
@@ -237,9 +241,8 @@ class Profiler:
         finally:
             for handle in handles:
                 handle.remove()
-            for name, value in saved_methods.items():
-                setattr(methods, name, value)
-            btlora_module.attach_lora = saved_attach
+            for module, name, original in saved:
+                setattr(module, name, original)
             btlora_module.BTLoRAModel.__init__ = saved_init
             for name in saved_collates:
                 delattr(task, name)  # back to the class's methods
@@ -247,29 +250,17 @@ class Profiler:
 
 # --- the stage --------------------------------------------------------------------------------------------------
 
-def client_context(base, task, examples, generator):
-    if hasattr(methods, "ClientContext"):  # runs of one client share features and the BayesTune search
-        return methods.ClientContext(base, task, examples, generator)
-    return None
-
-
-def personalize_once(context, method, base, task, examples, budget, generator):
-    if context is not None:
-        return methods.personalize(method, context, budget=budget, config=CONFIG)
-    return methods.personalize(method, base, task, examples, budget, CONFIG, generator)
-
-
 def run_stage(base, task, client, generator, runs, clock: Clock, record: list | None = None) -> float:
     """The benchmark's per-client stage: base evaluation, then every (method, budget) run and its evaluation."""
     start = time.perf_counter()
     with clock.phase("other: stage glue"):
         with clock.phase("evaluate: forward"):
             task.evaluate(base, client.test)
-        context = client_context(base, task, client.train, generator)
+        context = methods.ClientContext(base, task, client.train, {"psg": generator})
         for method, budget in runs:
             run_start = time.perf_counter()
             with clock.phase("other: personalize glue"):
-                result = personalize_once(context, method, base, task, client.train, budget, generator)
+                result = methods.personalize(method, context, budget=budget, config=CONFIG)
             with clock.phase("evaluate: forward"):
                 task.evaluate(result.model, client.test)
             if record is not None:
@@ -405,8 +396,8 @@ def main() -> None:
                       if name.endswith(("forward", "backward + loop")) and name.split(":")[0] in ("search", "finetune"))
     useful = profiler.flops / training / 1e9
     useful_fb = profiler.flops / matmul_part / 1e9
-    print(f"\n(c) training: {profiler.steps} steps, {profiler.real_tokens} real tokens "
-          f"({profiler.padded_tokens} with padding, {profiler.real_tokens / profiler.padded_tokens:.0%} real), "
+    print(f"\n(c) training: {profiler.forward_calls} forward calls (length groups), {profiler.real_tokens} real "
+          f"tokens ({profiler.padded_tokens} with padding, {profiler.real_tokens / profiler.padded_tokens:.0%} real), "
           f"{profiler.flops / 1e12:.3f} TFLOP useful")
     print(f"    useful FLOP/s over all training time ({training:.2f} s): {useful:.1f} GFLOP/s "
           f"= {useful / peak:.1%} of the {peak:.1f} GFLOP/s peak")

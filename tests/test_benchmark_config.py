@@ -29,7 +29,11 @@ def test_overrides_parse_yaml_values():
     ("selection.grid=[]", "selection.grid must list positive"),
     ("selection.grid=[1,-3]", "selection.grid must list positive"),
     ("selection.validation_fraction=1.5", "validation_fraction must be between 0 and 1"),
-    ("psg.lr_scale=fast", "psg.lr_scale must be 'btlora'"),
+    ("psg.lr_scale=fast", "psg.lr_scale: fast takes that method's selected learning-rate scale"),
+    ("psg.lr_scale=-1", "psg.lr_scale must be a method name"),
+    ("psg.training.bogus=1", "bogus"),
+    ("fedl2p.training.outer_steps=0", "outer_steps must be >= 1"),
+    ("psg.generator=x.safetensors", "unknown config key 'psg.generator'"),
     ("selection.pool=test", "selection.pool must be seen or unseen"),
     ("seeds=[0,0]", "each once"),
 ])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedp2eft.core.methods import METHODS, NEEDS_GENERATOR, ClientContext, PersonalizeConfig, generator_spec, personalize
+from fedp2eft.core.methods import METHODS, ClientContext, PersonalizeConfig, generator_spec, personalize
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.errors import FedP2EFTError
 
@@ -26,8 +26,8 @@ def test_method_runs_end_to_end_and_reduces_training_loss(setup, method):
     base, task, train, test = setup
     reference = copy.deepcopy(base.state_dict())
     before = task.evaluate(base, train)["loss"]
-    generator = trained_like_generator(base) if method in NEEDS_GENERATOR else None
-    result = personalize(method, base, task, train, budget=4, config=FAST, generator=generator)
+    generator = trained_like_generator(base) if METHODS[method].stage is not None else None
+    result = personalize(method, base, task, train, budget=4, config=FAST, artifact=generator)
     after = task.evaluate(result.model, train)["loss"]
     assert after < 0.95 * before, (method, before, after)
     assert set(task.evaluate(result.model, test)) >= {"loss", "count"}
@@ -42,8 +42,8 @@ def test_method_runs_end_to_end_and_reduces_training_loss(setup, method):
 @pytest.mark.parametrize("method", ["btlora", "fedp2eft", "fedp2eft-structure"])
 def test_budget_methods_respect_the_budget_and_export(setup, method, tmp_path):
     base, task, train, _ = setup
-    generator = trained_like_generator(base) if method in NEEDS_GENERATOR else None
-    result = personalize(method, base, task, train, budget=2, config=FAST, generator=generator)
+    generator = trained_like_generator(base) if METHODS[method].stage is not None else None
+    result = personalize(method, base, task, train, budget=2, config=FAST, artifact=generator)
     modules = len(generator_spec(base, FAST, "tiny").module_names)
     assert sum(result.ranks.values()) == 2 * modules
     x = task.collate(train[:4])
@@ -65,7 +65,7 @@ def test_bad_inputs_are_refused(setup, tmp_path):
         personalize("fedp2eft", base, task, train, budget=2, config=FAST)
     other = PSGenerator(generator_spec(base, PersonalizeConfig(max_rank=16), "tiny"))
     with pytest.raises(FedP2EFTError, match="does not fit"):
-        personalize("fedp2eft", base, task, train, budget=2, config=FAST, generator=other)
+        personalize("fedp2eft", base, task, train, budget=2, config=FAST, artifact=other)
 
 
 def test_label_outside_label_set_is_refused(tokenizer):
@@ -81,28 +81,32 @@ def test_label_outside_label_set_is_refused(tokenizer):
 
 def test_structure_variant_keeps_the_ranks_and_sets_lambdas_to_one(setup):
     base, task, train, _ = setup
-    context = ClientContext(base, task, train, trained_like_generator(base))
+    context = ClientContext(base, task, train, {"psg": trained_like_generator(base)})
     full = personalize("fedp2eft", context, budget=2, config=FAST)
     structure = personalize("fedp2eft-structure", context, budget=2, config=FAST)
     assert structure.ranks == full.ranks
-    assert all(v == 1.0 for values in structure.kept_scales.values() for v in values)
-    kept = [v for values in full.kept_scales.values() for v in values]
+    assert all(v == 1.0 for values in structure.report["lambdas"].values() for v in values)
+    kept = [v for values in full.report["lambdas"].values() for v in values]
     assert min(kept) > 0.2 and max(kept) != min(kept)  # the generator's values, which vary
+
+
+def bayestune_searches(context: ClientContext) -> list:
+    return [key for key in context._shared if key[0] == "bayestune"]
 
 
 def test_a_client_context_shares_work_between_budgets_without_changing_results(setup):
     """Features, generator output and the BayesTune search are computed once per client; results are those of
     separate runs."""
     base, task, train, test = setup
-    context = ClientContext(base, task, train, trained_like_generator(base))
+    context = ClientContext(base, task, train, {"psg": trained_like_generator(base)})
     shared = [personalize("btlora", context, budget=b, config=FAST) for b in (2, 4)]
-    assert len(context._searches) == 1
+    assert len(bayestune_searches(context)) == 1
     alone = personalize("btlora", base, task, train, budget=4, config=FAST)
     assert alone.ranks == shared[1].ranks
     assert task.evaluate(alone.model, test)["loss"] == pytest.approx(task.evaluate(shared[1].model, test)["loss"],
                                                                        rel=1e-5)
     personalize("btlora", context, budget=2, config=FAST.with_lr_scale(0.5))  # another search setting
-    assert len(context._searches) == 2
+    assert len(bayestune_searches(context)) == 2
 
 
 def test_adalora_keeps_peft_default_alpha(setup):
@@ -115,3 +119,32 @@ def test_adalora_keeps_peft_default_alpha(setup):
 def test_lr_scale_keeps_the_paper_ratios():
     scaled = PersonalizeConfig().with_lr_scale(10)
     assert (scaled.lora_lr, scaled.scale_lr, scaled.adalora_lr) == pytest.approx((1e-3, 1e-1, 1e-2))
+
+
+def test_core_never_imports_a_higher_layer():
+    """core/ is the method, independent of the FL engine, the benchmark, the CLI and the experiment glue."""
+    import ast
+    from pathlib import Path
+
+    import fedp2eft.core
+
+    higher = ("fedp2eft.experiment", "fedp2eft.fl", "fedp2eft.benchmark", "fedp2eft.commands", "fedp2eft.cli")
+    offenders = []
+    for path in Path(fedp2eft.core.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.name}: {name}" for name in names if name.startswith(higher)]
+    assert not offenders
+
+
+def test_every_method_declares_a_known_learning_rate_and_stage_loads_refuse_foreign_files(setup, tmp_path):
+    from fedp2eft.core.methods import STAGES, method_lr, method_spec
+
+    config = PersonalizeConfig()
+    assert {name: method_lr(config, name) for name in ("lora", "adalora")} == {"lora": 1e-4, "adalora": 1e-3}
+    assert method_spec("fedp2eft").stage is method_spec("fedp2eft-structure").stage is STAGES["psg"]
+    with pytest.raises(FedP2EFTError, match="unknown method 'nope'; choose one of: lora, adalora"):
+        method_spec("nope")
+    with pytest.raises(FedP2EFTError, match="no PS generator at"):
+        STAGES["psg"].load(tmp_path / "missing.safetensors", setup[0], config, "tiny")

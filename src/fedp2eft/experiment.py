@@ -12,10 +12,12 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fedp2eft.core.device import resolve_device
+from fedp2eft.core.federation import FederatedTask
 from fedp2eft.core.modeling import SequenceClassifier, load_causal_lm
 from fedp2eft.core.tasks import ClassificationTask, InstructionTask, Task
 from fedp2eft.data.registry import load_dataset
 from fedp2eft.data.types import FederatedDataset
+from fedp2eft.errors import config_from_mapping
 from fedp2eft.models.registry import resolve_model
 
 
@@ -64,3 +66,23 @@ class Setup:
     def from_config(cls, config: dict) -> Setup:
         return cls(config["model"], config["dataset"], dict(config.get("dataset_options", {})),
                    int(config.get("max_length", 128)))
+
+
+def make_base_task(config: dict) -> FederatedTask:
+    """The base model's FedAvg job from a JSON-able config: {model, dataset, dataset_options, max_length,
+    training: {...}} (the ``base`` task of the Flower apps)."""
+    from fedp2eft.core.base_training import BaseModelTask, BaseTrainingConfig
+
+    setup = Setup.from_config(config)
+    return BaseModelTask(setup.load_base_model(), setup.task, setup.data.seen,
+                         config_from_mapping(BaseTrainingConfig, config.get("training", {}), "training"))
+
+
+def make_stage_task(stage: str, config: dict) -> FederatedTask:
+    """The federated stage ``stage`` of a personalization method (``psg``, ...) from the same kind of config plus
+    the rank ``budgets`` it serves, built by the stage's own declaration (``core/methods``)."""
+    from fedp2eft.core.methods import stage_named
+
+    setup = Setup.from_config(config)
+    return stage_named(stage).build(setup.load_base_model(), setup.task, setup.data.seen,
+                                    config.get("training", {}), setup.model, list(config.get("budgets", [])))

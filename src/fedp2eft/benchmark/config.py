@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from fedp2eft.core.methods import METHODS
+from fedp2eft.core.methods import METHODS, STAGES, Stage, stages
 from fedp2eft.errors import FedP2EFTError
 
 PROFILES = ("default", "quick", "paper")
@@ -19,7 +19,7 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
     """A shipped profile by name, or a YAML file; a file may name a shipped profile under ``profile:``."""
     if name_or_path in PROFILES:
         text = resources.files("fedp2eft.benchmark.profiles").joinpath(f"{name_or_path}.yaml").read_text()
-        return yaml.safe_load(text)
+        return with_stage_sections(yaml.safe_load(text))
     path = Path(name_or_path)
     if not path.is_file():
         raise FedP2EFTError(f"no config file or profile named '{name_or_path}'; profiles: {', '.join(PROFILES)}")
@@ -29,6 +29,20 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
         raise FedP2EFTError(f"{path} is not valid YAML: {error}") from error
     base = load_profile(raw.pop("profile", "default"))
     return merge(base, raw, str(path))
+
+
+def stage_section(stage: Stage) -> dict:
+    """A method stage's config section: its declared defaults, plus a file to reuse instead of training
+    (``artifact``) and the learning-rate scale of its local training (``lr_scale``: a number or a method name)."""
+    return {"artifact": None, "lr_scale": 1.0, **stage.defaults}
+
+
+def with_stage_sections(profile: dict) -> dict:
+    """Every registered method stage gets its section, the profile's values over the stage's defaults, so a
+    method added to the registry is configurable without editing the profiles."""
+    for stage in STAGES.values():
+        profile[stage.name] = {**stage_section(stage), **profile.get(stage.name, {})}
+    return profile
 
 
 def merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
@@ -47,7 +61,7 @@ def merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
 
 def _free_form(name: str) -> bool:
     """Sections whose keys belong to another component (validated there)."""
-    return name in {"dataset_options"}
+    return name in {"dataset_options"} or name in {f"{stage}.training" for stage in STAGES}
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
@@ -83,7 +97,7 @@ def _positive_number(value: Any) -> bool:
 
 def validate(config: dict) -> dict:
     """Fail before any work on unknown methods, bad budgets, bad pools."""
-    unknown = [m for m in config["methods"] if m not in METHODS]
+    unknown = [m for m in config["methods"] if m not in METHODS]  # before any work, and never silently dropped
     if unknown:
         raise FedP2EFTError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
     max_rank = config["personalize"]["max_rank"]
@@ -105,14 +119,8 @@ def validate(config: dict) -> dict:
                             f"selection), got {selection['pool']!r}")
     if not isinstance(selection["clients_per_language"], int) or selection["clients_per_language"] < 1:
         raise FedP2EFTError("selection.clients_per_language must be a positive integer")
-    lr_scale = config["psg"]["lr_scale"]
-    if lr_scale != "btlora" and not _positive_number(lr_scale):
-        raise FedP2EFTError(f"psg.lr_scale must be 'btlora' (the scale chosen for BT-LoRA) or a positive number, "
-                            f"got {lr_scale!r}")
-    if lr_scale == "btlora" and "btlora" not in config["methods"] and any(m.startswith("fedp2eft")
-                                                                        for m in config["methods"]):
-        raise FedP2EFTError("psg.lr_scale: btlora takes BT-LoRA's selected scale, but btlora is not among the "
-                            "methods; add it or give psg.lr_scale a number")
+    for stage in stages(config["methods"]):
+        validate_stage(config, stage)
     from fedp2eft.core.device import resolve_device
 
     resolve_device(str(config["device"]))  # an unknown device, or cuda without a GPU, fails here, before any work
@@ -122,6 +130,23 @@ def validate(config: dict) -> dict:
     if dataset not in dataset_names() and not Path(dataset).exists():
         raise FedP2EFTError(f"unknown dataset '{dataset}'; choose from {', '.join(dataset_names())} or a path")
     return config
+
+
+def validate_stage(config: dict, stage: Stage) -> None:
+    """The section of a stage the methods need: a valid learning-rate scale and training settings its own
+    config class accepts (unknown keys are named there)."""
+    section = config[stage.name]
+    lr_scale = section["lr_scale"]
+    if isinstance(lr_scale, str):
+        if lr_scale not in config["methods"]:
+            raise FedP2EFTError(f"{stage.name}.lr_scale: {lr_scale} takes that method's selected learning-rate scale, "
+                                f"but it is not among the methods; add it or give {stage.name}.lr_scale a number")
+    elif not _positive_number(lr_scale):
+        raise FedP2EFTError(f"{stage.name}.lr_scale must be a method name (whose selected scale it takes) or a "
+                            f"positive number, got {lr_scale!r}")
+    if not isinstance(section["training"], dict):
+        raise FedP2EFTError(f"{stage.name}.training must be a mapping of training settings")
+    stage.config_class.from_dict(dict(section["training"]))
 
 
 def resolve(profile: str, overrides: list[str]) -> dict:

@@ -33,7 +33,9 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-KNOWN_METHODS = ["base", "lora", "adalora", "btlora", "fedp2eft-structure", "fedp2eft"]
+from fedp2eft.core.methods import METHODS  # noqa: E402
+
+KNOWN_METHODS = ["base", *METHODS]  # the registry's order: baselines first, FedP²EFT last
 OURS = "fedp2eft"
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 20240601
@@ -51,8 +53,8 @@ Units = dict[tuple[int, str], Unit]     # (seed, client) -> unit
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
-    """Known methods in reading order, then every other method, sorted: a new method must show up in the tables
-    rather than vanish because nobody added it to a list."""
+    """Registered methods in the registry's order, then every other method that produced rows, sorted: a method
+    must show up in the tables rather than vanish because nobody added it to a list."""
     present = set(methods)
     return [m for m in KNOWN_METHODS if m in present] + sorted(present - set(KNOWN_METHODS))
 

@@ -3,7 +3,8 @@ killed run resumes where it stopped; a run folder made with another config is re
 
     base/model/                       base model (FedAvg on the seen pool, first seed), a normal HF checkpoint
     selection.jsonl                   validation scores of every method x budget x learning-rate scale
-    seed<s>/psg/generator.safetensors PS generator per seed (Flower, seen pool only)
+    seed<s>/<stage>/                  artifact of each method's federated stage per seed (Flower, seen pool
+                                      only), e.g. seed0/psg/generator.safetensors
     personalize.jsonl                 one row per (seed, pool, client): every method x budget evaluated
     report.md ...                     tables and figures (``report.py``)
 
@@ -20,6 +21,7 @@ import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import fields
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -29,9 +31,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedp2eft.core.generator import PSGenerator
-from fedp2eft.core.generator_training import GENERATOR_FILE
-from fedp2eft.core.methods import NEEDS_GENERATOR, ClientContext, PersonalizeConfig, generator_spec, personalize
+from fedp2eft.core.methods import ClientContext, PersonalizeConfig, Stage, method_lr, method_spec, personalize, stages
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.experiment import Setup
 from fedp2eft.fl.checkpoint import load_state
@@ -46,7 +46,7 @@ RUNTIME_KEYS = ("workers", "device")
 
 def task_config(config: dict, model: str, training: dict) -> dict:
     return {"model": model, "dataset": config["dataset"], "dataset_options": config["dataset_options"],
-            "max_length": config["max_length"], "training": training}
+            "max_length": config["max_length"], "budgets": config["budgets"], "training": training}
 
 
 def check_run_folder(run_dir: Path, config: dict) -> None:
@@ -67,7 +67,7 @@ def check_run_folder(run_dir: Path, config: dict) -> None:
 
 def federated(name: str, config: dict, section: dict, model: str, training: dict, output: Path,
               seed: int) -> Path:
-    """Run (or resume) one Flower job and export its artifact (base checkpoint or generator file)."""
+    """Run (or resume) one Flower job and export its artifact (base checkpoint, generator file, ...)."""
     output.mkdir(parents=True, exist_ok=True)
     state = load_state(output)
     job = task_config(config, model, training)
@@ -92,27 +92,29 @@ def stage_base(config: dict, run_dir: Path) -> str:
                          config["seeds"][0]))
 
 
-def uses_generator(config: dict) -> bool:
-    return any(method in NEEDS_GENERATOR for method in config["methods"])
-
-
-def stage_generator(config: dict, run_dir: Path, base_model: str, seed: int, lr_scale: float) -> Path:
-    """The PS generator of one seed; its stage-1 BayesTune runs at the personalization rates x ``lr_scale``."""
-    section = config["psg"]
-    if section["generator"]:
-        return Path(section["generator"])
-    output = run_dir / f"seed{seed}" / "psg"
-    if (output / GENERATOR_FILE).exists():
-        return output / GENERATOR_FILE
-    console.rule(f"[bold]Stage 3/5: PS generator, seed {seed} (Flower, seen pool)")
+def stage_artifact(config: dict, run_dir: Path, base_model: str, stage: Stage, seed: int, lr_scale: float) -> Path:
+    """The artifact of one method stage (e.g. the PS generator) for one seed: the configured file, or one trained
+    on the seen pool. Its local training runs at the personalization rates x ``lr_scale``."""
+    section = config[stage.name]
+    if section["artifact"]:
+        return Path(section["artifact"])
+    output = run_dir / f"seed{seed}" / stage.name
+    if (output / "export.json").exists():
+        return Path(json.loads((output / "export.json").read_text())["artifact"])
+    console.rule(f"[bold]Stage 3/5: {stage.name}, seed {seed} (Flower, seen pool)")
     personal = PersonalizeConfig.from_dict(config["personalize"]).with_lr_scale(lr_scale)
     rates = {"lora_lr": personal.lora_lr, "scale_lr": personal.scale_lr, "adalora_lr": personal.adalora_lr}
-    training = {**section["training"], "personalize": {**config["personalize"], **rates}, "seed": seed,
-                "total_rounds": section["rounds"]}
-    return federated("psg", config, section, base_model, training, output, seed)
+    training = {**section["training"], "personalize": {**config["personalize"], **rates}, "seed": seed}
+    if "total_rounds" in {f.name for f in fields(stage.config_class)}:
+        training["total_rounds"] = section["rounds"]
+    artifact = federated(stage.name, config, section, base_model, training, output, seed)
+    tmp = output / "export.json.tmp"
+    tmp.write_text(json.dumps({"artifact": str(artifact)}))
+    os.replace(tmp, output / "export.json")
+    return artifact
 
 
-# --- worker processes: one base model each, generators loaded on first use -----------------------------------
+# --- worker processes: one base model each, stage artifacts loaded on first use -----------------------------------
 _WORKER: dict = {}
 
 
@@ -120,17 +122,19 @@ def _init_worker(config: dict, base_model: str) -> None:
     torch.set_num_threads(1)
     quiet_third_party()
     setup = Setup.from_config(task_config(config, base_model, {}))
-    _WORKER.update(setup=setup, base=setup.load_base_model(config["device"]), generators={}, base_model=base_model,
+    _WORKER.update(methods=config["methods"], setup=setup, base=setup.load_base_model(config["device"]), artifacts={}, base_model=base_model,
                    config=PersonalizeConfig.from_dict(config["personalize"]))
 
 
-def _generator(path: str | None) -> PSGenerator | None:
-    if path is None:
-        return None
-    if path not in _WORKER["generators"]:
-        spec = generator_spec(_WORKER["base"], _WORKER["config"], _WORKER["base_model"])
-        _WORKER["generators"][path] = PSGenerator.load(path, expected=spec)
-    return _WORKER["generators"][path]
+def _artifacts(paths: dict[str, str]) -> dict[str, object]:
+    """The stage artifacts at ``paths`` (stage name -> path), each loaded once per worker and checked against the
+    base model by its stage."""
+    for name, path in paths.items():
+        if path not in _WORKER["artifacts"]:
+            stage = next(s for s in stages(_WORKER["methods"]) if s.name == name)
+            _WORKER["artifacts"][path] = stage.load(Path(path), _WORKER["base"], _WORKER["config"],
+                                                    _WORKER["base_model"])
+    return {name: _WORKER["artifacts"][path] for name, path in paths.items()}
 
 
 def _scores(metrics: dict) -> dict:
@@ -146,14 +150,14 @@ def validation_split(examples: list[dict], fraction: float, key: str) -> tuple[l
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
-def validate_client(config: dict, index: int, methods: list[str], generator: str | None) -> dict:
+def validate_client(config: dict, index: int, methods: list[str], artifacts: dict[str, str]) -> dict:
     """Every method x budget x learning-rate scale of the grid, trained on the inner split of one client's
     training data and scored on its validation split (that client's test data are never touched)."""
     setup, base = _WORKER["setup"], _WORKER["base"]
     section = config["selection"]
     client = setup.data.pool(section["pool"])[index]
     inner, held_out = validation_split(client.train, section["validation_fraction"], client.client_id)
-    context = ClientContext(base, setup.task, inner, _generator(generator))
+    context = ClientContext(base, setup.task, inner, _artifacts(artifacts))
     personal = PersonalizeConfig.from_dict({**config["personalize"], "seed": config["seeds"][0]})
     rows = []
     for method in methods:
@@ -166,14 +170,14 @@ def validate_client(config: dict, index: int, methods: list[str], generator: str
 
 
 def personalize_client(config: dict, seed: int, pool: str, index: int, scales: dict[str, dict[int, float]],
-                       generator: str | None) -> dict:
+                       artifacts: dict[str, str]) -> dict:
     """Every method x budget for one client (in a worker process), each at its selected learning-rate scale;
     also the un-personalized base model. The client's features, generator output and BayesTune search are
-    computed once for all budgets."""
+    computed once for all budgets. Rows carry what each method declares it reports (ranks, lambdas, ...)."""
     setup, base = _WORKER["setup"], _WORKER["base"]
     client = setup.data.pool(pool)[index]
     personal = PersonalizeConfig.from_dict({**config["personalize"], "seed": seed})
-    context = ClientContext(base, setup.task, client.train, _generator(generator))
+    context = ClientContext(base, setup.task, client.train, _artifacts(artifacts))
     start = time.perf_counter()
     rows = [{"method": "base", "budget": 0, **_scores(setup.task.evaluate(base, client.test)),
              "seconds": time.perf_counter() - start}]
@@ -184,12 +188,10 @@ def personalize_client(config: dict, seed: int, pool: str, index: int, scales: d
             result = personalize(method, context, budget=budget, config=tuned)
             row = {"method": method, "budget": budget, **_scores(setup.task.evaluate(result.model, client.test)),
                    "seconds": time.perf_counter() - start, "lr_scale": scales[method][budget],
-                   "lr": tuned.method_lr(method),
+                   "lr": method_lr(tuned, method),
                    "train_loss_last_epoch": result.metrics["train_loss_last_epoch"]}
-            if method != "lora":
-                row["ranks"] = result.ranks
-            if method == "fedp2eft":
-                row["lambdas"] = result.kept_scales
+            for field in method_spec(method).reports:
+                row[field] = result.ranks if field == "ranks" else result.report[field]
             rows.append(row)
     return {"seed": seed, "pool": pool, "client": client.client_id, "language": client.language, "rows": rows}
 
@@ -245,7 +247,7 @@ def validation_clients(config: dict, setup: Setup) -> list[int]:
 
 
 def stage_select(config: dict, run_dir: Path, base_model: str, methods: list[str],
-                 generator: Path | None) -> list[dict]:
+                 artifacts: dict[str, Path]) -> list[dict]:
     """Validation scores of ``methods`` over the whole grid (skipped for a one-point grid)."""
     sink = run_dir / "selection.jsonl"
     done = read_jsonl(sink)
@@ -254,7 +256,8 @@ def stage_select(config: dict, run_dir: Path, base_model: str, methods: list[str
     finished = {(record["client"], tuple(record["methods"])) for record in done}
     setup = Setup.from_config(task_config(config, base_model, {}))
     clients = setup.data.pool(config["selection"]["pool"])
-    jobs = [(index, methods, str(generator) if generator else None) for index in validation_clients(config, setup)
+    paths = {name: str(path) for name, path in artifacts.items()}
+    jobs = [(index, methods, paths) for index in validation_clients(config, setup)
             if (clients[index].client_id, tuple(methods)) not in finished]
     if jobs:
         console.rule(f"[bold]Stage 2/5: learning-rate selection on validation data: {', '.join(methods)}")
@@ -274,12 +277,15 @@ def validation_counts(records: list[dict]) -> tuple[dict, dict]:
 
 def chosen_scales(config: dict, records: list[dict]) -> dict[str, dict[int, float]]:
     """Per method and budget, the grid scale with the best pooled validation accuracy (ties: the smaller
-    scale). With a one-point grid that point."""
+    scale). With a one-point grid that point. A method that learns its own learning rates keeps scale 1."""
     grid = config["selection"]["grid"]
     correct, count = validation_counts(records)
     chosen: dict[str, dict[int, float]] = {}
     for method in config["methods"]:
         chosen[method] = {}
+        if method_spec(method).lr_field is None:
+            chosen[method] = dict.fromkeys(config["budgets"], 1.0)
+            continue
         for budget in config["budgets"]:
             scored = [(correct[(method, budget, s)] / count[(method, budget, s)], -i, s)
                       for i, s in enumerate(grid) if count[(method, budget, s)]]
@@ -292,37 +298,40 @@ def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: di
     correct, count = validation_counts(records)
     personal = PersonalizeConfig.from_dict(config["personalize"])
     results = [{"method": m, "budget": b, "scale": s,
-                "lr": personal.with_lr_scale(s).method_lr(m),
+                "lr": method_lr(personal.with_lr_scale(s), m),
                 "val_accuracy": correct[(m, b, s)] / count[(m, b, s)], "val_count": count[(m, b, s)]}
                for (m, b, s) in sorted(count)]
     payload = {"grid": config["selection"]["grid"], "validation_fraction": config["selection"]["validation_fraction"],
                "pool": config["selection"]["pool"],
                "clients": sorted({record["client"] for record in records}), "results": results,
-               "chosen": {m: {str(b): s for b, s in by_budget.items()} for m, by_budget in chosen.items()}}
+               "chosen": {m: {str(b): s for b, s in by_budget.items()} for m, by_budget in chosen.items()
+                          if method_spec(m).lr_field is not None}}
     tmp = run_dir / "selection.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, run_dir / "selection.json")
 
 
-def generator_lr_scale(config: dict, chosen: dict[str, dict[int, float]]) -> float:
-    """Stage 1 of generator training is BayesTune, so by default it runs at the scale validation chose for
-    local BayesTune (``btlora``): the one chosen for most budgets, ties to the smaller."""
-    setting = config["psg"]["lr_scale"]
-    if setting != "btlora":
+def stage_lr_scale(config: dict, stage: Stage, chosen: dict[str, dict[int, float]]) -> float:
+    """The learning-rate scale a stage's local training runs at: ``<stage>.lr_scale`` is a number, or the name
+    of a method whose selected scale it takes (the one chosen for most budgets, ties to the smaller; the PS
+    generator's stage 1 is BayesTune, so ``btlora`` is the natural choice there)."""
+    setting = config[stage.name]["lr_scale"]
+    if not isinstance(setting, str):
         return float(setting)
-    if "btlora" not in chosen:
-        raise FedP2EFTError("psg.lr_scale: btlora needs method btlora in methods; give a number instead")
-    votes = Counter(chosen["btlora"].values())
+    if setting not in chosen:
+        raise FedP2EFTError(f"{stage.name}.lr_scale: {setting} needs method {setting} among the methods; give a "
+                            f"number instead")
+    votes = Counter(chosen[setting].values())
     return min(votes, key=lambda scale: (-votes[scale], scale))
 
 
-def stage_personalize(config: dict, run_dir: Path, base_model: str, generators: dict[int, Path | None],
+def stage_personalize(config: dict, run_dir: Path, base_model: str, artifacts: dict[int, dict[str, Path]],
                       scales: dict[str, dict[int, float]]) -> list[dict]:
     results_file = run_dir / "personalize.jsonl"
     done = read_jsonl(results_file)
     finished = {(r["seed"], r["pool"], r["client"]) for r in done}
     setup = Setup.from_config(task_config(config, base_model, {}))
-    jobs = [(seed, pool, index, scales, str(generators[seed]) if generators[seed] else None)
+    jobs = [(seed, pool, index, scales, {name: str(path) for name, path in artifacts[seed].items()})
             for seed in config["seeds"] for pool in config["pools"]
             for index, client in enumerate(setup.data.pool(pool)) if (seed, pool, client.client_id) not in finished]
     if jobs:
@@ -359,20 +368,21 @@ def run(config: dict, results_root: Path = Path("results"), command: str = "") -
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     clock = StageClock(run_dir / "timings.json")
     base_model = clock.time("base", stage_base, config, run_dir)
-    plain = [m for m in config["methods"] if m not in NEEDS_GENERATOR]
-    records = clock.time("select", stage_select, config, run_dir, base_model, plain, None)
+    plain = [m for m in config["methods"] if method_spec(m).stage is None and method_spec(m).lr_field is not None]
+    records = clock.time("select", stage_select, config, run_dir, base_model, plain, {})
     scales = chosen_scales(config, records)
-    generators: dict[int, Path | None] = {seed: None for seed in config["seeds"]}
-    if uses_generator(config):
-        lr_scale = generator_lr_scale(config, scales)
+    artifacts: dict[int, dict[str, Path]] = {seed: {} for seed in config["seeds"]}
+    for stage in stages(config["methods"]):
+        lr_scale = stage_lr_scale(config, stage, scales)
         for seed in config["seeds"]:
-            generators[seed] = clock.time("psg", stage_generator, config, run_dir, base_model, seed, lr_scale)
-        with_generator = [m for m in config["methods"] if m in NEEDS_GENERATOR]
-        records = clock.time("select", stage_select, config, run_dir, base_model, with_generator,
-                             generators[config["seeds"][0]])
+            artifacts[seed][stage.name] = clock.time(stage.name, stage_artifact, config, run_dir, base_model, stage,
+                                                     seed, lr_scale)
+        users = [m for m in config["methods"] if method_spec(m).stage is stage and method_spec(m).lr_field is not None]
+        records = clock.time("select", stage_select, config, run_dir, base_model, users,
+                             {stage.name: artifacts[config["seeds"][0]][stage.name]})
         scales = chosen_scales(config, records)
     write_selection(config, run_dir, records, scales)
-    results = clock.time("personalize", stage_personalize, config, run_dir, base_model, generators, scales)
+    results = clock.time("personalize", stage_personalize, config, run_dir, base_model, artifacts, scales)
     console.rule("[bold]Stage 5/5: report")
     write_report(config, run_dir, results, clock.seconds, command)
     return run_dir

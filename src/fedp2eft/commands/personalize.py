@@ -10,18 +10,20 @@ from fedp2eft.errors import FedP2EFTError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from fedp2eft.core.methods import METHODS
+
+    names = ", ".join(METHODS)
     parser = subparsers.add_parser(
         "personalize", help="personalize one client's model and evaluate it on its test set",
-        description="Personalize one client with lora, adalora, btlora, fedp2eft or fedp2eft-structure under a rank "
-                    "budget.",
+        description=f"Personalize one client with one of {names} under a rank budget.",
     )
     parser.add_argument("--model", required=True, help="base model: a checkpoint folder, hub id or embedded name")
     parser.add_argument("--data", default="intents", help="dataset name or file/folder (default: %(default)s)")
     parser.add_argument("--client", required=True, help="client id (see `fedp2eft data describe`)")
-    parser.add_argument("--method", default="fedp2eft",
-                        help="lora, adalora, btlora, fedp2eft or fedp2eft-structure (default: %(default)s)")
+    parser.add_argument("--method", default="fedp2eft", help=f"{names} (default: %(default)s)")
     parser.add_argument("--budget", type=int, default=8, help="average LoRA rank per module r")
-    parser.add_argument("--generator", type=Path, help="PS generator (.safetensors), needed by fedp2eft")
+    parser.add_argument("--artifact", "--generator", type=Path,
+                        help="what the method's federated stage produced (the PS generator .safetensors for fedp2eft)")
     parser.add_argument("--max-rank", type=int, default=32, help="R, the generator's maximum rank")
     parser.add_argument("--export", type=Path, help="write the personalized adapter here (standard PEFT)")
     parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when present), cpu, cuda or cuda:N "
@@ -30,12 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedp2eft.core.generator import PSGenerator
     from fedp2eft.core.device import resolve_device
-    from fedp2eft.core.methods import PersonalizeConfig, check_method, generator_spec, personalize
+    from fedp2eft.core.methods import PersonalizeConfig, method_spec, personalize
     from fedp2eft.experiment import Setup
 
-    check_method(args.method)
+    stage = method_spec(args.method).stage
     device = resolve_device(args.device)
     setup = Setup(args.model, args.data, {})
     clients = {client.client_id: client for client in setup.data.seen + setup.data.unseen}
@@ -44,10 +45,12 @@ def run(args: argparse.Namespace) -> int:
     client = clients[args.client]
     base = setup.load_base_model(device)
     config = PersonalizeConfig(max_rank=args.max_rank)
-    generator = None
-    if args.generator is not None:
-        generator = PSGenerator.load(args.generator, expected=generator_spec(base, config, args.model))
-    result = personalize(args.method, base, setup.task, client.train, args.budget, config, generator)
+    artifact = None
+    if stage is not None:
+        if args.artifact is None:
+            raise FedP2EFTError(f"method '{args.method}' needs --artifact: {stage.how_to_get}")
+        artifact = stage.load(args.artifact, base, config, args.model)
+    result = personalize(args.method, base, setup.task, client.train, args.budget, config, artifact)
     report = {"client": client.client_id, "language": client.language, "method": args.method,
               "budget": args.budget, "train": result.metrics, "test": setup.task.evaluate(result.model, client.test),
               "lora_ranks_total": sum(result.ranks.values()), "modules_with_lora": len(result.ranks)}

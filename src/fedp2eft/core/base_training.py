@@ -111,11 +111,3 @@ class BaseModelTask:
         self.task.tokenizer.save_pretrained(directory)
         return Path(directory)
 
-
-def make_task(config: dict) -> BaseModelTask:
-    """Build from a JSON-able config: {model, dataset, dataset_options, max_length, training: {...}}."""
-    from fedp2eft.experiment import Setup
-
-    setup = Setup.from_config(config)
-    return BaseModelTask(setup.load_base_model(), setup.task, setup.data.seen,
-                         config_from_mapping(BaseTrainingConfig, config.get("training", {}), "training"))

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fedp2eft.core.artifacts import ArtifactKind, load_artifact, save_artifact
 from fedp2eft.core.btlora import SCALE_MIN, clamp_ste
 from fedp2eft.errors import FedP2EFTError
 
 HEADER_KEY = "fedp2eft_generator"
+ARTIFACT = ArtifactKind(HEADER_KEY, "PS generator", "train one with `fedp2eft train-psg`")
 
 
 @dataclass(frozen=True)
@@ -68,29 +66,13 @@ class PSGenerator(nn.Module):
         return clamp_ste(self.net(features))
 
     def save(self, path: str | Path) -> None:
-        """Safetensors weights with the spec as a JSON header, written atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        header = {HEADER_KEY: json.dumps(asdict(self.spec))}
-        state = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file(state, tmp, metadata=header)
-        os.replace(tmp, path)
+        """Safetensors weights with the spec as a JSON header, written atomically (``core/artifacts.py``)."""
+        save_artifact(path, self.state_dict(), ARTIFACT, asdict(self.spec))
 
     @classmethod
     def load(cls, path: str | Path, expected: GeneratorSpec | None = None) -> PSGenerator:
         """Load a saved generator; refuse it when it was trained for a different model layout."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FedP2EFTError(f"no PS generator at {path}; train one with `fedp2eft train-psg` or fix the path")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if HEADER_KEY not in metadata:
-            raise FedP2EFTError(f"{path} is a safetensors file but not a fedp2eft PS generator (no header)")
-        raw = json.loads(metadata[HEADER_KEY])
+        raw, state = load_artifact(path, ARTIFACT)
         spec = GeneratorSpec(
             base_model=raw["base_model"],
             module_names=tuple(raw["module_names"]),
@@ -103,5 +85,5 @@ class PSGenerator(nn.Module):
                 f"model ({reason}); train a generator for this model or load the matching base model"
             )
         generator = cls(spec)
-        generator.load_state_dict(load_file(str(path)))
+        generator.load_state_dict(state)
         return generator

@@ -17,7 +17,7 @@ from fedp2eft.core.btlora import clamp_ste
 from fedp2eft.core.budget import top_entries_mask
 from fedp2eft.core.federation import ClientUpdate
 from fedp2eft.core.generator import PSGenerator
-from fedp2eft.core.methods import PersonalizeConfig, features_for, generator_spec, new_btlora, train_btlora
+from fedp2eft.core.personalization import PersonalizeConfig, features_for, generator_spec, new_btlora, train_btlora
 from fedp2eft.core.tasks import Task
 from fedp2eft.data.types import ClientData
 from fedp2eft.errors import FedP2EFTError, config_from_mapping
@@ -137,11 +137,3 @@ class GeneratorTask:
         return ClientUpdate({k: v.detach().clone() for k, v in generator.state_dict().items()}, len(client.train),
                             metrics)
 
-
-def make_task(config: dict) -> GeneratorTask:
-    """Build from a JSON-able config: {model, dataset, dataset_options, max_length, training: {...}}."""
-    from fedp2eft.experiment import Setup
-
-    setup = Setup.from_config(config)
-    return GeneratorTask(setup.load_base_model(), setup.task, setup.data.seen,
-                         GeneratorTrainingConfig.from_dict(config.get("training", {})), setup.model)

@@ -5,6 +5,7 @@ Imports happen lazily so that the Flower layer never pulls a model library it do
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
 from typing import Any, Callable
@@ -13,21 +14,28 @@ from fedp2eft.core.federation import FederatedTask
 from fedp2eft.errors import FedP2EFTError
 
 BUILTIN_TASKS: dict[str, str] = {
-    "base": "fedp2eft.core.base_training:make_task",
-    "psg": "fedp2eft.core.generator_training:make_task",
+    "base": "fedp2eft.experiment:make_base_task",
     "toy": "fedp2eft.fl.toy_task:make_task",
-}
+}  # plus the federated stage of every personalization method (``psg``, ...), by its name
 
 _REQUIRED_METHODS = ("initial_weights", "num_clients", "client_update")
 
 
 def resolve_factory(name_or_path: str) -> Callable[[dict[str, Any]], FederatedTask]:
-    """Return the ``make_task(config)`` callable behind a built-in name or a dotted path."""
+    """Return the ``make_task(config)`` callable behind a built-in name, a method's stage name or a dotted
+    path."""
     target = BUILTIN_TASKS.get(name_or_path, name_or_path)
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
+        from fedp2eft.core.methods import STAGES
+
+        stages = sorted(STAGES)
+        if name_or_path in stages:
+            from fedp2eft.experiment import make_stage_task
+
+            return functools.partial(make_stage_task, name_or_path)
         raise FedP2EFTError(
-            f"unknown task {name_or_path!r}: use one of {sorted(BUILTIN_TASKS)} "
+            f"unknown task {name_or_path!r}: use one of {sorted(BUILTIN_TASKS) + stages} "
             "or a factory path like 'package.module:make_task'"
         )
     try:

@@ -1,0 +1,461 @@
+"""FedL2P for LoRA (Lee et al., NeurIPS 2023), the strongest baseline of the FedP²EFT paper (docs/method.md,
+"Baselines"): a meta-net maps a client's meta-features (the same features the PS generator reads) to one
+learning-rate multiplier per LoRA tensor, for ordinary uniform-rank-r LoRA fine-tuning.
+
+The meta-net is trained federatedly. Per round each client splits its training data 80/20 into inner-train and
+validation, fine-tunes a fresh LoRA on inner-train with the meta-net's learning rates, and moves the meta-net
+along the hypergradient of the validation loss, computed with the implicit function theorem and a Neumann-series
+inverse (FedL2P, following Lorraine et al., AISTATS 2020). One meta-net is trained per rank budget r, as the
+paper does; ``FedL2PTask`` trains all of them in one federated run."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fedp2eft.core.artifacts import ArtifactKind, load_artifact, save_artifact
+from fedp2eft.core.btlora import attach_lora, clamp_ste
+from fedp2eft.core.device import model_device, to_device
+from fedp2eft.core.federation import ClientUpdate
+from fedp2eft.core.personalization import LORA_SCALING, ClientContext, PersonalizeConfig, Personalized, \
+    features_for, frozen_copy, generator_spec, train_metrics
+from fedp2eft.core.tasks import Task, iterate_batches
+from fedp2eft.core.training import TrainResult, train
+from fedp2eft.errors import FedP2EFTError, config_from_mapping
+
+STAGE_NAME = "fedl2p"
+ARTIFACT = ArtifactKind("fedp2eft_fedl2p", "FedL2P meta-net",
+                        f"`fedp2eft benchmark` trains one (its stage `{STAGE_NAME}`)")
+HIDDEN = 100  # FedL2P's meta-net: two hidden layers of 100 units
+MULTIPLIER_MAX = 1000.0
+
+
+def metanet_file(directory: str | Path, budget: int) -> Path:
+    """Where ``FedL2PTask.export`` puts the meta-net of rank budget ``budget``."""
+    return Path(directory) / f"fedl2p-r{budget}.safetensors"
+
+
+# --- what a meta-net is tied to ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetaNetSpec:
+    """One base model, one LoRA module list, one rank budget r and one feature layout. Outputs are ordered module by
+    module (``module_names`` order), A then B: output 2m scales module m's A, output 2m+1 its B."""
+
+    base_model: str
+    module_names: tuple[str, ...]
+    budget: int
+    feature_layers: tuple[str, ...]
+
+    @property
+    def num_inputs(self) -> int:
+        return 2 * len(self.feature_layers)
+
+    @property
+    def num_outputs(self) -> int:
+        return 2 * len(self.module_names)
+
+    def mismatch(self, other: MetaNetSpec) -> str | None:
+        """A sentence saying how ``other`` differs from this spec, or None when they agree."""
+        if self.budget != other.budget:
+            return f"budget r differs ({self.budget} vs {other.budget})"
+        if self.module_names != other.module_names:
+            missing = sorted(set(self.module_names) ^ set(other.module_names))[:3]
+            return f"LoRA module lists differ ({len(self.module_names)} vs {len(other.module_names)}; e.g. {missing})"
+        if self.feature_layers != other.feature_layers:
+            return f"feature layers differ ({len(self.feature_layers)} vs {len(other.feature_layers)})"
+        return None
+
+
+def metanet_spec(base_model: nn.Module, config: PersonalizeConfig, base_model_name: str, budget: int) -> MetaNetSpec:
+    """The layout a meta-net for this base model, config and budget must have: the PS generator's modules and
+    feature layers (``generator_spec``), so both read the same client features."""
+    if not isinstance(budget, int) or budget <= 0:
+        raise FedP2EFTError(f"FedL2P rank budget r={budget!r} must be a positive integer (the LoRA rank per module)")
+    layout = generator_spec(base_model, config, base_model_name)
+    return MetaNetSpec(base_model_name, layout.module_names, budget, layout.feature_layers)
+
+
+# --- the meta-net --------------------------------------------------------------------------------------------------
+
+
+class LRMetaNet(nn.Module):
+    """MLP D -> 100 -> 100 -> 2M (ReLU between) whose outputs, clamped to [0, 1000] with a straight-through gradient,
+    multiply ``base_lrs``, one learnable learning rate per LoRA tensor (FedL2P's learnable base learning rates).
+
+    The last layer starts with tiny weights (Xavier gain ``init_gain``) and bias 1, so every multiplier starts
+    within 1 ± 0.05 for features up to a norm of about 5000, i.e. FedL2P starts as plain LoRA at ``base_lr``;
+    the hidden layers keep PyTorch's default init so that gradients reach them once the last layer has moved."""
+
+    def __init__(self, spec: MetaNetSpec, base_lr: float = 1e-4, init_gain: float = 1e-4) -> None:
+        super().__init__()
+        self.spec = spec
+        self.net = nn.Sequential(
+            nn.Linear(spec.num_inputs, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
+            nn.Linear(HIDDEN, spec.num_outputs),
+        )
+        nn.init.xavier_uniform_(self.net[-1].weight, gain=init_gain)
+        nn.init.constant_(self.net[-1].bias, 1.0)
+        self.base_lrs = nn.Parameter(torch.full((spec.num_outputs,), float(base_lr)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """The learning-rate multipliers, one per LoRA tensor (see ``MetaNetSpec`` for the order)."""
+        return clamp_ste(self.net(features), 0.0, MULTIPLIER_MAX)
+
+    def learning_rates(self, features: torch.Tensor) -> torch.Tensor:
+        """The effective learning rate of every LoRA tensor: multiplier x base learning rate."""
+        return self(features) * self.base_lrs
+
+    def net_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters())
+
+    def save(self, path: str | Path) -> None:
+        """Safetensors weights with the spec as a JSON header, written atomically (``core/artifacts.py``)."""
+        save_artifact(path, self.state_dict(), ARTIFACT, asdict(self.spec))
+
+    @classmethod
+    def load(cls, path: str | Path, expected: MetaNetSpec | None = None) -> LRMetaNet:
+        """Load a saved meta-net; refuse one trained for another model layout or another budget."""
+        raw, state = load_artifact(path, ARTIFACT)
+        spec = MetaNetSpec(base_model=raw["base_model"], module_names=tuple(raw["module_names"]),
+                           budget=int(raw["budget"]), feature_layers=tuple(raw["feature_layers"]))
+        if expected is not None and (reason := spec.mismatch(expected)):
+            raise FedP2EFTError(
+                f"the FedL2P meta-net {path} was trained for base model '{spec.base_model}' at budget r={spec.budget} "
+                f"and does not fit ({reason}); use the meta-net trained for this model and budget, or train one: "
+                f"{ARTIFACT.how_to_get}"
+            )
+        metanet = cls(spec)
+        metanet.load_state_dict(state)
+        return metanet
+
+
+def load_metanets(directory: str | Path, base_model: nn.Module, config: PersonalizeConfig,
+                  base_model_name: str) -> dict[int, LRMetaNet]:
+    """Every meta-net exported to ``directory`` (``metanet_file``), by budget, each checked against this model
+    and config; a directory without any is an error that says how to get them."""
+    directory = Path(directory)
+    files = sorted(directory.glob("fedl2p-r*.safetensors")) if directory.is_dir() else []
+    budgets = sorted(int(path.stem.removeprefix("fedl2p-r")) for path in files
+                     if path.stem.removeprefix("fedl2p-r").isdigit())
+    if not budgets:
+        raise FedP2EFTError(f"no FedL2P meta-nets (fedl2p-r<budget>.safetensors) in {directory}; "
+                            f"{ARTIFACT.how_to_get}")
+    return {budget: LRMetaNet.load(metanet_file(directory, budget),
+                                   expected=metanet_spec(base_model, config, base_model_name, budget))
+            for budget in budgets}
+
+
+# --- LoRA with per-tensor learning rates ---------------------------------------------------------------------------
+
+
+def new_lora(base_model: nn.Module, spec: MetaNetSpec, seed: int) -> PeftModel:
+    """A fresh rank-r LoRA on every module of ``spec`` (alpha = 2r, ``LORA_SCALING``), its init drawn from ``seed``."""
+    return attach_lora(frozen_copy(base_model), {name: spec.budget for name in spec.module_names}, LORA_SCALING,
+                       seed=seed)
+
+
+def lora_tensors(model: PeftModel, module_names: Sequence[str], adapter: str = "default") -> list[nn.Parameter]:
+    """The LoRA weight matrices in the meta-net's output order: for each module, its A then its B."""
+    modules = dict(model.get_base_model().named_modules())
+    tensors = []
+    for name in module_names:
+        layer = modules.get(name)
+        if layer is None or adapter not in getattr(layer, "lora_A", {}):
+            raise FedP2EFTError(f"module '{name}' carries no LoRA adapter '{adapter}'; build the model with new_lora")
+        tensors += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+    return tensors
+
+
+def finetune_with_rates(model: PeftModel, tensors: list[nn.Parameter], rates: torch.Tensor, task: Task,
+                        examples: list[dict], config: PersonalizeConfig) -> TrainResult:
+    """Ordinary LoRA fine-tuning where tensor i learns at ``rates[i]``: AdamW with one parameter group per tensor,
+    weight decay 0, the project's one training loop."""
+    if len(tensors) != rates.numel():
+        raise FedP2EFTError(f"{rates.numel()} learning rates for {len(tensors)} LoRA tensors")
+    groups = [{"params": [tensor], "lr": rate} for tensor, rate in zip(tensors, rates.detach().cpu().tolist())]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    return train(model, task, examples, optimizer, config.epochs, config.batch_size, seed=config.seed)
+
+
+# --- the hypergradient -----------------------------------------------------------------------------------------------
+
+
+def implicit_hypergradient(
+    update: Callable[[list[torch.Tensor], list[torch.Tensor]], Sequence[torch.Tensor]],
+    params: Sequence[torch.Tensor],
+    hparams: Sequence[torch.Tensor],
+    val_grads: Sequence[torch.Tensor],
+    terms: int = 3,
+    step: float = 0.1,
+) -> list[torch.Tensor]:
+    """dL_val/dh by the implicit function theorem, for parameters theta at a fixed point of the update map
+    theta = Phi(theta, h) (Lorraine et al. 2020; FedL2P uses it for its meta-nets):
+
+        dL_val/dh = v^T (I - J)^{-1} dPhi/dh,   v = dL_val/dtheta,   J = dPhi/dtheta,
+        (I - J)^{-1} ~= step * sum_{k=0..terms} (I - step (I - J))^k      (a Neumann series),
+
+    i.e. p_0 = v, p_{k+1} = p_k - step (p_k - p_k^T J), result = (step * sum_k p_k)^T dPhi/dh. Every product with J
+    or dPhi/dh is one vector-Jacobian product through autograd; no Jacobian is ever formed. The series converges when
+    every eigenvalue of step (I - J) lies in (0, 2); ``terms`` = 0 keeps only p_0 (step * v^T dPhi/dh).
+
+    ``update(params, hparams)`` returns Phi, one tensor per parameter, and must be differentiable twice with respect
+    to ``params`` (build gradients inside it with ``create_graph=True``). ``params`` must be the tensors the update
+    actually reads and require grad (e.g. a model's own LoRA weights). ``hparams`` are taken by value: the result
+    holds one gradient per hyperparameter, shaped like it, for the caller to chain further (``tensor.backward``).
+    ``val_grads`` is v, one tensor per parameter. L_val is assumed to depend on h only through theta."""
+    if terms < 0 or step <= 0:
+        raise FedP2EFTError(f"the Neumann series needs terms >= 0 and step > 0 (got {terms}, {step})")
+    leaves = [value.detach().clone().requires_grad_(True) for value in hparams]
+    params = list(params)
+    phi = list(update(params, leaves))
+    term = [grad.detach() for grad in val_grads]
+    total = list(term)
+    for _ in range(terms):
+        products = torch.autograd.grad(phi, params, grad_outputs=term, retain_graph=True, allow_unused=True)
+        term = [p - step * (p - (pj if pj is not None else torch.zeros_like(p))) for p, pj in zip(term, products)]
+        total = [t + p for t, p in zip(total, term)]
+    grads = torch.autograd.grad(phi, leaves, grad_outputs=[step * t for t in total], allow_unused=True)
+    return [grad if grad is not None else torch.zeros_like(leaf) for grad, leaf in zip(grads, leaves)]
+
+
+def loss_and_gradient(model: nn.Module, task: Task, examples: list[dict], tensors: list[nn.Parameter],
+                      batch_size: int) -> tuple[float, list[torch.Tensor]]:
+    """The mean loss over all of ``examples`` (batches weighted by their loss units, so it equals the pooled mean)
+    and its gradient with respect to ``tensors``; float32, no autocast."""
+    device = model_device(model)
+    batches = list(iterate_batches(examples, task.collate, batch_size))
+    units = [float(task.loss_units(batch).sum()) for batch in batches]
+    total_units = sum(units)
+    loss_sum = 0.0
+    grads = [torch.zeros_like(tensor) for tensor in tensors]
+    for batch, weight in zip(batches, units):
+        if weight == 0:
+            continue
+        loss = model(**to_device(batch, device)).loss * (weight / total_units)
+        for grad, part in zip(grads, torch.autograd.grad(loss, tensors, allow_unused=True)):
+            if part is not None:
+                grad += part
+        loss_sum += float(loss.detach())
+    return loss_sum, grads
+
+
+# --- one client's meta-training ------------------------------------------------------------------------------------
+
+
+@dataclass
+class FedL2PConfig:
+    """FedL2P's meta-training settings, the paper's values by default; the inner LoRA fine-tuning (learning rate,
+    epochs, batch size, LoRA seed, target modules) comes from ``personalize``. ``seed`` draws the meta-nets' init."""
+
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
+    outer_steps: int = 3
+    neumann_terms: int = 3
+    neumann_step: float = 0.1
+    meta_lr: float = 1e-4
+    base_lr_lr: float = 1e-6
+    max_grad_norm: float = 1.0
+    validation_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise FedP2EFTError(f"fedl2p: validation_fraction must lie in (0, 1), got {self.validation_fraction}")
+        if self.outer_steps < 1 or self.neumann_terms < 0 or self.neumann_step <= 0:
+            raise FedP2EFTError("fedl2p: outer_steps must be >= 1, neumann_terms >= 0 and neumann_step > 0")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> FedL2PConfig:
+        """From a YAML/JSON mapping (``personalize`` nested); unknown keys are named in the error."""
+        raw = dict(raw)
+        personalize = PersonalizeConfig.from_dict(raw.pop("personalize", {}))
+        return config_from_mapping(cls, {**raw, "personalize": personalize}, "fedl2p.training")
+
+
+def split_examples(examples: list[dict], validation_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded split into (inner-train, validation), each in the original order; both parts are non-empty."""
+    if len(examples) < 2:
+        raise FedP2EFTError(f"FedL2P needs at least 2 training examples per client to hold out validation data "
+                            f"(got {len(examples)})")
+    count = min(len(examples) - 1, max(1, round(validation_fraction * len(examples))))
+    held = set(random.Random(seed).sample(range(len(examples)), count))
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def sgd_step_map(model: nn.Module, batch: dict[str, torch.Tensor]
+                 ) -> Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]:
+    """Phi(theta, lrs) = theta - lrs (.) grad_theta L(theta; batch): one SGD step with per-tensor learning rates
+    ``lrs`` (hparams[0], one entry per tensor), the update map ``implicit_hypergradient`` differentiates."""
+    device = model_device(model)
+    batch = to_device(batch, device)
+
+    def update(tensors: list[torch.Tensor], hparams: list[torch.Tensor]) -> list[torch.Tensor]:
+        rates = hparams[0].to(device)
+        loss = model(**batch).loss
+        grads = torch.autograd.grad(loss, tensors, create_graph=True)
+        return [tensor - rates[i] * grad for i, (tensor, grad) in enumerate(zip(tensors, grads))]
+
+    return update
+
+
+def meta_update(metanet: LRMetaNet, base_model: nn.Module, task: Task, train_examples: list[dict],
+                features: torch.Tensor, budget: int, config: FedL2PConfig, seed: int) -> dict[str, float]:
+    """One client's meta-training in one round (FedL2P, Lee et al. 2023), in place on ``metanet``.
+
+    The client's training examples are split (seeded by ``seed``) into inner-train and validation. ``outer_steps``
+    times: a fresh rank-r LoRA with the same init every time (``config.personalize.seed``) is fine-tuned on
+    inner-train with the meta-net's current per-tensor learning rates (plain AdamW, values detached); then the
+    hypergradient of the validation loss with respect to those learning rates is taken by
+    ``implicit_hypergradient`` at the fine-tuned weights, with the update map chosen as one SGD step on one seeded
+    batch of inner-train, Phi(theta, lrs) = theta - lrs (.) grad L_train(theta) (``sgd_step_map``; AdamW's own step
+    is not differentiated). It is chained through the learning rates into the meta-net and the base learning rates,
+    the total gradient norm is clipped to ``max_grad_norm``, and one Adam step is taken (net at ``meta_lr``, base
+    learning rates at ``base_lr_lr``, fresh state per call); base learning rates are kept >= 0.
+
+    Returns the validation loss after fine-tuning at the first and at the last outer step (``val_loss_before``,
+    ``val_loss_after``: before any and after ``outer_steps - 1`` updates of this call), their mean over all outer
+    steps, and the mean multiplier and learning rate of the updated meta-net."""
+    if budget != metanet.spec.budget:
+        raise FedP2EFTError(f"this meta-net was built for budget r={metanet.spec.budget}, not r={budget}")
+    settings = config.personalize
+    inner, validation = split_examples(train_examples, config.validation_fraction, seed)
+    optimizer = torch.optim.Adam([{"params": metanet.net_parameters(), "lr": config.meta_lr},
+                                  {"params": [metanet.base_lrs], "lr": config.base_lr_lr}])
+    rng = random.Random(seed)
+    losses, norms = [], []
+    for _ in range(config.outer_steps):
+        rates = metanet.learning_rates(features)
+        model = new_lora(base_model, metanet.spec, settings.seed)
+        tensors = lora_tensors(model, metanet.spec.module_names)
+        finetune_with_rates(model, tensors, rates, task, inner, settings)
+        model.eval()
+        batch = task.collate(rng.sample(inner, min(settings.batch_size, len(inner))))
+        # The fused attention kernels have no double backward; the math kernel computes the same attention.
+        with sdpa_kernel(SDPBackend.MATH):
+            loss, val_grads = loss_and_gradient(model, task, validation, tensors, settings.batch_size)
+            (hypergrad,) = implicit_hypergradient(sgd_step_map(model, batch), tensors, [rates], val_grads,
+                                                  terms=config.neumann_terms, step=config.neumann_step)
+        losses.append(loss)
+        optimizer.zero_grad(set_to_none=True)
+        rates.backward(hypergrad.to(rates.device))
+        norms.append(float(nn.utils.clip_grad_norm_(list(metanet.parameters()), config.max_grad_norm)))
+        optimizer.step()
+        with torch.no_grad():
+            metanet.base_lrs.clamp_(min=0.0)
+        del model
+    with torch.no_grad():
+        multipliers = metanet(features)
+        final_rates = multipliers * metanet.base_lrs
+    return {"val_loss_before": losses[0], "val_loss_after": losses[-1], "val_loss": sum(losses) / len(losses),
+            "hypergrad_norm": sum(norms) / len(norms), "mean_multiplier": float(multipliers.mean()),
+            "mean_lr": float(final_rates.mean())}
+
+
+# --- the federated job ---------------------------------------------------------------------------------------------
+
+
+class FedL2PTask:
+    """FedL2P's federated job over the seen clients; implements ``FederatedTask`` (and ``export``).
+
+    The weights are the meta-nets of every budget in one state dict, keys prefixed ``r{budget}.``, so one federated
+    run trains one meta-net per budget as the paper does. ``clients`` are objects with a ``.train`` list."""
+
+    def __init__(self, base_model: nn.Module, task: Task, clients: Sequence, config: FedL2PConfig,
+                 base_model_name: str, budgets: Sequence[int]) -> None:
+        if not budgets:
+            raise FedP2EFTError("FedL2P needs at least one rank budget to train a meta-net for")
+        self.base_model = base_model
+        self.task = task
+        self.clients = list(clients)
+        self.config = config
+        self.specs = {budget: metanet_spec(base_model, config.personalize, base_model_name, budget)
+                      for budget in sorted(set(budgets))}
+        self._features: dict[int, torch.Tensor] = {}
+
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    @staticmethod
+    def prefix(budget: int) -> str:
+        return f"r{budget}."
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        torch.manual_seed(self.config.seed)
+        weights = {}
+        for budget, spec in self.specs.items():
+            metanet = LRMetaNet(spec, base_lr=self.config.personalize.lora_lr)
+            weights.update({self.prefix(budget) + key: value for key, value in metanet.state_dict().items()})
+        return weights
+
+    def metanet(self, weights: dict[str, torch.Tensor], budget: int) -> LRMetaNet:
+        """The meta-net of ``budget`` held in the global ``weights``."""
+        prefix = self.prefix(budget)
+        metanet = LRMetaNet(self.specs[budget])
+        metanet.load_state_dict({key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)})
+        return metanet
+
+    def features(self, client_index: int) -> torch.Tensor:
+        """x depends only on the fixed base model and the client's data (and every budget reads the same layers),
+        so it is computed once per client."""
+        if client_index not in self._features:
+            spec = next(iter(self.specs.values()))
+            self._features[client_index] = features_for(self.base_model, self.task,
+                                                        self.clients[client_index].train, spec)
+        return self._features[client_index]
+
+    def client_update(self, weights: dict[str, torch.Tensor], client_index: int, server_round: int) -> ClientUpdate:
+        """``meta_update`` of every budget's meta-net on this client. The client's inner-train/validation split is
+        the same in every round (seeded by the config's seed and the client), as a client's held-out data would be."""
+        config = self.config
+        torch.manual_seed(config.seed * 100_003 + server_round * 1_009 + client_index)
+        client = self.clients[client_index]
+        features = self.features(client_index)
+        new_weights: dict[str, torch.Tensor] = {}
+        metrics: dict[str, float] = {}
+        for budget in self.specs:
+            metanet = self.metanet(weights, budget)
+            result = meta_update(metanet, self.base_model, self.task, client.train, features, budget, config,
+                                 seed=config.seed * 100_003 + client_index)
+            new_weights.update({self.prefix(budget) + key: value.detach().clone()
+                                for key, value in metanet.state_dict().items()})
+            metrics.update({f"{key}_r{budget}": value for key, value in result.items()})
+        for key in ("val_loss_before", "val_loss_after", "val_loss", "mean_multiplier", "mean_lr"):
+            metrics[key] = sum(metrics[f"{key}_r{budget}"] for budget in self.specs) / len(self.specs)
+        return ClientUpdate(new_weights, len(client.train), metrics)
+
+    def export(self, weights: dict[str, torch.Tensor], directory: Path) -> Path:
+        """One file per budget, ``directory/fedl2p-r{budget}.safetensors`` (with its JSON header); returns
+        ``directory``."""
+        directory = Path(directory)
+        for budget in self.specs:
+            self.metanet(weights, budget).save(metanet_file(directory, budget))
+        return directory
+
+
+# --- personalization -----------------------------------------------------------------------------------------------
+
+
+def personalize_fedl2p(context: ClientContext, budget: int, config: PersonalizeConfig,
+                       metanet: LRMetaNet) -> Personalized:
+    """FedL2P's personalization: the client's features -> per-tensor learning rates from the meta-net of this
+    budget -> a fresh rank-r LoRA (alpha = 2r) fine-tuned with them for ``config.epochs``."""
+    expected = metanet_spec(context.base_model, config, metanet.spec.base_model, budget)
+    if reason := metanet.spec.mismatch(expected):
+        raise FedP2EFTError(f"the FedL2P meta-net does not fit this base model and budget ({reason}); use the "
+                            f"meta-net trained for this model, target modules and budget")
+    with torch.no_grad():
+        rates = metanet.learning_rates(context.features(expected))
+    model = new_lora(context.base_model, expected, config.seed)
+    result = finetune_with_rates(model, lora_tensors(model, expected.module_names), rates, context.task,
+                                 context.examples, config)
+    metrics = train_metrics(result, model)
+    metrics["mean_lr"] = float(rates.mean())
+    return Personalized(model, {name: budget for name in expected.module_names}, metrics)

@@ -1,0 +1,79 @@
+"""Personalization methods behind one API (docs/method.md, "Personalization" and "Baselines").
+
+    result = personalize("fedp2eft", base_model, task, train_examples, budget=8, artifact=psg)
+    metrics = task.evaluate(result.model, test_examples)
+
+Each method lives in its own module and is declared by a :class:`MethodSpec`; ``METHODS`` lists them. Adding a
+method = one new module + one entry below. Pass a :class:`ClientContext` instead of (base_model, task,
+train_examples, artifact) to share a client's features, generator output and BayesTune searches between runs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedp2eft.core.budget import check_budget
+from fedp2eft.core.methods import adalora, btlora, fedl2p, fedp2eft, lora
+from fedp2eft.core.personalization import LORA_SCALING, ClientContext, PersonalizeConfig, Personalized, \
+    features_for, finetune_selection, frozen_copy, generator_spec, new_btlora, train_btlora
+from fedp2eft.core.methods.registry import MethodSpec, Stage
+from fedp2eft.core.tasks import Task
+from fedp2eft.errors import FedP2EFTError
+
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    lora.METHOD, adalora.METHOD, btlora.METHOD, fedl2p.METHOD, fedp2eft.STRUCTURE, fedp2eft.METHOD,
+)}
+STAGES: dict[str, Stage] = {spec.stage.name: spec.stage for spec in METHODS.values() if spec.stage is not None}
+
+
+def method_spec(method: str) -> MethodSpec:
+    """The declaration of ``method``; an unknown name is an error that lists the known ones."""
+    if method not in METHODS:
+        raise FedP2EFTError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def stages(methods: list[str]) -> list[Stage]:
+    """The federated stages ``methods`` need, each once, in the order the methods name them."""
+    found: dict[str, Stage] = {}
+    for method in methods:
+        stage = method_spec(method).stage
+        if stage is not None:
+            found.setdefault(stage.name, stage)
+    return list(found.values())
+
+
+def stage_named(name: str) -> Stage:
+    """The federated stage called ``name`` that some method declares."""
+    if name not in STAGES:
+        raise FedP2EFTError(f"no method declares a federated stage '{name}'; known stages: {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def method_lr(config: PersonalizeConfig, method: str) -> float | None:
+    """The learning rate of ``method``'s LoRA weights (the config field its declaration names); None for a method
+    that learns its own."""
+    field = method_spec(method).lr_field
+    return None if field is None else getattr(config, field)
+
+
+def personalize(method: str, base_model: nn.Module | ClientContext, task: Task | None = None,
+                train_examples: list[dict] | None = None, budget: int = 8, config: PersonalizeConfig | None = None,
+                artifact: object | None = None) -> Personalized:
+    """Personalize a copy of ``base_model`` on one client's training examples under rank budget ``budget``.
+    ``artifact`` is what the method's federated stage produced (a PS generator for fedp2eft)."""
+    config = config or PersonalizeConfig()
+    spec = method_spec(method)
+    check_budget(budget, config.max_rank)
+    if isinstance(base_model, ClientContext):
+        context = base_model
+    else:
+        artifacts = {spec.stage.name: artifact} if spec.stage is not None and artifact is not None else {}
+        context = ClientContext(base_model, task, train_examples, artifacts)
+    torch.manual_seed(config.seed)
+    return spec.personalize(context, budget, config)
+
+
+__all__ = ["LORA_SCALING", "METHODS", "STAGES", "ClientContext", "MethodSpec", "PersonalizeConfig", "Personalized", "Stage",
+           "features_for", "finetune_selection", "frozen_copy", "generator_spec", "method_lr", "method_spec",
+           "new_btlora", "personalize", "stage_named", "stages", "train_btlora"]

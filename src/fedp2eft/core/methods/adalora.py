@@ -1,0 +1,40 @@
+"""PEFT's AdaLoRA with the reference settings (docs/method.md, "Baselines")."""
+
+from __future__ import annotations
+
+import torch
+from peft import AdaLoraConfig, PeftModel, get_peft_model
+
+from fedp2eft.core.btlora import resolve_target_modules
+from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, frozen_copy, train_metrics
+from fedp2eft.core.methods.registry import MethodSpec
+from fedp2eft.core.training import steps_per_epoch, train
+
+
+def personalize_adalora(context: ClientContext, budget: int, config: PersonalizeConfig) -> Personalized:
+    """``lora_alpha`` is left at PEFT's default, so the scaling is alpha / init_r as in the paper's runs."""
+    targets = resolve_target_modules(context.base_model, config.target_modules)
+    total = config.epochs * steps_per_epoch(len(context.examples), config.batch_size)
+    init_r = max(budget + 1, round(1.5 * budget))
+    adalora = AdaLoraConfig(
+        target_r=budget, init_r=init_r, lora_dropout=0.0, tinit=int(0.1 * total), tfinal=int(0.3 * total),
+        deltaT=1, orth_reg_weight=0.1, total_step=total, target_modules=targets,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model: PeftModel = get_peft_model(frozen_copy(context.base_model), adalora)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.adalora_lr,
+                                  weight_decay=0.0)
+    result = train(model, context.task, context.examples, optimizer, config.epochs, config.batch_size,
+                   seed=config.seed, after_step=model.base_model.update_and_allocate)
+    return Personalized(model, allocated_ranks(model), train_metrics(result, model))
+
+
+def allocated_ranks(model: PeftModel) -> dict[str, int]:
+    """Ranks left after AdaLoRA's budget allocation: the entries of lora_E it has not zeroed."""
+    return {name: int((module.lora_E["default"] != 0).sum())
+            for name, module in model.get_base_model().named_modules()
+            if "default" in getattr(module, "lora_E", {})}
+
+
+METHOD = MethodSpec("adalora", personalize_adalora, lr_field="adalora_lr", reports=("ranks",))

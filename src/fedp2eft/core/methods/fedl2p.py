@@ -1,0 +1,49 @@
+"""FedL2P (Lee et al., NeurIPS 2023), the paper's strongest baseline: federatedly meta-learned per-tensor learning
+rates for a uniform-rank LoRA (docs/method.md, "Baselines"). The mathematics live in ``core/fedl2p.py``; this
+module declares the method and its federated stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from fedp2eft.core.fedl2p import STAGE_NAME, FedL2PConfig, FedL2PTask, LRMetaNet, load_metanets, personalize_fedl2p
+from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized
+from fedp2eft.core.methods.registry import MethodSpec, Stage
+from fedp2eft.core.tasks import Task
+from fedp2eft.data.types import ClientData
+from fedp2eft.errors import FedP2EFTError
+
+
+def build_task(base_model: nn.Module, task: Task, clients: list[ClientData], training: dict, base_model_name: str,
+               budgets: list[int]) -> FedL2PTask:
+    """One meta-net per budget, all trained in one federated run (the paper trains one per budget)."""
+    return FedL2PTask(base_model, task, clients, FedL2PConfig.from_dict(training), base_model_name, budgets)
+
+
+def load(path: Path, base_model: nn.Module, config: PersonalizeConfig, base_model_name: str) -> dict[int, LRMetaNet]:
+    return load_metanets(path, base_model, config, base_model_name)
+
+
+STAGE = Stage(
+    name=STAGE_NAME, build=build_task, config_class=FedL2PConfig, load=load,
+    # its meta-nets' base learning rates start at the rate validation chose for uniform LoRA
+    defaults={"rounds": 10, "clients_per_round": 4, "lr_scale": "lora", "training": {}},
+    how_to_get="let `fedp2eft benchmark` train them (stage `fedl2p`) or point --artifact at their folder",
+)
+
+
+def personalize(context: ClientContext, budget: int, config: PersonalizeConfig) -> Personalized:
+    metanets = context.artifacts.get(STAGE_NAME)
+    if metanets is None:
+        raise FedP2EFTError(f"method 'fedl2p' needs trained FedL2P meta-nets: {STAGE.how_to_get}")
+    if budget not in metanets:
+        raise FedP2EFTError(f"no FedL2P meta-net for budget r={budget} (there are meta-nets for r in "
+                            f"{sorted(metanets)}); train them with this budget among the budgets")
+    result = personalize_fedl2p(context, budget, config, metanets[budget])
+    result.report["mean_lr"] = result.metrics["mean_lr"]
+    return result
+
+
+METHOD = MethodSpec("fedl2p", personalize, lr_field=None, reports=("mean_lr",), stage=STAGE)

@@ -1,0 +1,54 @@
+"""What a personalization method is, as far as the rest of the project is concerned (in the spirit of PEFT's
+tuners: one file per method, one line in ``METHODS`` in ``__init__.py``).
+
+A method declares its name, how it personalizes a client under a budget, which learning rate of the config is
+its own, what it reports per run, and, optionally, the federated stage whose artifact it needs (the PS
+generator, FedL2P's meta-nets, ...). The benchmark runner, the report and the CLI read these declarations, so
+adding a method touches nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fedp2eft.core.federation import FederatedTask
+from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized
+from fedp2eft.core.tasks import Task
+from fedp2eft.data.types import ClientData
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A federated job (Flower, seen pool) whose artifact a method personalizes with.
+
+    ``name`` is the stage's config section (``psg:``), task name and run folder (``seed<s>/<name>/``).
+    ``build(base_model, task, seen_clients, training, base_model_name, budgets)`` makes the engine-free job from
+    the section's ``training`` mapping (plus ``personalize`` and ``seed``, and ``total_rounds`` when ``config_class``
+    has that field); ``config_class`` is that mapping's dataclass. ``load(path, base_model, config,
+    base_model_name)`` reads the exported artifact and refuses one made for another model. ``defaults`` are the
+    section's defaults; ``how_to_get`` tells a user without the artifact how to make one."""
+
+    name: str
+    build: Callable[[nn.Module, Task, list[ClientData], dict, str, list[int]], FederatedTask]
+    config_class: type
+    load: Callable[[Path, nn.Module, PersonalizeConfig, str], Any]
+    defaults: dict
+    how_to_get: str
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One personalization method: ``personalize(context, budget, config)``; ``lr_field`` names its learning rate
+    in ``PersonalizeConfig`` (None for a method that learns its own: learning-rate selection skips it);
+    ``reports`` lists per-run fields for the results (``ranks`` and keys of
+    ``Personalized.report``)."""
+
+    name: str
+    personalize: Callable[[ClientContext, int, PersonalizeConfig], Personalized]
+    lr_field: str | None = "lora_lr"
+    reports: tuple[str, ...] = ()
+    stage: Stage | None = None

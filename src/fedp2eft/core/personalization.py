@@ -1,0 +1,168 @@
+"""What every personalization method shares: its config, its result, a client's shared work, BayesTune
+training (local BT-LoRA and stage 1 of the PS generator's federated training) and the fine-tuning of a LoRA with
+fixed per-module ranks (docs/method.md, "Personalization" and "Baselines"). The methods themselves live in
+``core/methods/``; the federated stages import from here, not from there, so the two never import each other.
+
+Every method fine-tunes a LoRA on a shallow copy of the base model (``frozen_copy``) with the one training loop
+of ``core/training.py``; the base model's weights are never modified."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedp2eft.core.btlora import BTLoRAModel, PriorConfig, resolve_target_modules
+from fedp2eft.core.budget import Selection
+from fedp2eft.core.features import client_features, feature_layer_names
+from fedp2eft.core.generator import GeneratorSpec
+from fedp2eft.core.tasks import Task, iterate_batches
+from fedp2eft.core.training import TrainResult, train
+from fedp2eft.errors import config_from_mapping
+
+LORA_SCALING = 2.0  # alpha = 2 * rank, as in the paper
+
+
+@dataclass
+class PersonalizeConfig:
+    """Paper defaults (docs/method.md). ``scale_lr``, ``bayestune_epochs`` and ``priors`` are BayesTune's, shared
+    by local BT-LoRA and the PS generator's federated stage; ``adalora_lr`` is AdaLoRA's."""
+
+    max_rank: int = 32
+    epochs: int = 2
+    batch_size: int = 16
+    lora_lr: float = 1e-4
+    scale_lr: float = 1e-2
+    adalora_lr: float = 1e-3
+    bayestune_epochs: int = 2
+    priors: PriorConfig = field(default_factory=PriorConfig)
+    target_modules: list[str] | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> PersonalizeConfig:
+        """From a YAML/JSON mapping (``priors`` nested); unknown keys are named in the error."""
+        raw = dict(raw)
+        priors = config_from_mapping(PriorConfig, raw.pop("priors", {}), "personalize.priors")
+        return config_from_mapping(cls, {**raw, "priors": priors}, "personalize")
+
+    def with_lr_scale(self, factor: float) -> PersonalizeConfig:
+        """Every learning rate times ``factor``: the paper's ratios (lambda 100x LoRA, AdaLoRA 10x) are kept,
+        so one number per method is what a learning-rate search has to choose."""
+        return replace(self, lora_lr=self.lora_lr * factor, scale_lr=self.scale_lr * factor,
+                       adalora_lr=self.adalora_lr * factor)
+
+
+@dataclass
+class Personalized:
+    """A personalized model ready for ``task.evaluate``, the ranks its LoRA modules got, and what else the method
+    reports per run (e.g. the kept lambda multipliers per module, under ``report["lambdas"]``)."""
+
+    model: nn.Module
+    ranks: dict[str, int]
+    metrics: dict[str, float]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def export(self, directory: str | Path) -> None:
+        """Save as a standard PEFT adapter (per-module ranks, lambda folded into B)."""
+        peft_model = self.model.fold_scales() if isinstance(self.model, BTLoRAModel) else self.model
+        peft_model.save_pretrained(str(directory))
+
+
+def frozen_copy(base_model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares the base model's parameters instead of duplicating them.
+
+    PEFT swaps modules in the copy's tree only and freezes the (shared) base weights, so many personalized
+    models can live side by side at the cost of their LoRA weights, not of the whole model."""
+    return copy.deepcopy(base_model, memo={id(p): p for p in base_model.parameters()})
+
+
+def generator_spec(base_model: nn.Module, config: PersonalizeConfig, base_model_name: str) -> GeneratorSpec:
+    """The layout a PS generator for this base model and config must have."""
+    targets = resolve_target_modules(base_model, config.target_modules)
+    return GeneratorSpec(
+        base_model=base_model_name,
+        module_names=tuple(targets),
+        rank=config.max_rank,
+        feature_layers=tuple(feature_layer_names(base_model, targets)),
+    )
+
+
+def features_for(base_model: nn.Module, task: Task, examples: list[dict], spec: GeneratorSpec,
+                 batch_size: int = 32) -> torch.Tensor:
+    """The client's meta-features x (docs/method.md, "Client features"): from the inputs only, never labels."""
+    return client_features(base_model, iterate_batches(examples, task.feature_collate, batch_size),
+                           list(spec.feature_layers))
+
+
+class ClientContext:
+    """One client's data, the artifacts of federated stages (by stage name: a PS generator, meta-nets, ...) and
+    the work its personalization runs share, computed on first use and kept (``shared``): meta-features, the
+    generator's Lambda, BayesTune searches. A client personalized under every budget pays for those once."""
+
+    def __init__(self, base_model: nn.Module, task: Task, examples: list[dict],
+                 artifacts: dict[str, Any] | None = None) -> None:
+        task.check(examples, "the client's training set")
+        self.base_model = base_model
+        self.task = task
+        self.examples = examples
+        self.artifacts = dict(artifacts or {})
+        self._shared: dict[Hashable, Any] = {}
+
+    def shared(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()`` the first time ``key`` is asked for, the kept value afterwards."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
+
+    def features(self, spec: GeneratorSpec) -> torch.Tensor:
+        """x for this client (depends only on the base model, the data and the feature layers)."""
+        return self.shared(("features", spec.feature_layers),
+                           lambda: features_for(self.base_model, self.task, self.examples, spec))
+
+
+def new_btlora(base_model: nn.Module, config: PersonalizeConfig, init_scales: float = 1e-4) -> BTLoRAModel:
+    """A fresh full-rank (R everywhere) BT-LoRA on a copy of the base model, lambda trainable."""
+    targets = resolve_target_modules(base_model, config.target_modules)
+    return BTLoRAModel(
+        frozen_copy(base_model), {name: config.max_rank for name in targets}, LORA_SCALING,
+        init_scales=init_scales, priors=config.priors, lora_seed=config.seed,
+    )
+
+
+def train_btlora(model: BTLoRAModel, task: Task, examples: list[dict], config: PersonalizeConfig,
+                 epochs: int) -> TrainResult:
+    """BayesTune: LoRA and lambda together, task loss plus both priors (lambda in its own LR group)."""
+    model.snapshot_b()
+    optimizer = torch.optim.AdamW(
+        [{"params": model.lora_parameters(), "lr": config.lora_lr},
+         {"params": model.scale_parameters(), "lr": config.scale_lr}],
+        weight_decay=0.0,
+    )
+    return train(model, task, examples, optimizer, epochs, config.batch_size, seed=config.seed,
+                 extra_loss=lambda: model.prior_loss(len(examples)))
+
+
+def train_metrics(result: TrainResult, model: nn.Module) -> dict[str, float]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"train_loss_first_epoch": result.epoch_losses[0], "train_loss_last_epoch": result.epoch_losses[-1],
+            "steps": result.steps, "trainable_parameters": trainable}
+
+
+def finetune_selection(context: ClientContext, selection: Selection, config: PersonalizeConfig,
+                       unit_scales: bool = False) -> Personalized:
+    """docs/method.md, personalization steps 3-4: a fresh LoRA with the kept ranks and the kept lambdas as fixed
+    multipliers (all 1 with ``unit_scales``: the rank structure alone), fine-tuned on the client's data."""
+    values = {name: torch.ones_like(v) for name, v in selection.values.items()} if unit_scales else selection.values
+    model = BTLoRAModel(frozen_copy(context.base_model), selection.ranks, LORA_SCALING, init_scales=values,
+                        trainable_scales=False, lora_seed=config.seed)
+    optimizer = torch.optim.AdamW(model.lora_parameters(), lr=config.lora_lr, weight_decay=0.0)
+    result = train(model, context.task, context.examples, optimizer, config.epochs, config.batch_size,
+                   seed=config.seed)
+    kept = {name: [round(float(v), 6) for v in values[name]] for name in selection.ranks}
+    return Personalized(model, selection.ranks, train_metrics(result, model), {"lambdas": kept})
