@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import CLIENTS_PER_ROUND, FULL_ROUNDS, TOY_CONFIG
 from fedp2eft.errors import FedP2EFTError
+from fedp2eft.fl.checkpoint import is_new_best, load_best
 from fedp2eft.fl.job import Job
 from fedp2eft.fl.server_app import sample_clients, serve
 from fedp2eft.fl.simulation import run_federated
@@ -35,7 +36,9 @@ def test_simulation_matches_independent_fedavg(full_toy_run: Path) -> None:
 
     task = make_task(TOY_CONFIG)
     weights = task.initial_weights()
+    starts = []
     for row in rows:
+        starts.append(weights)
         clients = sample_clients(list(range(task.num_clients())), CLIENTS_PER_ROUND, 11, row["round"])
         assert row["clients"] == clients
         updates = [task.client_update(weights, c, row["round"]) for c in clients]
@@ -47,6 +50,13 @@ def test_simulation_matches_independent_fedavg(full_toy_run: Path) -> None:
     assert set(got) == set(weights)
     for name in weights:
         torch.testing.assert_close(got[name], weights[name], atol=1e-6, rtol=0)
+
+    # early stopping: the global weights on which clients measured the lowest loss_before are kept
+    best_round = min(range(len(rows)), key=lambda i: rows[i]["train/loss_before"])
+    kept, after_round = load_best(full_toy_run)
+    assert after_round == best_round
+    for name in weights:
+        torch.testing.assert_close(kept[name], starts[best_round][name], atol=1e-6, rtol=0)
 
     state = json.loads((full_toy_run / "state.json").read_text())
     assert state["round"] == FULL_ROUNDS and len(state["history"]) == FULL_ROUNDS
@@ -108,3 +118,8 @@ def test_builtin_psg_task_runs_one_round_in_simulation(tmp_path: Path) -> None:
     assert state["job"]["task"] == "psg" and path == tmp_path / state["checkpoint"]
     weights = load_file(str(path))
     assert weights and all(bool(torch.isfinite(v).all()) for v in weights.values())
+
+
+def test_a_new_best_needs_a_lower_value_than_every_earlier_round():
+    rows = [{"train/m": 3.0}, {"train/m": 2.0}, {"other": 1.0}, {"train/m": 2.0}, {"train/m": 1.5}]
+    assert [is_new_best(rows[: i + 1], "m") for i in range(len(rows))] == [True, True, False, False, True]

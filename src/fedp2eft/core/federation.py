@@ -19,7 +19,11 @@ class ClientUpdate:
 
 
 class FederatedTask(Protocol):
-    """One federated training job. The FL engine only samples clients, ships ``weights`` and averages them."""
+    """One federated training job. The FL engine only samples clients, ships ``weights`` and averages them.
+
+    A task may also name ``best_metric``, a client metric measured on the weights a round starts from (lower is
+    better): the engine then keeps the global weights whose sample-weighted mean of it is lowest, and the task's
+    artifact is exported from those (early stopping without stopping)."""
 
     def initial_weights(self) -> dict[str, torch.Tensor]:
         """The global weights before round 1 (deterministic for a given config)."""

@@ -366,7 +366,12 @@ class FedL2PTask:
     """FedL2P's federated job over the seen clients; implements ``FederatedTask`` (and ``export``).
 
     The weights are the meta-nets of every budget in one state dict, keys prefixed ``r{budget}.``, so one federated
-    run trains one meta-net per budget as the paper does. ``clients`` are objects with a ``.train`` list."""
+    run trains one meta-net per budget as the paper does. ``clients`` are objects with a ``.train`` list.
+
+    Early stopping as in the paper: ``best_metric`` names the validation loss after fine-tuning with the meta-nets
+    a round starts from (mean over budgets), so the engine keeps the meta-nets with the lowest one."""
+
+    best_metric = "val_loss_before"
 
     def __init__(self, base_model: nn.Module, task: Task, clients: Sequence, config: FedL2PConfig,
                  base_model_name: str, budgets: Sequence[int]) -> None:

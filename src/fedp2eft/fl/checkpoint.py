@@ -20,6 +20,7 @@ from fedp2eft.fl.weights import Weights
 
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
+BEST_FILE = "best.safetensors"
 
 
 @dataclass
@@ -60,6 +61,32 @@ def save_round(output_dir: Path, weights: Weights, state: RunState) -> Path:
         if old.name != state.checkpoint:
             old.unlink()
     return path
+
+
+def is_new_best(history: list[dict[str, Any]], metric: str) -> bool:
+    """Whether the last round's ``train/<metric>`` is lower than every earlier round's (the first value counts)."""
+    key = f"train/{metric}"
+    values = [row[key] for row in history[:-1] if key in row]
+    return key in history[-1] and (not values or history[-1][key] < min(values))
+
+
+def save_best(output_dir: Path, weights: Weights, server_round: int) -> None:
+    """Keep ``weights`` (the global weights after ``server_round``) as the best so far, atomically."""
+    tmp = output_dir / (BEST_FILE + ".tmp")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"round": str(server_round)})
+    os.replace(tmp, output_dir / BEST_FILE)
+
+
+def load_best(output_dir: Path) -> tuple[Weights, int] | None:
+    """The best weights kept so far and the round after which they were the global weights, if any."""
+    from safetensors import safe_open
+
+    path = output_dir / BEST_FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        server_round = int((handle.metadata() or {}).get("round", -1))
+    return load_file(str(path)), server_round
 
 
 def load_state(output_dir: Path) -> RunState | None:

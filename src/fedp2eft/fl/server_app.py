@@ -21,7 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedp2eft.core.federation import FederatedTask
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl import protocol as P
-from fedp2eft.fl.checkpoint import RunState, check_resumable, checkpoint_name, load_state, load_weights, save_round
+from fedp2eft.fl.checkpoint import RunState, check_resumable, checkpoint_name, is_new_best, load_state, load_weights, \
+    save_best, save_round
 from fedp2eft.fl.job import Job
 from fedp2eft.fl.report import RoundReporter
 from fedp2eft.fl.tasks import build_task
@@ -200,11 +201,15 @@ def serve(grid: Grid, job: Job, task: FederatedTask | None = None) -> Path:
         return out / state.checkpoint
     clients = discover_clients(grid, job, task.num_clients())
     reporter = RoundReporter(out, job.rounds, state.round + 1)
+    best_metric = getattr(task, "best_metric", None)
     try:
         for server_round in range(state.round + 1, job.rounds + 1):
+            incoming = weights
             weights, row = run_round(grid, job, weights, server_round, clients)
             state = RunState(round=server_round, checkpoint=checkpoint_name(server_round), job=job_record,
                              history=[*state.history, row])
+            if best_metric is not None and is_new_best(state.history, best_metric):
+                save_best(out, incoming, server_round - 1)  # the metric was measured on the round's incoming weights
             save_round(out, weights, state)
             reporter.round_done(row)
     finally:

@@ -49,9 +49,10 @@ def resolve_factory(name_or_path: str) -> Callable[[dict[str, Any]], FederatedTa
 
 
 def export_final(name_or_path: str, config: dict[str, Any], output_dir: Path) -> Path:
-    """Turn the last checkpoint of a finished run into the task's artifact (``ExportableTask.export``); tasks
-    without ``export`` keep the weights checkpoint as their result."""
-    from fedp2eft.fl.checkpoint import load_state, load_weights
+    """Turn a finished run into the task's artifact (``ExportableTask.export``): the best weights kept for a task
+    that names a ``best_metric`` (early stopping), else the last checkpoint; tasks without ``export`` keep the
+    weights checkpoint as their result."""
+    from fedp2eft.fl.checkpoint import load_best, load_state, load_weights
 
     state = load_state(output_dir)
     if state is None:
@@ -59,7 +60,8 @@ def export_final(name_or_path: str, config: dict[str, Any], output_dir: Path) ->
     task = build_task(name_or_path, config)
     if not callable(getattr(task, "export", None)):
         return output_dir / state.checkpoint
-    return task.export(load_weights(output_dir, state), output_dir)
+    best = load_best(output_dir) if getattr(task, "best_metric", None) else None
+    return task.export(best[0] if best is not None else load_weights(output_dir, state), output_dir)
 
 
 def build_task(name_or_path: str, config: dict[str, Any]) -> FederatedTask:

@@ -34,6 +34,8 @@ class ToyConfig:
 class ToyTask:
     """Clients hold y = f_c(x) + noise with a client-specific target; the server learns one MLP."""
 
+    best_metric = "loss_before"  # the incoming global model's loss: the engine keeps the best global weights
+
     def __init__(self, config: ToyConfig) -> None:
         if config.num_clients < 1 or config.dim < 1 or config.hidden < 1 or config.local_steps < 0:
             raise FedP2EFTError(f"toy task needs positive num_clients/dim/hidden, got {config}")
