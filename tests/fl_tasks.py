@@ -61,7 +61,7 @@ def make_task(config: dict[str, Any]) -> FaultyTask:
 
 
 def make_tiny_psg_task(config: dict[str, Any]) -> Any:
-    """The real PS-generator task (SPEC §4) on the tiny random BERT of conftest, for Flower runs."""
+    """The real PS-generator task on the tiny random BERT of conftest, for Flower runs."""
     from conftest import LABELS, bert_config, classification_examples, make_tokenizer
     from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
     from fedp2eft.core.methods import PersonalizeConfig

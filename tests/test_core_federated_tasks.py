@@ -1,4 +1,4 @@
-"""The engine-free client updates that Flower runs: PS generator (SPEC §4) and base model (SPEC §6)."""
+"""The engine-free client updates that Flower runs: PS generator and base model (docs/method.md, "Federated training")."""
 
 import pytest
 import torch

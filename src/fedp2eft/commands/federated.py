@@ -1,4 +1,5 @@
-"""``train-base`` and ``train-psg``: run the federated jobs (SPEC §6 and §4) in Flower's simulation engine."""
+"""``train-base`` and ``train-psg``: run the federated jobs (docs/method.md, "Federated training") in Flower's
+simulation engine."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import yaml
 from fedp2eft.errors import FedP2EFTError
 
 COMMANDS = {
-    "train-base": ("base", "FedAvg training of the base model on the seen clients (SPEC §6)"),
-    "train-psg": ("psg", "federated training of the PS generator (SPEC §4)"),
+    "train-base": ("base", "FedAvg training of the base model on the seen clients"),
+    "train-psg": ("psg", "federated training of the PS generator"),
 }
 
 

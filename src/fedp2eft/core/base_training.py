@@ -1,5 +1,5 @@
-"""Federated training of the base model (SPEC §6), engine-free: FedAvg of full fine-tuning, or of a LoRA that
-is merged into the weights at the end. The result is a normal Hugging Face checkpoint."""
+"""Federated training of the base model (docs/method.md, "Federated training"), engine-free: FedAvg of full
+fine-tuning, or of a LoRA that is merged into the weights at the end. The result is a normal Hugging Face checkpoint."""
 
 from __future__ import annotations
 

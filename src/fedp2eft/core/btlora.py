@@ -1,4 +1,4 @@
-"""BT-LoRA: PEFT LoRA with a per-rank scale vector lambda between A and B (SPEC §2).
+"""BT-LoRA: PEFT LoRA with a per-rank scale vector lambda between A and B (docs/method.md, "BT-LoRA").
 
     y = W0 x + scaling * B diag(lambda * mask) A x
 

@@ -1,4 +1,5 @@
-"""Budget selection (SPEC §5): keep the global top k = r*M entries of Lambda, r being the average rank per module."""
+"""Budget selection (docs/method.md): keep the global top k = r*M entries of Lambda, r being the average rank per
+module."""
 
 from __future__ import annotations
 

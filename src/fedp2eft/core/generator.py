@@ -1,4 +1,5 @@
-"""The personalization-strategy generator (SPEC §3): client features -> Lambda, one scale per LoRA rank."""
+"""The personalization-strategy generator (docs/method.md, "PS generator"): client features -> Lambda, one scale
+per LoRA rank."""
 
 from __future__ import annotations
 

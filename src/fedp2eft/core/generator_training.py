@@ -1,4 +1,5 @@
-"""Federated training of the PS generator (SPEC §4), engine-free: one client's local update.
+"""Federated training of the PS generator (docs/method.md, "Federated training"), engine-free: one client's local
+update.
 
 Per round a client (1) computes its features x and Lambda0 = PSG(x); (2) stage 1: trains a fresh BT-LoRA
 (same init every time) with lambda := Lambda0 under the BayesTune objective, giving Lambda_s; (3) stage 2:

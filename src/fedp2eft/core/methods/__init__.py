@@ -74,6 +74,6 @@ def personalize(method: str, base_model: nn.Module | ClientContext, task: Task |
     return spec.personalize(context, budget, config)
 
 
-__all__ = ["LORA_SCALING", "METHODS", "STAGES", "ClientContext", "MethodSpec", "PersonalizeConfig", "Personalized", "Stage",
-           "features_for", "finetune_selection", "frozen_copy", "generator_spec", "method_lr", "method_spec",
+__all__ = ["LORA_SCALING", "METHODS", "STAGES", "ClientContext", "MethodSpec", "PersonalizeConfig", "Personalized",
+           "Stage", "features_for", "finetune_selection", "frozen_copy", "generator_spec", "method_lr", "method_spec",
            "new_btlora", "personalize", "stage_named", "stages", "train_btlora"]
