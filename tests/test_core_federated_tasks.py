@@ -1,4 +1,5 @@
-"""The engine-free client updates that Flower runs: PS generator and base model (docs/method.md, "Federated training")."""
+"""The engine-free client updates that Flower runs: PS generator and base model (docs/method.md, "Federated
+training")."""
 
 import pytest
 import torch

@@ -122,8 +122,8 @@ def _init_worker(config: dict, base_model: str) -> None:
     torch.set_num_threads(1)
     quiet_third_party()
     setup = Setup.from_config(task_config(config, base_model, {}))
-    _WORKER.update(methods=config["methods"], setup=setup, base=setup.load_base_model(config["device"]), artifacts={}, base_model=base_model,
-                   config=PersonalizeConfig.from_dict(config["personalize"]))
+    _WORKER.update(methods=config["methods"], setup=setup, base=setup.load_base_model(config["device"]),
+                   artifacts={}, base_model=base_model, config=PersonalizeConfig.from_dict(config["personalize"]))
 
 
 def _artifacts(paths: dict[str, str]) -> dict[str, object]:
