@@ -21,13 +21,24 @@ def trained_like_generator(base, seed=0) -> PSGenerator:
     return generator
 
 
+def artifact_for(method: str, base):
+    """What the method's federated stage would have produced: a PS generator or FedL2P's meta-nets per budget."""
+    from fedp2eft.core.fedl2p import LRMetaNet, metanet_spec
+
+    stage = METHODS[method].stage
+    if stage is None:
+        return None
+    if stage.name == "fedl2p":
+        return {b: LRMetaNet(metanet_spec(base, FAST, "tiny", b), base_lr=FAST.lora_lr) for b in (2, 4)}
+    return trained_like_generator(base)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_runs_end_to_end_and_reduces_training_loss(setup, method):
     base, task, train, test = setup
     reference = copy.deepcopy(base.state_dict())
     before = task.evaluate(base, train)["loss"]
-    generator = trained_like_generator(base) if METHODS[method].stage is not None else None
-    result = personalize(method, base, task, train, budget=4, config=FAST, artifact=generator)
+    result = personalize(method, base, task, train, budget=4, config=FAST, artifact=artifact_for(method, base))
     after = task.evaluate(result.model, train)["loss"]
     assert after < 0.95 * before, (method, before, after)
     assert set(task.evaluate(result.model, test)) >= {"loss", "count"}
@@ -148,3 +159,22 @@ def test_every_method_declares_a_known_learning_rate_and_stage_loads_refuse_fore
         method_spec("nope")
     with pytest.raises(FedP2EFTError, match="no PS generator at"):
         STAGES["psg"].load(tmp_path / "missing.safetensors", setup[0], config, "tiny")
+
+
+def test_fedl2p_plugs_in_and_asks_for_its_meta_nets(setup, tmp_path):
+    from fedp2eft.core.fedl2p import LRMetaNet, metanet_spec
+    from fedp2eft.core.methods import STAGES
+
+    base, task, train, _ = setup
+    assert METHODS["fedl2p"].stage is STAGES["fedl2p"] and METHODS["fedl2p"].lr_field is None
+    with pytest.raises(FedP2EFTError, match="method 'fedl2p' needs trained FedL2P meta-nets"):
+        personalize("fedl2p", base, task, train, budget=2, config=FAST)
+    metanets = {4: LRMetaNet(metanet_spec(base, FAST, "tiny", 4), base_lr=FAST.lora_lr)}
+    with pytest.raises(FedP2EFTError, match=r"no FedL2P meta-net for budget r=2 \(there are meta-nets for r in \[4\]\)"):
+        personalize("fedl2p", base, task, train, budget=2, config=FAST, artifact=metanets)
+    result = personalize("fedl2p", base, task, train, budget=4, config=FAST, artifact=metanets)
+    assert result.report["mean_lr"] == pytest.approx(FAST.lora_lr, rel=0.05)
+    with pytest.raises(FedP2EFTError, match="no FedL2P meta-nets"):
+        STAGES["fedl2p"].load(tmp_path, base, FAST, "tiny")
+    metanets[4].save(tmp_path / "fedl2p-r4.safetensors")
+    assert list(STAGES["fedl2p"].load(tmp_path, base, FAST, "tiny")) == [4]
