@@ -19,7 +19,7 @@ JOB = {"task": "toy", "output_dir": "/tmp/x", "rounds": 2, "clients_per_round": 
 def test_build_task_resolves_builtin_and_dotted_paths() -> None:
     assert build_task("toy", {"num_clients": 3}).num_clients() == 3
     assert build_task("fedp2eft.fl.toy_task:make_task", {"num_clients": 5}).num_clients() == 5
-    with pytest.raises(FedP2EFTError, match="unknown task 'nope'"):
+    with pytest.raises(FedP2EFTError, match=r"unknown task 'nope': use one of \['base', 'toy', 'fedl2p', 'psg'\]"):
         build_task("nope", {})
     with pytest.raises(FedP2EFTError, match="cannot import task module"):
         build_task("no_such_module_xyz:make_task", {})
@@ -27,6 +27,12 @@ def test_build_task_resolves_builtin_and_dotted_paths() -> None:
         build_task("fedp2eft.fl.toy_task:missing", {})
     with pytest.raises(FedP2EFTError, match="lacks"):
         build_task("builtins:dict", {})
+
+
+def test_a_resume_may_change_the_device_but_not_the_task_config() -> None:
+    job = Job.from_dict({**JOB, "task_config": {"num_clients": 3, "device": "cpu"}})
+    assert job.trajectory() == Job.from_dict({**JOB, "task_config": {"num_clients": 3, "device": "cuda"}}).trajectory()
+    assert job.trajectory() != Job.from_dict({**JOB, "task_config": {"num_clients": 4, "device": "cpu"}}).trajectory()
 
 
 def test_job_round_trips_and_rejects_bad_values() -> None:

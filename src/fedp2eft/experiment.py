@@ -70,11 +70,12 @@ class Setup:
 
 def make_base_task(config: dict) -> FederatedTask:
     """The base model's FedAvg job from a JSON-able config: {model, dataset, dataset_options, max_length,
-    training: {...}} (the ``base`` task of the Flower apps)."""
+    device, training: {...}} (the ``base`` task of the Flower apps). ``device`` (default ``auto``: a GPU when the
+    client sees one) is where the client's model computes."""
     from fedp2eft.core.base_training import BaseModelTask, BaseTrainingConfig
 
     setup = Setup.from_config(config)
-    return BaseModelTask(setup.load_base_model(), setup.task, setup.data.seen,
+    return BaseModelTask(setup.load_base_model(config.get("device", "auto")), setup.task, setup.data.seen,
                          config_from_mapping(BaseTrainingConfig, config.get("training", {}), "training"))
 
 
@@ -84,5 +85,5 @@ def make_stage_task(stage: str, config: dict) -> FederatedTask:
     from fedp2eft.core.methods import stage_named
 
     setup = Setup.from_config(config)
-    return stage_named(stage).build(setup.load_base_model(), setup.task, setup.data.seen,
+    return stage_named(stage).build(setup.load_base_model(config.get("device", "auto")), setup.task, setup.data.seen,
                                     config.get("training", {}), setup.model, list(config.get("budgets", [])))

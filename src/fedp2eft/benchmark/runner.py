@@ -46,7 +46,8 @@ RUNTIME_KEYS = ("workers", "device")
 
 def task_config(config: dict, model: str, training: dict) -> dict:
     return {"model": model, "dataset": config["dataset"], "dataset_options": config["dataset_options"],
-            "max_length": config["max_length"], "budgets": config["budgets"], "training": training}
+            "max_length": config["max_length"], "budgets": config["budgets"], "device": config["device"],
+            "training": training}
 
 
 def check_run_folder(run_dir: Path, config: dict) -> None:

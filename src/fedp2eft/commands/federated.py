@@ -1,5 +1,5 @@
-"""``train-base`` and ``train-psg``: run the federated jobs (docs/method.md, "Federated training") in Flower's
-simulation engine."""
+"""``train-base`` and ``train-<stage>`` (``train-psg``, ``train-fedl2p``, one per registered method stage): run the
+federated jobs (docs/method.md, "Federated training") in Flower's simulation engine."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ import yaml
 
 from fedp2eft.errors import FedP2EFTError
 
-COMMANDS = {
-    "train-base": ("base", "FedAvg training of the base model on the seen clients"),
-    "train-psg": ("psg", "federated training of the PS generator"),
-}
+def commands() -> dict[str, tuple[str, str]]:
+    """``train-base`` plus ``train-<stage>`` for the federated stage of every registered method."""
+    from fedp2eft.core.methods import STAGES
+
+    found = {"train-base": ("base", "FedAvg training of the base model on the seen clients")}
+    for stage in STAGES.values():
+        found[f"train-{stage.name}"] = (stage.name, f"federated training of {stage.title} on the seen clients")
+    return found
 
 
 def read_task_config(path: Path) -> dict[str, Any]:
@@ -33,9 +37,14 @@ def run(args: argparse.Namespace) -> int:
     from fedp2eft.fl.simulation import run_federated  # pulls in Flower and Ray only when used
     from fedp2eft.fl.tasks import export_final
 
+    from dataclasses import fields
+
+    from fedp2eft.core.methods import STAGES
+
     config = read_task_config(args.config)
-    if args.task == "psg":  # the budget-sampling warm-up is a share of the run's rounds
-        config.setdefault("training", {}).setdefault("total_rounds", args.rounds)
+    stage = STAGES.get(args.task)
+    if stage is not None and "total_rounds" in {f.name for f in fields(stage.config_class)}:
+        config.setdefault("training", {}).setdefault("total_rounds", args.rounds)  # e.g. a warm-up share
     run_federated(
         args.task, config, args.rounds, args.clients_per_round,
         output_dir=args.output, min_clients=args.min_clients, seed=args.seed,
@@ -46,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    for command, (task, help_text) in COMMANDS.items():
+    for command, (task, help_text) in commands().items():
         parser = subparsers.add_parser(command, help=help_text, description=help_text)
         parser.add_argument("--config", type=Path, required=True, help="YAML file with the task config")
         parser.add_argument("--rounds", type=int, required=True)

@@ -67,8 +67,9 @@ class BaseModelTask:
         self._initial = self.weights()
 
     def weights(self) -> dict[str, torch.Tensor]:
+        """Copies on the CPU, wherever the model computes (weights travel from there)."""
         parameters = dict(self.model.named_parameters())
-        return {name: parameters[name].detach().clone() for name in self.names}
+        return {name: parameters[name].detach().to("cpu", copy=True) for name in self.names}
 
     def load(self, weights: dict[str, torch.Tensor]) -> None:
         parameters = dict(self.model.named_parameters())

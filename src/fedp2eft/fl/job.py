@@ -103,6 +103,8 @@ class Job:
         return cls.from_json(text)
 
     def trajectory(self) -> dict[str, Any]:
-        """The fields that must match between a checkpoint and the job that resumes it."""
+        """The fields that must match between a checkpoint and the job that resumes it (the task config's
+        ``device`` may change: it decides where the clients compute, not what)."""
         data = asdict(self)
+        data["task_config"] = {k: v for k, v in data["task_config"].items() if k != "device"}
         return {name: data[name] for name in TRAJECTORY_FIELDS}

@@ -27,7 +27,7 @@ def load(path: Path, base_model: nn.Module, config: PersonalizeConfig, base_mode
 
 
 STAGE = Stage(
-    name=STAGE_NAME, build=build_task, config_class=FedL2PConfig, load=load,
+    name=STAGE_NAME, title="FedL2P's meta-nets (one per rank in the task config's `budgets`)", build=build_task, config_class=FedL2PConfig, load=load,
     # its meta-nets' base learning rates start at the rate validation chose for uniform LoRA
     defaults={"rounds": 10, "clients_per_round": 4, "lr_scale": "lora", "training": {}},
     how_to_get="let `fedp2eft benchmark` train them (stage `fedl2p`) or point --artifact at their folder",

@@ -32,7 +32,7 @@ def load_generator(path: Path, base_model: nn.Module, config: PersonalizeConfig,
 
 
 PSG_STAGE = Stage(
-    name="psg", build=build_generator_task, config_class=GeneratorTrainingConfig, load=load_generator,
+    name="psg", title="the PS generator", build=build_generator_task, config_class=GeneratorTrainingConfig, load=load_generator,
     defaults={"rounds": 20, "clients_per_round": 4, "training": {}},
     how_to_get="train one with `fedp2eft train-psg` (or let `fedp2eft benchmark` train it)",
 )

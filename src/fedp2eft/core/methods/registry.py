@@ -25,7 +25,8 @@ from fedp2eft.data.types import ClientData
 class Stage:
     """A federated job (Flower, seen pool) whose artifact a method personalizes with.
 
-    ``name`` is the stage's config section (``psg:``), task name and run folder (``seed<s>/<name>/``).
+    ``name`` is the stage's config section (``psg:``), task name, CLI command (``train-<name>``) and run folder
+    (``seed<s>/<name>/``); ``title`` says what it trains, for help texts.
     ``build(base_model, task, seen_clients, training, base_model_name, budgets)`` makes the engine-free job from
     the section's ``training`` mapping (plus ``personalize`` and ``seed``, and ``total_rounds`` when ``config_class``
     has that field); ``config_class`` is that mapping's dataclass. ``load(path, base_model, config,
@@ -33,6 +34,7 @@ class Stage:
     section's defaults; ``how_to_get`` tells a user without the artifact how to make one."""
 
     name: str
+    title: str
     build: Callable[[nn.Module, Task, list[ClientData], dict, str, list[int]], FederatedTask]
     config_class: type
     load: Callable[[Path, nn.Module, PersonalizeConfig, str], Any]
