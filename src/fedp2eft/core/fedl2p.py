@@ -24,6 +24,7 @@ from fedp2eft.core.artifacts import ArtifactKind, load_artifact, save_artifact
 from fedp2eft.core.btlora import attach_lora, clamp_ste
 from fedp2eft.core.device import model_device, to_device
 from fedp2eft.core.federation import ClientUpdate
+from fedp2eft.core.generator import FeatureLayout
 from fedp2eft.core.personalization import LORA_SCALING, ClientContext, PersonalizeConfig, Personalized, \
     features_for, frozen_copy, generator_spec, train_metrics
 from fedp2eft.core.tasks import Task, iterate_batches
@@ -46,7 +47,7 @@ def metanet_file(directory: str | Path, budget: int) -> Path:
 
 
 @dataclass(frozen=True)
-class MetaNetSpec:
+class MetaNetSpec(FeatureLayout):
     """One base model, one LoRA module list, one rank budget r and one feature layout. Outputs are ordered module by
     module (``module_names`` order), A then B: output 2m scales module m's A, output 2m+1 its B."""
 
@@ -56,10 +57,6 @@ class MetaNetSpec:
     feature_layers: tuple[str, ...]
 
     @property
-    def num_inputs(self) -> int:
-        return 2 * len(self.feature_layers)
-
-    @property
     def num_outputs(self) -> int:
         return 2 * len(self.module_names)
 
@@ -67,12 +64,7 @@ class MetaNetSpec:
         """A sentence saying how ``other`` differs from this spec, or None when they agree."""
         if self.budget != other.budget:
             return f"budget r differs ({self.budget} vs {other.budget})"
-        if self.module_names != other.module_names:
-            missing = sorted(set(self.module_names) ^ set(other.module_names))[:3]
-            return f"LoRA module lists differ ({len(self.module_names)} vs {len(other.module_names)}; e.g. {missing})"
-        if self.feature_layers != other.feature_layers:
-            return f"feature layers differ ({len(self.feature_layers)} vs {len(other.feature_layers)})"
-        return None
+        return self.layout_mismatch(other)
 
 
 def metanet_spec(base_model: nn.Module, config: PersonalizeConfig, base_model_name: str, budget: int) -> MetaNetSpec:

@@ -17,18 +17,35 @@ HEADER_KEY = "fedp2eft_generator"
 ARTIFACT = ArtifactKind(HEADER_KEY, "PS generator", "train one with `fedp2eft train-psg`")
 
 
+class FeatureLayout:
+    """What every net reading client features is tied to (mixed into its spec dataclass, which has the fields
+    ``module_names`` and ``feature_layers``): the LoRA module list it speaks for and the feature layers it reads."""
+
+    module_names: tuple[str, ...]
+    feature_layers: tuple[str, ...]
+
+    @property
+    def num_inputs(self) -> int:
+        return 2 * len(self.feature_layers)
+
+    def layout_mismatch(self, other: FeatureLayout) -> str | None:
+        """A sentence saying how ``other``'s module list or feature layers differ, or None."""
+        if self.module_names != other.module_names:
+            missing = sorted(set(self.module_names) ^ set(other.module_names))[:3]
+            return f"LoRA module lists differ ({len(self.module_names)} vs {len(other.module_names)}; e.g. {missing})"
+        if self.feature_layers != other.feature_layers:
+            return f"feature layers differ ({len(self.feature_layers)} vs {len(other.feature_layers)})"
+        return None
+
+
 @dataclass(frozen=True)
-class GeneratorSpec:
+class GeneratorSpec(FeatureLayout):
     """What a generator is tied to: one base model, one module list, one max rank R, one feature layout."""
 
     base_model: str
     module_names: tuple[str, ...]
     rank: int
     feature_layers: tuple[str, ...]
-
-    @property
-    def num_inputs(self) -> int:
-        return 2 * len(self.feature_layers)
 
     @property
     def num_outputs(self) -> int:
@@ -38,12 +55,7 @@ class GeneratorSpec:
         """A sentence saying how ``other`` differs from this spec, or None when they agree."""
         if self.rank != other.rank:
             return f"max rank R differs ({self.rank} vs {other.rank})"
-        if self.module_names != other.module_names:
-            missing = sorted(set(self.module_names) ^ set(other.module_names))[:3]
-            return f"LoRA module lists differ ({len(self.module_names)} vs {len(other.module_names)}; e.g. {missing})"
-        if self.feature_layers != other.feature_layers:
-            return f"feature layers differ ({len(self.feature_layers)} vs {len(other.feature_layers)})"
-        return None
+        return self.layout_mismatch(other)
 
 
 class PSGenerator(nn.Module):
