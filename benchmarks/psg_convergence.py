@@ -17,6 +17,7 @@ from pathlib import Path
 from fedp2eft.benchmark import runner
 from fedp2eft.benchmark.config import resolve
 from fedp2eft.benchmark.report import flattening_round
+from fedp2eft.core.methods import STAGES
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     base_model = runner.stage_base(config, args.output)
     for scale in args.scales:
         run_dir = args.output / f"x{scale:g}"
-        runner.stage_generator(config, run_dir, base_model, args.seed, scale)
+        runner.stage_artifact(config, run_dir, base_model, STAGES["psg"], args.seed, scale)
         rows = [json.loads(line) for line in (run_dir / f"seed{args.seed}" / "psg" / "metrics.jsonl").read_text()
                 .splitlines()]
         rounds = [row["round"] for row in rows]

@@ -7,8 +7,9 @@ import pytest
 
 from fedp2eft.benchmark.config import resolve
 from fedp2eft.cli import main
-from fedp2eft.core.generator_training import make_task
+from fedp2eft.core.methods import METHODS
 from fedp2eft.data.registry import load_dataset
+from fedp2eft.experiment import make_stage_task
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,9 @@ def test_quick_profile_writes_the_full_report(quick_run):
     config = resolve("quick", [])
     for name in ["report.md", "results.json", "results.csv", "config.yaml", "figures/accuracy_vs_budget.png",
                  "figures/rank_heatmap.png", "figures/psg_training.png", "seed0/psg/generator.safetensors",
-                 "seed1/psg/generator.safetensors", "base/model/config.json", "selection.json"]:
+                 "seed1/psg/generator.safetensors", "base/model/config.json", "selection.json",
+                 "seed0/fedl2p/fedl2p-r2.safetensors", "seed1/fedl2p/fedl2p-r8.safetensors",
+                 "seed0/fedl2p/best.safetensors"]:
         assert (quick_run / name).is_file(), name
     summary = json.loads((quick_run / "results.json").read_text())["summary"]
     settings = {(row["pool"], row["method"], row["budget"]) for row in summary}
@@ -38,7 +41,8 @@ def test_learning_rates_are_chosen_on_validation_data_only(quick_run):
     never saw (the profile's selection pool): no test example was scored to choose."""
     config = resolve("quick", [])
     selection = json.loads((quick_run / "selection.json").read_text())
-    assert set(selection["chosen"]) == set(config["methods"])
+    assert "fedl2p" in config["methods"]  # it learns its own learning rates: never selected
+    assert set(selection["chosen"]) == {m for m in config["methods"] if METHODS[m].lr_field is not None}
     assert all(set(map(int, by_budget)) == set(config["budgets"]) for by_budget in selection["chosen"].values())
     assert all(row["scale"] in config["selection"]["grid"] for row in selection["results"])
     assert config["selection"]["pool"] == "unseen"
@@ -52,7 +56,9 @@ def test_learning_rates_are_chosen_on_validation_data_only(quick_run):
     records = [json.loads(line) for line in (quick_run / "personalize.jsonl").read_text().splitlines()]
     for record in records:
         for row in record["rows"]:
-            if row["method"] != "base":
+            if row["method"] == "fedl2p":
+                assert row["lr_scale"] == 1.0 and row["lr"] is None and row["mean_lr"] > 0
+            elif row["method"] != "base":
                 assert row["lr_scale"] == selection["chosen"][row["method"]][str(row["budget"])]
 
 
@@ -78,10 +84,11 @@ def test_unseen_clients_never_train_the_generator_or_base(quick_run):
     data = load_dataset(config["dataset"], **config["dataset_options"])
     seen, unseen = {c.client_id for c in data.seen}, {c.client_id for c in data.unseen}
     assert seen and unseen and not seen & unseen
-    task = make_task({"model": str(quick_run / "base" / "model"), "dataset": config["dataset"],
-                      "dataset_options": config["dataset_options"], "training": {"personalize": {"max_rank": 8}}})
+    task = make_stage_task("psg", {"model": str(quick_run / "base" / "model"), "dataset": config["dataset"],
+                                   "dataset_options": config["dataset_options"],
+                                   "training": {"personalize": {"max_rank": 8}}})
     assert {c.client_id for c in task.clients} == seen
-    for stage in ("base", "seed0/psg", "seed1/psg"):
+    for stage in ("base", "seed0/psg", "seed1/psg", "seed0/fedl2p", "seed1/fedl2p"):
         for line in (quick_run / stage / "metrics.jsonl").read_text().splitlines():
             assert all(0 <= index < len(data.seen) for index in json.loads(line)["clients"])
 
