@@ -45,3 +45,29 @@ def test_evaluation_and_generation_run_in_inference_mode(tokenizer):
     assert metrics["count"] > 0 and "rouge_l" in metrics
     assert not plain.is_inference()
     assert torch.is_grad_enabled()  # evaluation leaves autograd as it found it
+
+
+@pytest.mark.parametrize("method", ["lora", "fedp2eft-structure"])
+def test_cached_generation_gives_the_uncached_tokens_through_every_wrapper(tokenizer, method):
+    """The key/value cache changes the cost of greedy decoding, never its tokens (plain model, PEFT LoRA and the
+    BT-LoRA wrapper with gates)."""
+    from test_core_methods import artifact_for
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config(len(tokenizer)))
+    task = InstructionTask(tokenizer, max_length=32, generation_tokens=6)
+    config = PersonalizeConfig(max_rank=8, epochs=1, batch_size=8, lora_lr=2e-2)
+    model = personalize(method, base, task, instruction_examples(16, seed=1), 4, config,
+                        artifact_for(method, base)).model
+    for candidate in (base, model):
+        for example in instruction_examples(3, seed=9):
+            assert task.generate(candidate, example["instruction"]) == \
+                task.generate(candidate, example["instruction"], use_cache=False)
+    fed = []
+    handle = base.register_forward_pre_hook(lambda _m, _a, kwargs: fed.append(kwargs["input_ids"].shape[1]),
+                                            with_kwargs=True)
+    try:
+        task.generate(base, "what is the color of sun")
+    finally:
+        handle.remove()
+    assert fed[0] > 1 and fed[1:] and all(width == 1 for width in fed[1:])  # the prompt once, then one token a step

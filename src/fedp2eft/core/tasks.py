@@ -153,16 +153,22 @@ class InstructionTask:
             metrics["rouge_l"] = sum(scores) / len(scores)
         return metrics
 
-    def generate(self, model: nn.Module, instruction: str) -> list[int]:
-        """Greedy decoding through the model's plain forward (works for every wrapper), until EOS."""
+    def generate(self, model: nn.Module, instruction: str, use_cache: bool = True) -> list[int]:
+        """Greedy decoding through the model's plain forward (works for every wrapper: PEFT, BT-LoRA), until EOS or
+        ``generation_tokens``. With ``use_cache`` the prompt runs once and each new token is one position fed with
+        the model's key/value cache; without it every step reruns the whole sequence (same tokens, slower)."""
         device = model_device(model)
         ids = self.prompt_ids(instruction)
         prompt_length = len(ids)
+        past = None
         with _evaluation(device):
             for _ in range(self.generation_tokens):
-                inputs = to_device({"input_ids": torch.tensor([ids]),
+                fed = ids[-1:] if past is not None else ids
+                inputs = to_device({"input_ids": torch.tensor([fed]),
                                     "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}, device)
-                token = int(model(**inputs).logits[0, -1].argmax())
+                output = model(**inputs, past_key_values=past, use_cache=use_cache)
+                past = output.past_key_values if use_cache else None
+                token = int(output.logits[0, -1].argmax())
                 if token == self.tokenizer.eos_token_id:
                     break
                 ids.append(token)
