@@ -65,4 +65,4 @@ def personalize_fedp2eft_structure(context: ClientContext, budget: int, config: 
 
 
 METHOD = MethodSpec("fedp2eft", personalize_fedp2eft, reports=("ranks", "lambdas"), stage=PSG_STAGE)
-STRUCTURE = MethodSpec("fedp2eft-structure", personalize_fedp2eft_structure, stage=PSG_STAGE)
+STRUCTURE = MethodSpec("fedp2eft-structure", personalize_fedp2eft_structure, reports=("ranks",), stage=PSG_STAGE)
