@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPE, eos_token_id=-1, pad_token_id=0)).eval()
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE, eos_token_id=None, pad_token_id=0)).eval()
     task = InstructionTask(word_tokenizer(1000), max_length=2048, generation_tokens=args.new_tokens)
     instruction = " ".join(f"w{i}" for i in range(args.prompt_words))
     print(f"threads {torch.get_num_threads()}, prompt {len(task.prompt_ids(instruction))} tokens, "
