@@ -21,7 +21,6 @@ import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import fields
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -31,7 +30,8 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedp2eft.core.methods import ClientContext, PersonalizeConfig, Stage, method_lr, method_spec, personalize, stages
+from fedp2eft.core.methods import ClientContext, PersonalizeConfig, Stage, method_lr, method_spec, personalize, \
+    stage_named, stages
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.experiment import Setup
 from fedp2eft.fl.checkpoint import load_state
@@ -106,7 +106,7 @@ def stage_artifact(config: dict, run_dir: Path, base_model: str, stage: Stage, s
     personal = PersonalizeConfig.from_dict(config["personalize"]).with_lr_scale(lr_scale)
     rates = {"lora_lr": personal.lora_lr, "scale_lr": personal.scale_lr, "adalora_lr": personal.adalora_lr}
     training = {**section["training"], "personalize": {**config["personalize"], **rates}, "seed": seed}
-    if "total_rounds" in {f.name for f in fields(stage.config_class)}:
+    if stage.counts_rounds:
         training["total_rounds"] = section["rounds"]
     artifact = federated(stage.name, config, section, base_model, training, output, seed)
     tmp = output / "export.json.tmp"
@@ -123,8 +123,8 @@ def _init_worker(config: dict, base_model: str) -> None:
     torch.set_num_threads(1)
     quiet_third_party()
     setup = Setup.from_config(task_config(config, base_model, {}))
-    _WORKER.update(methods=config["methods"], setup=setup, base=setup.load_base_model(config["device"]),
-                   artifacts={}, base_model=base_model, config=PersonalizeConfig.from_dict(config["personalize"]))
+    _WORKER.update(setup=setup, base=setup.load_base_model(config["device"]), artifacts={}, base_model=base_model,
+                   config=PersonalizeConfig.from_dict(config["personalize"]))
 
 
 def _artifacts(paths: dict[str, str]) -> dict[str, object]:
@@ -132,8 +132,7 @@ def _artifacts(paths: dict[str, str]) -> dict[str, object]:
     base model by its stage."""
     for name, path in paths.items():
         if path not in _WORKER["artifacts"]:
-            stage = next(s for s in stages(_WORKER["methods"]) if s.name == name)
-            _WORKER["artifacts"][path] = stage.load(Path(path), _WORKER["base"], _WORKER["config"],
+            _WORKER["artifacts"][path] = stage_named(name).load(Path(path), _WORKER["base"], _WORKER["config"],
                                                     _WORKER["base_model"])
     return {name: _WORKER["artifacts"][path] for name, path in paths.items()}
 

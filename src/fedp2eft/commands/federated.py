@@ -37,13 +37,11 @@ def run(args: argparse.Namespace) -> int:
     from fedp2eft.fl.simulation import run_federated  # pulls in Flower and Ray only when used
     from fedp2eft.fl.tasks import export_final
 
-    from dataclasses import fields
-
     from fedp2eft.core.methods import STAGES
 
     config = read_task_config(args.config)
     stage = STAGES.get(args.task)
-    if stage is not None and "total_rounds" in {f.name for f in fields(stage.config_class)}:
+    if stage is not None and stage.counts_rounds:
         config.setdefault("training", {}).setdefault("total_rounds", args.rounds)  # e.g. a warm-up share
     run_federated(
         args.task, config, args.rounds, args.clients_per_round,

@@ -42,6 +42,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _atomic_save_weights(path: Path, weights: Weights, server_round: int) -> None:
+    """Weights as safetensors (the round in the metadata) via a temp file, so ``path`` is never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"round": str(server_round)})
+    os.replace(tmp, path)
+
+
 def checkpoint_name(server_round: int) -> str:
     return f"global-round{server_round:05d}.safetensors"
 
@@ -50,9 +57,7 @@ def save_round(output_dir: Path, weights: Weights, state: RunState) -> Path:
     """Write this round's weights, then the state that points at them; drop older weights files."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / state.checkpoint
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"round": str(state.round)})
-    os.replace(tmp, path)
+    _atomic_save_weights(path, weights, state.round)
     _atomic_write_text(output_dir / STATE_FILE, json.dumps(asdict(state), indent=1, sort_keys=True))
     _atomic_write_text(
         output_dir / METRICS_FILE, "".join(json.dumps(row, sort_keys=True) + "\n" for row in state.history)
@@ -72,9 +77,7 @@ def is_new_best(history: list[dict[str, Any]], metric: str) -> bool:
 
 def save_best(output_dir: Path, weights: Weights, server_round: int) -> None:
     """Keep ``weights`` (the global weights after ``server_round``) as the best so far, atomically."""
-    tmp = output_dir / (BEST_FILE + ".tmp")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"round": str(server_round)})
-    os.replace(tmp, output_dir / BEST_FILE)
+    _atomic_save_weights(output_dir / BEST_FILE, weights, server_round)
 
 
 def load_best(output_dir: Path) -> tuple[Weights, int] | None:

@@ -9,7 +9,7 @@ adding a method touches nothing else."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,11 @@ class Stage:
     load: Callable[[Path, nn.Module, PersonalizeConfig, str], Any]
     defaults: dict
     how_to_get: str
+
+    @property
+    def counts_rounds(self) -> bool:
+        """Whether the stage's settings take the run's round count (``total_rounds``, e.g. for a warm-up share)."""
+        return "total_rounds" in {f.name for f in fields(self.config_class)}
 
 
 @dataclass(frozen=True)
