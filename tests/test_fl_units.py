@@ -77,3 +77,14 @@ def test_client_sampling_is_deterministic_per_seed_and_round() -> None:
     others = {tuple(sample_clients(available, 4, seed=1, server_round=r)) for r in range(1, 8)}
     assert len(others) > 1
     assert sample_clients([2, 5], 4, seed=0, server_round=1) == [2, 5]
+
+
+def test_every_method_stage_gets_a_train_command(capsys) -> None:
+    from fedp2eft.cli import main
+    from fedp2eft.core.methods import STAGES
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--help"])
+    assert stopped.value.code == 0
+    listed = capsys.readouterr().out
+    assert "train-base" in listed and all(f"train-{name}" in listed for name in STAGES) and "train-fedl2p" in listed
