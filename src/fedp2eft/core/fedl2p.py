@@ -449,7 +449,7 @@ def personalize_fedl2p(context: ClientContext, budget: int, config: PersonalizeC
         raise FedP2EFTError(f"the FedL2P meta-net does not fit this base model and budget ({reason}); use the "
                             f"meta-net trained for this model, target modules and budget")
     with torch.no_grad():
-        rates = metanet.learning_rates(context.features(expected))
+        rates = metanet.learning_rates(context.features(expected).to(model_device(metanet)))
     model = new_lora(context.base_model, expected, config.seed)
     result = finetune_with_rates(model, lora_tensors(model, expected.module_names), rates, context.task,
                                  context.examples, config)

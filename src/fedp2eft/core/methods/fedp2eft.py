@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fedp2eft.core.budget import Selection, select_top_ranks
+from fedp2eft.core.device import model_device
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
 from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, finetune_selection, \
@@ -48,9 +49,9 @@ def generator_selection(context: ClientContext, budget: int, config: Personalize
         raise FedP2EFTError(f"the PS generator does not fit this base model ({reason}); use the generator "
                             f"trained for this model and target modules")
 
-    def generate() -> torch.Tensor:
+    def generate() -> torch.Tensor:  # on the generator's device (it may live on a GPU); Lambda comes back to the CPU
         with torch.no_grad():
-            return generator(context.features(expected))
+            return generator(context.features(expected).to(model_device(generator))).cpu()
 
     scales = context.shared(("generated", id(generator)), generate)
     return select_top_ranks(scales, list(expected.module_names), config.max_rank, budget)
