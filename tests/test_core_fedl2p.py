@@ -20,10 +20,10 @@ from fedp2eft.core.fedl2p import (
     metanet_spec,
     new_lora,
     personalize_fedl2p,
-    split_examples,
 )
 from fedp2eft.core.generator import GeneratorSpec, PSGenerator
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, features_for
+from fedp2eft.core.personalization import validation_split
 from fedp2eft.core.modeling import classifier_from_config
 from fedp2eft.core.tasks import ClassificationTask
 from fedp2eft.errors import FedP2EFTError
@@ -140,15 +140,15 @@ def test_lora_tensors_are_a_then_b_per_module_in_spec_order(tokenizer):
 # --- meta-training ---------------------------------------------------------------------------------------------------
 
 
-def test_split_is_seeded_disjoint_and_eighty_twenty():
+def test_validation_split_is_seeded_disjoint_and_eighty_twenty():
     examples = [{"i": i} for i in range(50)]
-    inner, validation = split_examples(examples, 0.2, seed=3)
+    inner, validation = validation_split(examples, 0.2, 3)
     assert (len(inner), len(validation)) == (40, 10)
     assert sorted(e["i"] for e in inner + validation) == list(range(50))
-    assert split_examples(examples, 0.2, seed=3) == (inner, validation)
-    assert split_examples(examples, 0.2, seed=4) != (inner, validation)
+    assert validation_split(examples, 0.2, 3) == (inner, validation)
+    assert validation_split(examples, 0.2, 4) != (inner, validation)
     with pytest.raises(FedP2EFTError, match="at least 2"):
-        split_examples(examples[:1], 0.2, seed=0)
+        validation_split(examples[:1], 0.2, 0)
 
 
 def test_meta_training_raises_useful_learning_rates_and_lowers_validation_loss(tokenizer):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, Stage, method_lr, method_spec, personalize, \
     stage_named, stages
+from fedp2eft.core.personalization import validation_split
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.experiment import Setup
 from fedp2eft.fl.checkpoint import load_state
@@ -140,14 +140,6 @@ def _artifacts(paths: dict[str, str]) -> dict[str, object]:
 def _scores(metrics: dict) -> dict:
     return {"correct": metrics["correct"], "count": metrics["count"],
             "score": metrics["correct"] / metrics["count"]}
-
-
-def validation_split(examples: list[dict], fraction: float, key: str) -> tuple[list[dict], list[dict]]:
-    """A seeded (by client id) split of a client's *training* data into inner-train and validation."""
-    order = list(range(len(examples)))
-    random.Random(key).shuffle(order)
-    n_val = max(1, round(fraction * len(examples)))
-    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
 def validate_client(config: dict, index: int, methods: list[str], artifacts: dict[str, str]) -> dict:

@@ -26,7 +26,7 @@ from fedp2eft.core.device import model_device, to_device
 from fedp2eft.core.federation import ClientUpdate
 from fedp2eft.core.generator import FeatureLayout
 from fedp2eft.core.personalization import LORA_SCALING, ClientContext, PersonalizeConfig, Personalized, \
-    features_for, frozen_copy, generator_spec, train_metrics
+    features_for, frozen_copy, generator_spec, train_metrics, validation_split
 from fedp2eft.core.tasks import Task, iterate_batches
 from fedp2eft.core.training import TrainResult, train
 from fedp2eft.errors import FedP2EFTError, config_from_mapping
@@ -272,16 +272,6 @@ class FedL2PConfig:
         return config_from_mapping(cls, {**raw, "personalize": personalize}, "fedl2p.training")
 
 
-def split_examples(examples: list[dict], validation_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded split into (inner-train, validation), each in the original order; both parts are non-empty."""
-    if len(examples) < 2:
-        raise FedP2EFTError(f"FedL2P needs at least 2 training examples per client to hold out validation data "
-                            f"(got {len(examples)})")
-    count = min(len(examples) - 1, max(1, round(validation_fraction * len(examples))))
-    held = set(random.Random(seed).sample(range(len(examples)), count))
-    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
-
-
 def sgd_step_map(model: nn.Module, batch: dict[str, torch.Tensor]
                  ) -> Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]:
     """Phi(theta, lrs) = theta - lrs (.) grad_theta L(theta; batch): one SGD step with per-tensor learning rates
@@ -318,7 +308,7 @@ def meta_update(metanet: LRMetaNet, base_model: nn.Module, task: Task, train_exa
     if budget != metanet.spec.budget:
         raise FedP2EFTError(f"this meta-net was built for budget r={metanet.spec.budget}, not r={budget}")
     settings = config.personalize
-    inner, validation = split_examples(train_examples, config.validation_fraction, seed)
+    inner, validation = validation_split(train_examples, config.validation_fraction, seed)
     optimizer = torch.optim.Adam([{"params": metanet.net_parameters(), "lr": config.meta_lr},
                                   {"params": [metanet.base_lrs], "lr": config.base_lr_lr}])
     rng = random.Random(seed)

@@ -9,6 +9,7 @@ of ``core/training.py``; the base model's weights are never modified."""
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from fedp2eft.core.features import client_features, feature_layer_names
 from fedp2eft.core.generator import GeneratorSpec
 from fedp2eft.core.tasks import Task, iterate_batches
 from fedp2eft.core.training import TrainResult, train
-from fedp2eft.errors import config_from_mapping
+from fedp2eft.errors import FedP2EFTError, config_from_mapping
 
 LORA_SCALING = 2.0  # alpha = 2 * rank, as in the paper
 
@@ -80,6 +81,18 @@ def frozen_copy(base_model: nn.Module) -> nn.Module:
     PEFT swaps modules in the copy's tree only and freezes the (shared) base weights, so many personalized
     models can live side by side at the cost of their LoRA weights, not of the whole model."""
     return copy.deepcopy(base_model, memo={id(p): p for p in base_model.parameters()})
+
+
+def validation_split(examples: list[dict], fraction: float, key: int | str) -> tuple[list[dict], list[dict]]:
+    """A split of a client's *training* data into (inner-train, validation), seeded by ``key`` (a seed or a client
+    id), each part in the original order and neither empty: learning-rate selection and FedL2P's meta-training
+    hold out validation data this way, so no test example ever chooses anything."""
+    if len(examples) < 2:
+        raise FedP2EFTError(f"holding out validation data needs at least 2 training examples per client (got "
+                            f"{len(examples)}); give the client more data")
+    count = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    held = set(random.Random(key).sample(range(len(examples)), count))
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
 def generator_spec(base_model: nn.Module, config: PersonalizeConfig, base_model_name: str) -> GeneratorSpec:
