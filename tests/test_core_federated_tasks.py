@@ -4,11 +4,12 @@ training")."""
 import pytest
 import torch
 
-from conftest import LABELS, classification_examples
+from conftest import LABELS, bert_config, classification_examples, make_tokenizer
 from fedp2eft.core.base_training import BaseModelTask, BaseTrainingConfig
 from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
 from fedp2eft.core.methods import PersonalizeConfig
-from fedp2eft.core.modeling import SequenceClassifier, load_causal_lm
+from fedp2eft.core.modeling import SequenceClassifier, classifier_from_config, load_causal_lm
+from fedp2eft.core.tasks import ClassificationTask
 from fedp2eft.data.types import ClientData
 
 CLIENTS = [ClientData(f"c{i}", "xx", classification_examples(24, seed=10 + i), classification_examples(8, seed=20 + i))
@@ -90,3 +91,21 @@ def test_budget_warmup_defaults_to_the_papers_share_of_the_rounds():
                                               "budget_warmup_rounds": 0}).warmup_rounds == 0
     with pytest.raises(FedP2EFTError, match="needs budget_warmup_rounds or total_rounds"):
         GeneratorTrainingConfig.from_dict({"budget_sampling": True})
+
+
+def test_base_model_update_does_not_depend_on_the_workers_random_state():
+    """Dropout masks come from the update's own seed, not from what the worker process drew before."""
+    config = bert_config(len(make_tokenizer()))
+    config.hidden_dropout_prob = 0.3
+    base = classifier_from_config(config, LABELS)
+    task = ClassificationTask(make_tokenizer(), LABELS, max_length=32)
+    fed = BaseModelTask(base, task, CLIENTS, BaseTrainingConfig(mode="full", local_epochs=1, batch_size=8, lr=1e-2))
+    start = fed.initial_weights()
+    torch.manual_seed(1)
+    first = fed.client_update(start, 0, 1)
+    torch.manual_seed(2)
+    torch.rand(100)
+    second = fed.client_update(start, 0, 1)
+    assert all(torch.equal(first.weights[k], second.weights[k]) for k in start)
+    third = fed.client_update(start, 0, 2)  # another round draws other masks and batches
+    assert not all(torch.equal(first.weights[k], third.weights[k]) for k in start)

@@ -90,6 +90,7 @@ class BaseModelTask:
         optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.lr,
                                       weight_decay=0.0)
         seed = config.seed * 100_003 + server_round * 1_009 + client_index
+        torch.manual_seed(seed)  # dropout masks: the same update whichever worker ran what before
         result = train(self.model, self.task, client.train, optimizer, config.local_epochs, config.batch_size,
                        seed=seed)
         return ClientUpdate(self.weights(), len(client.train), {"train_loss": result.epoch_losses[-1]})
