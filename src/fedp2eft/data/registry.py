@@ -1,6 +1,6 @@
 """Dataset name -> loader; every loader returns a FederatedDataset.
 
-Names: ``intents`` (embedded, offline default), ``xnli``, ``masakhanews``, ``fed-aya``, or a path to
+Names: ``intents`` (embedded, offline default), ``intents-chat`` (its embedded instruction twin), ``xnli``, ``masakhanews``, ``fed-aya``, or a path to
 your own JSONL/CSV/Parquet file or folder.
 """
 
@@ -10,12 +10,12 @@ import inspect
 from pathlib import Path
 
 from fedp2eft.data.files import load_files
-from fedp2eft.data.intents import load_intents
+from fedp2eft.data.intents import load_intents, load_intents_chat
 from fedp2eft.data.paper import load_fed_aya, load_masakhanews, load_xnli
 from fedp2eft.data.types import FederatedDataset
 from fedp2eft.errors import FedP2EFTError
 
-LOADERS = {"intents": load_intents, "xnli": load_xnli, "masakhanews": load_masakhanews, "fed-aya": load_fed_aya}
+LOADERS = {"intents": load_intents, "intents-chat": load_intents_chat, "xnli": load_xnli, "masakhanews": load_masakhanews, "fed-aya": load_fed_aya}
 
 
 def dataset_names() -> list[str]:
