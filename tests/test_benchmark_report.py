@@ -262,3 +262,43 @@ def test_relative_growth_tells_a_slowing_curve_from_a_steady_one():
     assert relative_growth(slowing, 1) > 5 * relative_growth(slowing, 3) > 0
     assert relative_growth(steady, 3) == pytest.approx(relative_growth(steady, 1)) == pytest.approx(0.1 / 4.0)
     assert relative_growth([1.0, 2.0], 3) is None
+
+
+def test_instruction_rows_report_rouge_first_and_exact_match_beside_it(tmp_path):
+    """Rows of an instruction run carry ROUGE-L (main), exact match and next-token accuracy as [sum, count]: the
+    tables, comparisons and CSV follow the main metric, and exact match gets its own table and verdict."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = []
+    for pool in ("seen", "unseen"):
+        for language in ("en", "zh-CN"):
+            for c in range(3):
+                rows = []
+                for method, rouge, exact in (("base", 0.2, 0), ("lora", 0.5, 6), ("fedp2eft", 0.7, 2)):
+                    rouge_sum = 24 * (rouge + 0.01 * c)
+                    rows.append({"method": method, "budget": 0 if method == "base" else 4, "metric": "rouge_l",
+                                 "correct": rouge_sum, "count": 24,
+                                 "scores": {"rouge_l": [rouge_sum, 24], "exact_match": [exact + c, 24],
+                                            "token_accuracy": [100 + c, 200]}})
+                records.append({"seed": 0, "pool": pool, "client": f"{language}-{pool[0]}{c}",
+                                "language": language, "rows": rows})
+    config = {"name": "chat", "model": "tiny-llama", "dataset": "intents-chat", "seeds": [0],
+              "pools": ["seen", "unseen"], "methods": ["lora", "fedp2eft"], "budgets": [4], "personalize": {}}
+    write_report(config, run_dir, records, {"personalize": 1.0}, "cmd")
+    report = (run_dir / "report.md").read_text()
+    assert "## ROUGE-L F1 by budget" in report and "## Exact match by budget" in report
+    assert "rouge-score" in report and "tokenizer tokens" in report  # how ROUGE-L is tokenized is said
+    assert "in ROUGE-L F1 points" in report
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["metric"] == "rouge_l"
+    main = {(c["method"], c["pool"]): c for c in results["comparisons"]}
+    assert main[("lora", "seen")]["outcome"] == "win" and main[("lora", "seen")]["difference"] == pytest.approx(0.2)
+    exact = {(c["method"], c["pool"]): c for c in results["other_metrics"]["exact_match"]["comparisons"]}
+    assert exact[("lora", "seen")]["outcome"] == "loss"  # 2+c vs 6+c of 24: FedP²EFT is worse on exact match
+    assert exact[("lora", "seen")]["difference"] == pytest.approx(-4 / 24)
+    with (run_dir / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert set(rows[0]) == {"seed", "pool", "method", "budget", "language", "rouge_l", "exact_match",
+                            "token_accuracy"}
+    first = next(r for r in rows if r["method"] == "lora" and r["language"] == "en" and r["pool"] == "seen")
+    assert float(first["token_accuracy"]) == pytest.approx(303 / 600)

@@ -22,11 +22,16 @@ def test_generation_metric_improves_when_the_model_learns_the_answers(tokenizer)
     base = LlamaForCausalLM(llama_config(len(tokenizer)))
     task = InstructionTask(tokenizer, max_length=32, generation_tokens=4)
     train, test = instruction_examples(48, seed=1), instruction_examples(8, seed=2)
-    before = task.evaluate(base, test)["rouge_l"]
+    untrained = task.evaluate(base, test)
     config = PersonalizeConfig(max_rank=8, epochs=8, batch_size=8, lora_lr=2e-2)
-    after = task.evaluate(personalize("lora", base, task, train, 8, config).model, test)["rouge_l"]
-    assert 0.0 <= before < after <= 1.0
-    assert after > 0.9
+    trained = task.evaluate(personalize("lora", base, task, train, 8, config).model, test)
+    assert 0.0 <= untrained["rouge_l"] < trained["rouge_l"] <= 1.0
+    assert trained["rouge_l"] > 0.9
+    assert untrained["exact_match"] == 0.0 and trained["exact_match"] >= 0.75  # whole answers, decoded and compared
+    # every metric as (sum, count) for pooling over clients; the main one (ROUGE-L) first
+    assert list(trained["scores"]) == ["rouge_l", "exact_match", "token_accuracy"]
+    assert trained["scores"]["exact_match"] == (round(trained["exact_match"] * len(test)), len(test))
+    assert trained["scores"]["rouge_l"][0] == pytest.approx(trained["rouge_l"] * len(test))
 
 
 def test_evaluation_and_generation_run_in_inference_mode(tokenizer):

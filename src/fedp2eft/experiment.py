@@ -29,6 +29,7 @@ class Setup:
     dataset: str
     dataset_options: dict
     max_length: int = 128
+    generation_tokens: int = 0  # instruction tasks: greedy tokens per test example scored by ROUGE-L/exact match
 
     @cached_property
     def model_path(self) -> Path:
@@ -49,7 +50,7 @@ class Setup:
     def task(self) -> Task:
         if self.data.task == "classification":
             return ClassificationTask(self.tokenizer, self.data.labels, self.max_length)
-        return InstructionTask(self.tokenizer, self.max_length)
+        return InstructionTask(self.tokenizer, self.max_length, self.generation_tokens)
 
     def load_base_model(self, device: str | torch.device = "cpu") -> nn.Module:
         """A fresh copy of the base model from disk (classification models get the dataset's label head), placed
@@ -65,7 +66,7 @@ class Setup:
     @classmethod
     def from_config(cls, config: dict) -> Setup:
         return cls(config["model"], config["dataset"], dict(config.get("dataset_options", {})),
-                   int(config.get("max_length", 128)))
+                   int(config.get("max_length", 128)), int(config.get("generation_tokens", 0)))
 
 
 def make_base_task(config: dict) -> FederatedTask:

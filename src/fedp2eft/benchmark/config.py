@@ -12,7 +12,7 @@ import yaml
 from fedp2eft.core.methods import METHODS, STAGES, Stage, stages
 from fedp2eft.errors import FedP2EFTError
 
-PROFILES = ("default", "quick", "paper")
+PROFILES = ("default", "quick", "paper", "llm", "llm-quick")
 
 
 def load_profile(name_or_path: str) -> dict[str, Any]:
@@ -37,9 +37,15 @@ def stage_section(stage: Stage) -> dict:
     return {"artifact": None, "lr_scale": 1.0, **stage.defaults}
 
 
+# Top-level keys a profile may leave out, with the value they take then.
+OPTIONAL_KEYS = {"generation_tokens": 0}  # instruction tasks: greedy tokens generated and scored per test example
+
+
 def with_stage_sections(profile: dict) -> dict:
     """Every registered method stage gets its section, the profile's values over the stage's defaults, so a
-    method added to the registry is configurable without editing the profiles."""
+    method added to the registry is configurable without editing the profiles; optional keys get their defaults."""
+    for key, value in OPTIONAL_KEYS.items():
+        profile.setdefault(key, value)
     for stage in STAGES.values():
         profile[stage.name] = {**stage_section(stage), **profile.get(stage.name, {})}
     return profile
@@ -119,6 +125,10 @@ def validate(config: dict) -> dict:
                             f"selection), got {selection['pool']!r}")
     if not isinstance(selection["clients_per_language"], int) or selection["clients_per_language"] < 1:
         raise FedP2EFTError("selection.clients_per_language must be a positive integer")
+    tokens = config["generation_tokens"]
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise FedP2EFTError(f"generation_tokens must be a whole number >= 0 (greedy tokens generated per test example "
+                            f"of an instruction dataset; 0 scores next-token accuracy only), got {tokens!r}")
     for stage in stages(config["methods"]):
         validate_stage(config, stage)
     from fedp2eft.core.device import resolve_device

@@ -4,7 +4,9 @@ records and files (nothing is typed in by hand), so the report can be regenerate
 How the statistics work (the method being measured is described in docs/method.md):
 
 * The metric is the paper's: accuracy pooled per language (sum correct / sum count over that language's
-  clients), averaged over languages, then averaged over seeds.
+  clients), averaged over languages, then averaged over seeds. Instruction tasks pool ROUGE-L F1 and exact match
+  of the greedy generations the same way (sum of per-example scores / examples), or next-token accuracy when no
+  generations were scored; every row records each metric as [sum, count].
 * Its uncertainty comes from the clients. A stratified bootstrap resamples clients with replacement inside each
   language, so every language stays present and the metric stays defined; a client carries all its seeds (they
   share its data, so they are not independent draws). The metric is recomputed on each resample and the 95%
@@ -42,10 +44,17 @@ BOOTSTRAP_SEED = 20240601
 LEVEL = 0.95
 FLAT_TOLERANCE = 0.05
 FLAT_MIN_FRACTION = 0.25
+METRIC_LABELS = {"accuracy": "accuracy", "rouge_l": "ROUGE-L F1", "exact_match": "exact match",
+                 "token_accuracy": "next-token accuracy"}
 PSG_CURVES = {"train/stage1_loss": "stage-1 loss", "train/mean_lambda": "mean λ", "train/l1_before": "L1 before"}
 
+GENERATION_NOTE = ("Generations are greedy, up to `generation_tokens` new tokens, stopped at end-of-sequence. ROUGE-L F1 "
+                   "is computed on the model's own tokenizer tokens (so scripts without spaces, e.g. Chinese and "
+                   "Thai, are scored per subword); it is not comparable with rouge-score's default English "
+                   "tokenization, which drops non-Latin characters. Exact match compares the decoded generation "
+                   "with the reference after collapsing whitespace.")
 Setting = tuple[str, str, int]          # (pool, method, budget)
-Unit = tuple[str, int, int]             # (language, correct, count)
+Unit = tuple[str, float, int]           # (language, correct or summed score, count)
 Units = dict[tuple[int, str], Unit]     # (seed, client) -> unit
 
 
@@ -59,27 +68,46 @@ def method_order(methods: Iterable[str]) -> list[str]:
     return [m for m in KNOWN_METHODS if m in present] + sorted(present - set(KNOWN_METHODS))
 
 
-def client_units(records: list[dict]) -> dict[Setting, Units]:
-    """(pool, method, budget) -> {(seed, client): (language, correct, count)}. Clients without a test example
-    are left out: they carry no accuracy, and a resample made only of them would be 0/0."""
+def row_metrics(records: list[dict]) -> list[str]:
+    """The metrics the rows carry, the main one first (rows written before metrics were named hold accuracy)."""
+    for record in records:
+        for row in record["rows"]:
+            return list(row.get("scores", {"accuracy": None}))
+    return ["accuracy"]
+
+
+def _pair(row: dict, metric: str | None) -> tuple[float, int]:
+    """(sum, count) of ``metric`` in a row; the row's main metric when ``metric`` is None."""
+    if metric is None or "scores" not in row:
+        return float(row["correct"]), int(row["count"])
+    total, count = row["scores"][metric]
+    return float(total), int(count)
+
+
+def client_units(records: list[dict], metric: str | None = None) -> dict[Setting, Units]:
+    """(pool, method, budget) -> {(seed, client): (language, correct, count)} of ``metric`` (the main one by
+    default). Clients without a test example are left out: they carry no score, and a resample made only of them
+    would be 0/0."""
     units: dict[Setting, Units] = defaultdict(dict)
     for record in records:
         for row in record["rows"]:
-            if row["count"] > 0:
+            total, count = _pair(row, metric)
+            if count > 0:
                 units[(record["pool"], row["method"], row["budget"])][(record["seed"], record["client"])] = (
-                    record["language"], int(row["correct"]), int(row["count"]))
+                    record["language"], total, count)
     return dict(units)
 
 
-def per_language(records: list[dict]) -> dict[tuple, float]:
-    """(seed, pool, method, budget, language) -> pooled accuracy (sum correct / sum count)."""
-    correct: dict[tuple, int] = defaultdict(int)
+def per_language(records: list[dict], metric: str | None = None) -> dict[tuple, float]:
+    """(seed, pool, method, budget, language) -> ``metric`` pooled over the language's clients (sum / count)."""
+    correct: dict[tuple, float] = defaultdict(float)
     count: dict[tuple, int] = defaultdict(int)
     for record in records:
         for row in record["rows"]:
             key = (record["seed"], record["pool"], row["method"], row["budget"], record["language"])
-            correct[key] += row["correct"]
-            count[key] += row["count"]
+            total, n = _pair(row, metric)
+            correct[key] += total
+            count[key] += n
     return {key: correct[key] / count[key] for key in count if count[key] > 0}
 
 
@@ -161,9 +189,9 @@ def by_client(units: Units) -> Units:
     """One unit per client, its seeds pooled. A client appears in every seed (same data, another LoRA init, batch
     order and generator), so its seeds are not independent draws: the bootstrap resamples clients, carrying all
     their seeds along. With equal test counts per seed, pooling equals the mean over seeds."""
-    merged: dict[tuple, tuple[str, int, int]] = {}
+    merged: dict[tuple, tuple[str, float, int]] = {}
     for (_, client), (language, correct, count) in units.items():
-        _, c, n = merged.get((0, client), (language, 0, 0))
+        _, c, n = merged.get((0, client), (language, 0.0, 0))
         merged[(0, client)] = (language, c + correct, n + count)
     return merged
 
@@ -191,11 +219,12 @@ def paired_bootstrap(ours: Units, theirs: Units, resamples: int = RESAMPLES, see
     return Interval(point, *_percentiles(a - b, level))
 
 
-def summarize(records: list[dict], resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[Setting, dict]:
+def summarize(records: list[dict], resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+              metric_name: str | None = None) -> dict[Setting, dict]:
     """(pool, method, budget) -> mean over seeds, bootstrap interval, number of seeds and clients, and the value
     of each seed (so the seed-to-seed spread stays visible next to the client-level interval)."""
     summary = {}
-    for setting, units in sorted(client_units(records).items()):
+    for setting, units in sorted(client_units(records, metric_name).items()):
         interval = bootstrap(units, resamples, seed)
         seeds = sorted({s for s, _ in units})
         seed_values = {s: metric({k: u for k, u in units.items() if k[0] == s}) for s in seeds}
@@ -452,12 +481,17 @@ def plot_psg_training(logs: Mapping[str, list[dict]], path: Path) -> bool:
 # ------------------------------------------------------------------------------------------------- tables
 
 
+def _title(label: str) -> str:
+    """'exact match' -> 'Exact match'; 'ROUGE-L F1' stays as it is."""
+    return label[:1].upper() + label[1:]
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
 def _cell(entry: dict | None) -> str:
-    """``mean ± half-width`` of the 95% interval, in accuracy points."""
+    """``mean ± half-width`` of the 95% interval, in points of the metric (%)."""
     if entry is None:
         return "–"
     return f"{_pct(entry['mean'])} ± {100 * (entry['ci_high'] - entry['ci_low']) / 2:.1f}"
@@ -489,12 +523,12 @@ def best_per_budget(summary: Mapping[Setting, dict], pool: str, methods: Sequenc
     return best
 
 
-def main_table_markdown(summary: Mapping[Setting, dict], config: dict) -> str:
+def main_table_markdown(summary: Mapping[Setting, dict], config: dict, label: str = "accuracy") -> str:
     pools, budgets, methods = _pools(config, summary), _budgets(config, summary), _table_methods(config, summary)
     lines = []
     for pool in pools:
         best = best_per_budget(summary, pool, methods, budgets)
-        lines += [f"\n**{pool} clients** (accuracy %, languages averaged, mean over seeds ± half-width of the 95% "
+        lines += [f"\n**{pool} clients** ({label} %, languages averaged, mean over seeds ± half-width of the 95% "
                   "client-bootstrap interval; best per budget in bold); `base` = no personalization\n",
                   "| method | " + " | ".join(f"r={b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
         for method in methods:
@@ -546,8 +580,9 @@ def verdict(comparisons: list[dict]) -> str:
     return line + " It wins every comparison in this run."
 
 
-def language_table_markdown(units: Mapping[Setting, Units], config: dict, budget: int) -> str:
-    """Rows = languages, columns = methods: each language's pooled accuracy (mean over seeds) ± half-width of
+def language_table_markdown(units: Mapping[Setting, Units], config: dict, budget: int,
+                            label: str = "accuracy") -> str:
+    """Rows = languages, columns = methods: each language's pooled metric (mean over seeds) ± half-width of
     the bootstrap interval over that language's clients."""
     pools, methods = _pools(config, units), _table_methods(config, units)
     lines = []
@@ -556,7 +591,7 @@ def language_table_markdown(units: Mapping[Setting, Units], config: dict, budget
         languages = sorted({lang for per in intervals.values() for lang in per})
         if not languages:
             continue
-        lines += [f"\n**{pool} clients, r={budget}** (accuracy %, mean over seeds ± half-width of the 95% "
+        lines += [f"\n**{pool} clients, r={budget}** ({label} %, mean over seeds ± half-width of the 95% "
                   "bootstrap interval over the language's clients)\n",
                   "| language | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
         for language in languages:
@@ -731,7 +766,8 @@ def selection_markdown(selection: dict) -> str:
         lines.append(f"| {method} | " + " | ".join(_chosen_cell(points(method, b), chosen.get(method, {}).get(b))
                                                   for b in budgets) + " |")
     lines.append(_grid_edge_note(selection, chosen))
-    lines += ["\n**Validation accuracy % of every grid point** (`lr: accuracy`, chosen in bold)\n", *head]
+    label = METRIC_LABELS.get(selection.get("metric", "accuracy"), selection.get("metric"))
+    lines += [f"\n**Validation {label} % of every grid point** (`lr: {label}`, chosen in bold)\n", *head]
     for method in methods:
         cells = []
         for budget in budgets:
@@ -746,8 +782,8 @@ def selection_markdown(selection: dict) -> str:
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def plot_accuracy(summary: Mapping[Setting, dict], config: dict, path: Path) -> None:
-    """Accuracy vs budget per method, error bars = the 95% client-bootstrap interval; base as a shaded band."""
+def plot_accuracy(summary: Mapping[Setting, dict], config: dict, path: Path, label: str = "accuracy") -> None:
+    """The main metric vs budget per method, error bars = the 95% client-bootstrap interval; base as a shaded band."""
     pools, budgets = _pools(config, summary), _budgets(config, summary)
     figure, axes = plt.subplots(1, len(pools), figsize=(5.5 * len(pools), 4), squeeze=False)
     for axis, pool in zip(axes[0], pools):
@@ -767,7 +803,7 @@ def plot_accuracy(summary: Mapping[Setting, dict], config: dict, path: Path) -> 
         axis.set_xscale("log", base=2)
         axis.set_xticks(budgets, [str(b) for b in budgets])
         axis.set_xlabel("rank budget r (average rank per module)")
-        axis.set_ylabel("accuracy (%)")
+        axis.set_ylabel(f"{label} (%)")
         axis.set_title(f"{pool} clients (95% client-bootstrap intervals)")
         _finish_axis(axis)
     _save(figure, path)
@@ -828,20 +864,30 @@ def _jsonable(value):
     return value
 
 
-def _write_csv(path: Path, language_scores: Mapping[tuple, float]) -> None:
+def _write_csv(path: Path, language_scores: Mapping[str, Mapping[tuple, float]]) -> None:
+    """One row per seed, pool, method, budget and language; one column per metric."""
+    metrics = list(language_scores)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["seed", "pool", "method", "budget", "language", "accuracy"])
-        for key, score in sorted(language_scores.items()):
-            writer.writerow([*key, f"{score:.6f}"])
+        writer.writerow(["seed", "pool", "method", "budget", "language", *metrics])
+        for key in sorted(language_scores[metrics[0]]):
+            writer.writerow([*key, *(f"{language_scores[m][key]:.6f}" if key in language_scores[m] else ""
+                                     for m in metrics)])
 
 
-def _statistics_note(records: list[dict]) -> str:
+def _statistics_note(records: list[dict], metrics: Sequence[str] = ("accuracy",)) -> str:
     """How the numbers are made, with the caveats this run's shape calls for."""
     seeds = sorted({r["seed"] for r in records})
     clients_per_language = Counter((pool, language) for pool, _, language in
                                    {(r["pool"], r["client"], r["language"]) for r in records})
-    note = (f"Accuracy is pooled per language (sum correct / sum count over its clients), averaged over languages, "
+    if metrics[0] == "accuracy":
+        how = "Accuracy is pooled per language (sum correct / sum count over its clients)"
+    else:
+        how = (f"{', '.join(METRIC_LABELS.get(m, m) for m in metrics)} are pooled per language (sum of per-example "
+               "scores / examples over its clients; next-token accuracy per response token)")
+    if "rouge_l" in metrics:
+        how = (GENERATION_NOTE + " " + how)
+    note = (f"{how}, averaged over languages, "
             f"then over {len(seeds)} seed(s). Intervals are 95% percentile intervals of a bootstrap ({RESAMPLES} "
             f"resamples, numpy seed {BOOTSTRAP_SEED}) over clients, resampled with replacement within each language "
             "so every language stays present; a client carries all its seeds along (they share its data, so they "
@@ -860,35 +906,47 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
     # every method that produced a row is listed, even one whose rows hold no test example (it shows '–')
     produced = {row["method"] for record in records for row in record["rows"]}
     shown = {**config, "methods": method_order(set(config.get("methods", [])) | (produced - {"base"}))}
-    units = client_units(records)
-    summary = summarize(records)
+    metrics = row_metrics(records)
+    units = client_units(records, metrics[0])
+    summary = summarize(records, metric_name=metrics[0])
     pools, budgets, methods = _pools(shown, units), _budgets(shown, units), _table_methods(shown, units)
+    label = METRIC_LABELS.get(metrics[0], metrics[0])
     heat_budget = 8 if 8 in budgets else (budgets[-1] if budgets else 0)
     selection_path = run_dir / "selection.json"
     logs = load_psg_metrics(run_dir)
-    facts = {"comparisons": compare(units, pools, budgets, methods),
+    secondary = {}
+    for name in metrics[1:]:
+        extra = client_units(records, name)
+        secondary[name] = {"summary": summarize(records, metric_name=name),
+                           "comparisons": compare(extra, pools, budgets, methods)}
+    facts = {"metrics": metrics, "label": label, "secondary": secondary,
+             "comparisons": compare(units, pools, budgets, methods),
              "structure": structure(records, pools, budgets, methods), "psg_training": psg_flattening(logs),
              "selection": json.loads(selection_path.read_text()) if selection_path.is_file() else None,
              "language_budgets": sorted({min(budgets), heat_budget}) if budgets else [], "heat_budget": heat_budget}
 
     figures = run_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    plot_accuracy(summary, shown, figures / "accuracy_vs_budget.png")
+    plot_accuracy(summary, shown, figures / "accuracy_vs_budget.png", label)
     facts["has_heatmap"] = plot_rank_heatmap(records, heat_budget, figures / "rank_heatmap.png")
     facts["has_curve"] = plot_psg_training(logs, figures / "psg_training.png")
 
-    _write_csv(run_dir / "results.csv", per_language(records))
+    _write_csv(run_dir / "results.csv", {name: per_language(records, name) for name in metrics})
     (run_dir / "results.json").write_text(json.dumps(_jsonable({
         "config": config, "stage_seconds": stage_seconds, "command": command,
         "statistics": {"resamples": RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED, "level": LEVEL},
+        "metric": metrics[0],
         "summary": [{"pool": p, "method": m, "budget": b, **entry} for (p, m, b), entry in summary.items()],
         "comparisons": facts["comparisons"], "per_language": language_records(units, facts["language_budgets"]),
         "structure": facts["structure"], "psg_training": facts["psg_training"],
         "selection": facts["selection"].get("chosen") if facts["selection"] else None,
+        "other_metrics": {name: {"summary": [{"pool": p, "method": m, "budget": b, **entry}
+                                             for (p, m, b), entry in extra["summary"].items()],
+                                 "comparisons": extra["comparisons"]} for name, extra in secondary.items()},
     }), indent=1))
     (run_dir / "report.md").write_text(
         report_markdown(shown, run_dir, records, stage_seconds, command, summary, units, facts))
-    print_main_table(summary, shown)
+    print_main_table(summary, shown, label)
 
 
 def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seconds: dict[str, float], command: str,
@@ -907,15 +965,22 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
         f"Wall time {sum(stage_seconds.values()) / 60:.1f} min on {os.cpu_count()} CPU cores ("
         + ", ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in stage_seconds.items())
         + "). Files: " + ", ".join(links) + ".\n",
-        "## How the numbers are computed\n", _statistics_note(records),
-        "## Accuracy by budget", main_table_markdown(summary, config),
-        "\n![accuracy vs budget](figures/accuracy_vs_budget.png)\n",
+        "## How the numbers are computed\n", _statistics_note(records, facts["metrics"]),
+        f"## {_title(facts['label'])} by budget", main_table_markdown(summary, config, facts["label"]),
+        f"\n![{facts['label']} vs budget](figures/accuracy_vs_budget.png)\n",
         "## Does FedP²EFT win?\n",
-        "FedP²EFT minus each method in accuracy points, with the 95% paired-bootstrap interval of the difference "
-        "(positive = FedP²EFT better; `base` is compared at every budget).\n",
+        f"FedP²EFT minus each method in {facts['label']} points, with the 95% paired-bootstrap interval of the "
+        "difference (positive = FedP²EFT better; `base` is compared at every budget).\n",
         comparison_markdown(comparisons, config, units), "\n" + verdict(comparisons) + "\n",
-        "## Per language", *(language_table_markdown(units, config, b) for b in facts["language_budgets"]),
+        "## Per language", *(language_table_markdown(units, config, b, facts["label"])
+                             for b in facts["language_budgets"]),
     ]
+    for name, extra in facts["secondary"].items():
+        other = METRIC_LABELS.get(name, name)
+        sections += [f"\n## {_title(other)} by budget", main_table_markdown(extra["summary"], config, other),
+                     f"\nFedP²EFT minus each method in {other} points (paired, 95% interval):\n",
+                     comparison_markdown(extra["comparisons"], config, extra["summary"]),
+                     "\n" + verdict(extra["comparisons"]) + "\n"]
     if facts["structure"]:
         sections += ["\n## Structure the PS generator gives each language\n",
                      "Kept λ: the multipliers FedP²EFT keeps on its ranks. Rank-map overlap(a, b) = "
@@ -931,13 +996,13 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
     return "\n".join(sections) + "\n"
 
 
-def print_main_table(summary: Mapping[Setting, dict], config: dict) -> None:
+def print_main_table(summary: Mapping[Setting, dict], config: dict, label: str = "accuracy") -> None:
     """The main table on the terminal, best per budget in bold."""
     console = Console()
     budgets, methods = _budgets(config, summary), _table_methods(config, summary)
     for pool in _pools(config, summary):
         best = best_per_budget(summary, pool, methods, budgets)
-        table = Table(title=f"{config['name']}: {pool} clients, accuracy % (languages averaged, ± 95% CI half-width)")
+        table = Table(title=f"{config['name']}: {pool} clients, {label} % (languages averaged, ± 95% CI half-width)")
         table.add_column("method")
         for budget in budgets:
             table.add_column(f"r={budget}", justify="right")

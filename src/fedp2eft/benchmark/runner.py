@@ -46,8 +46,8 @@ RUNTIME_KEYS = ("workers", "device")
 
 def task_config(config: dict, model: str, training: dict) -> dict:
     return {"model": model, "dataset": config["dataset"], "dataset_options": config["dataset_options"],
-            "max_length": config["max_length"], "budgets": config["budgets"], "device": config["device"],
-            "training": training}
+            "max_length": config["max_length"], "generation_tokens": config.get("generation_tokens", 0),
+            "budgets": config["budgets"], "device": config["device"], "training": training}
 
 
 def check_run_folder(run_dir: Path, config: dict) -> None:
@@ -138,8 +138,12 @@ def _artifacts(paths: dict[str, str]) -> dict[str, object]:
 
 
 def _scores(metrics: dict) -> dict:
-    return {"correct": metrics["correct"], "count": metrics["count"],
-            "score": metrics["correct"] / metrics["count"]}
+    """The task's main metric as (correct, count), what selection and the report pool over clients (a sum of
+    ROUGE-L scores for generations, so not always an integer), and every metric as [sum, count] under ``scores``."""
+    scores = metrics["scores"]
+    main, (total, count) = next(iter(scores.items()))
+    return {"metric": main, "correct": total, "count": count, "score": total / count,
+            "scores": {name: list(pair) for name, pair in scores.items()}}
 
 
 def validate_client(config: dict, index: int, methods: list[str], artifacts: dict[str, str]) -> dict:
@@ -286,14 +290,17 @@ def chosen_scales(config: dict, records: list[dict]) -> dict[str, dict[int, floa
 
 
 def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: dict) -> None:
-    """``selection.json``: the grid, every grid point's pooled validation accuracy, and the choice."""
+    """``selection.json``: the grid, every grid point's pooled validation score of the task's main metric (named
+    under ``metric``; the key stays ``val_accuracy``), and the choice."""
     correct, count = validation_counts(records)
     personal = PersonalizeConfig.from_dict(config["personalize"])
     results = [{"method": m, "budget": b, "scale": s,
                 "lr": method_lr(personal.with_lr_scale(s), m),
                 "val_accuracy": correct[(m, b, s)] / count[(m, b, s)], "val_count": count[(m, b, s)]}
                for (m, b, s) in sorted(count)]
-    payload = {"grid": config["selection"]["grid"], "validation_fraction": config["selection"]["validation_fraction"],
+    metric = next((row.get("metric", "accuracy") for record in records for row in record["rows"]), "accuracy")
+    payload = {"metric": metric, "grid": config["selection"]["grid"],
+               "validation_fraction": config["selection"]["validation_fraction"],
                "pool": config["selection"]["pool"],
                "clients": sorted({record["client"] for record in records}), "results": results,
                "chosen": {m: {str(b): s for b, s in by_budget.items()} for m, by_budget in chosen.items()

@@ -72,7 +72,7 @@ class ClassificationTask:
                     correct += int((output.logits.argmax(-1) == part["labels"]).sum())
                     loss_sum += float(output.loss) * len(part["labels"])
         return {"accuracy": correct / len(examples), "loss": loss_sum / len(examples),
-                "correct": correct, "count": len(examples)}
+                "correct": correct, "count": len(examples), "scores": {"accuracy": (correct, len(examples))}}
 
 
 @dataclass
@@ -130,7 +130,11 @@ class InstructionTask:
                           self.pad_id)
 
     def evaluate(self, model: nn.Module, examples: list[dict], batch_size: int = 16) -> dict[str, float]:
-        """Token-level loss and next-token accuracy over response tokens, pooled over the whole set."""
+        """Token-level loss and next-token accuracy over response tokens, pooled over the whole set; with
+        ``generation_tokens`` also the greedy generations' ROUGE-L F1 and exact match.
+
+        ``scores`` holds every metric as (sum, count) so that a report can pool it over clients like accuracy; the
+        first one is the task's main metric (ROUGE-L when generations are scored, else next-token accuracy)."""
         model.eval()
         device = model_device(model)
         loss_sum, correct, count = 0.0, 0, 0
@@ -145,12 +149,19 @@ class InstructionTask:
                     correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
                     count += int(keep.sum())
         metrics = {"loss": loss_sum / count, "perplexity": math.exp(min(loss_sum / count, 50.0)),
-                   "token_accuracy": correct / count, "correct": correct, "count": count}
+                   "token_accuracy": correct / count, "correct": correct, "count": count,
+                   "scores": {"token_accuracy": (correct, count)}}
         if self.generation_tokens > 0:
-            scores = [rouge_l(self.generate(model, example["instruction"]),
-                              self.tokenizer(example["response"], add_special_tokens=False)["input_ids"])
-                      for example in examples]
-            metrics["rouge_l"] = sum(scores) / len(scores)
+            rouge, exact = 0.0, 0
+            for example in examples:
+                generated = self.generate(model, example["instruction"])
+                reference = self.tokenizer(example["response"], add_special_tokens=False)["input_ids"]
+                rouge += rouge_l(generated, reference)
+                exact += int(_normalized(self.tokenizer.decode(generated, skip_special_tokens=True))
+                             == _normalized(example["response"]))
+            metrics.update(rouge_l=rouge / len(examples), exact_match=exact / len(examples))
+            metrics["scores"] = {"rouge_l": (rouge, len(examples)), "exact_match": (exact, len(examples)),
+                                 **metrics["scores"]}
         return metrics
 
     def generate(self, model: nn.Module, instruction: str, use_cache: bool = True) -> list[int]:
@@ -173,6 +184,11 @@ class InstructionTask:
                     break
                 ids.append(token)
         return ids[prompt_length:]
+
+
+def _normalized(text: str) -> str:
+    """Text compared for exact match: surrounding and repeated whitespace do not count, everything else does."""
+    return " ".join(text.split())
 
 
 def rouge_l(candidate: list, reference: list) -> float:
