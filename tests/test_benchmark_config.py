@@ -1,10 +1,12 @@
+import json
+
 import pytest
 
 from fedp2eft.benchmark.config import apply_overrides, load_profile, resolve, validate
 from fedp2eft.errors import FedP2EFTError
 
 
-@pytest.mark.parametrize("profile", ["default", "quick", "paper"])
+@pytest.mark.parametrize("profile", ["default", "quick", "paper", "paper-fedaya"])
 def test_profiles_load_and_share_one_schema(profile):
     config = load_profile(profile)
     assert set(config) == set(load_profile("default"))
@@ -62,3 +64,37 @@ def test_numbers_written_without_a_dot_are_numbers():
     config = apply_overrides(load_profile("quick"), ["personalize.lora_lr=1e-4", "psg.lr_scale=btlora"])
     assert config["personalize"]["lora_lr"] == 1e-4 and isinstance(config["personalize"]["lora_lr"], float)
     assert config["psg"]["lr_scale"] == "btlora"
+
+
+def fed_aya_folder(root, clients=10):
+    """FedLLM-Bench's released Fed-Aya file (client id -> records), small: enough clients to hold 8 out."""
+    folder = root / "Fed-Aya"
+    folder.mkdir()
+    data = {f"client{c}": [{"instruction": f"q{c}-{i}", "response": f"a{c}-{i}", "language": "en"} for i in range(3)]
+            for c in range(clients)}
+    (folder / "aya_38c_25k.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_paper_fedaya_profile_is_one_command_given_the_data(tmp_path):
+    folder = fed_aya_folder(tmp_path)
+    config = resolve("paper-fedaya", [f"dataset_options.path={folder}"])
+    assert config["dataset"] == "fed-aya" and config["dataset_options"] == {"path": str(folder)}
+    assert config["model"] == "mtgv/MobileLLaMA-1.4B-Base" and config["max_length"] == 1024
+    assert config["psg"]["rounds"] == 150 and config["psg"]["clients_per_round"] == 3
+    assert config["base"]["clients_per_round"] == 3 and config["base"]["training"]["mode"] == "lora"
+    personalize = config["personalize"]
+    assert personalize["epochs"] == 2 and personalize["lora_lr"] == 1e-4 and personalize["max_rank"] == 32
+    config = resolve("paper-fedaya", [f"dataset_options.path={folder}", "dataset_options.unseen_clients=[1,4]"])
+    assert config["dataset_options"] == {"path": str(folder), "unseen_clients": [1, 4]}  # both keys stay
+
+
+def test_paper_fedaya_without_its_data_fails_before_any_work(tmp_path):
+    with pytest.raises(FedP2EFTError, match=r"fed-aya: no path given.*dataset_options.path=DIR"):
+        resolve("paper-fedaya", [])
+    with pytest.raises(FedP2EFTError, match=r"fed-aya: .*missing does not exist"):
+        resolve("paper-fedaya", [f"dataset_options.path={tmp_path / 'missing'}"])
+    with pytest.raises(FedP2EFTError, match=r"5 usable clients in .*unseen_clients=8"):  # the whole load runs first
+        resolve("paper-fedaya", [f"dataset_options.path={fed_aya_folder(tmp_path, clients=5)}"])
+    with pytest.raises(FedP2EFTError, match=r"fed-aya: .*unexpected keyword argument 'pathh'"):
+        resolve("paper-fedaya", [f"dataset_options.pathh={tmp_path}"])

@@ -12,7 +12,7 @@ import yaml
 from fedp2eft.core.methods import METHODS, STAGES, Stage, stages
 from fedp2eft.errors import FedP2EFTError
 
-PROFILES = ("default", "quick", "paper", "llm", "llm-quick")
+PROFILES = ("default", "quick", "paper", "paper-fedaya", "llm", "llm-quick")
 
 
 def load_profile(name_or_path: str) -> dict[str, Any]:
@@ -71,19 +71,22 @@ def _free_form(name: str) -> bool:
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """``a.b=value`` pairs; values are parsed as YAML (numbers, lists, booleans)."""
+    """``a.b=value`` pairs; values are parsed as YAML (numbers, lists, booleans). They are merged as one update, so
+    several keys of a free-form section (``dataset_options.path=... dataset_options.languages=...``) all stay; that
+    section is replaced as a whole, as in a config file, since its keys belong to one dataset or stage."""
+    update: dict = {}
     for item in overrides:
         if "=" not in item:
             raise FedP2EFTError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
-        update: dict = {}
         cursor = update
         parts = key.split(".")
         for part in parts[:-1]:
-            cursor = cursor.setdefault(part, {})
+            if not isinstance(cursor.get(part), dict):
+                cursor[part] = {}
+            cursor = cursor[part]
         cursor[parts[-1]] = _parse_value(raw)
-        config = merge(config, update, "command line")
-    return config
+    return merge(config, update, "command line")
 
 
 def _parse_value(raw: str) -> Any:
@@ -134,11 +137,12 @@ def validate(config: dict) -> dict:
     from fedp2eft.core.device import resolve_device
 
     resolve_device(str(config["device"]))  # an unknown device, or cuda without a GPU, fails here, before any work
-    from fedp2eft.data.registry import dataset_names
+    from fedp2eft.data.registry import check_dataset, dataset_names
 
     dataset = config["dataset"]
     if dataset not in dataset_names() and not Path(dataset).exists():
         raise FedP2EFTError(f"unknown dataset '{dataset}'; choose from {', '.join(dataset_names())} or a path")
+    check_dataset(dataset, dict(config["dataset_options"] or {}))  # e.g. Fed-Aya without dataset_options.path
     return config
 
 

@@ -12,10 +12,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run (or resume) the FedP²EFT benchmark. Finished stages are not redone.",
     )
     parser.add_argument("--config", default="default",
-                        help="profile name (default, quick, paper) or a YAML file (default: %(default)s)")
+                        help="profile name (default, quick, paper, paper-fedaya) or a YAML file "
+                             "(default: %(default)s)")
     parser.add_argument("--results", type=Path, default=Path("results"), help="where run folders go")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. budgets=[2,8] psg.rounds=5 name=my-run")
+                        help="config overrides, e.g. budgets=[2,8] psg.rounds=5 name=my-run "
+                             "dataset_options.path=/data/Fed-Aya")
     parser.set_defaults(func=run)
 
 

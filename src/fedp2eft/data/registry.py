@@ -23,13 +23,31 @@ def dataset_names() -> list[str]:
     return sorted(LOADERS)
 
 
+# Read only from a user's local files and quick to read, so a benchmark loads them once before any work.
+LOCAL_ONLY = {"fed-aya"}
+
+
+def _bind(name: str, options: dict) -> None:
+    try:
+        inspect.signature(LOADERS[name]).bind(**options)
+    except TypeError as error:  # an option the loader does not take
+        raise FedP2EFTError(f"{name}: {error}") from error
+
+
+def check_dataset(name: str, options: dict) -> None:
+    """Fail before any work: an option a named loader does not take, and for a local-only dataset (Fed-Aya)
+    anything its loader refuses (no path, a missing file, a bad record), since reading it takes seconds."""
+    if name not in LOADERS:
+        return
+    _bind(name, options)
+    if name in LOCAL_ONLY:
+        LOADERS[name](**options)
+
+
 def load_dataset(name: str, **options) -> FederatedDataset:
     """Load ``name`` with loader-specific ``options`` (seed, sizes, alpha, languages, path, ...)."""
     if name in LOADERS:
-        try:
-            inspect.signature(LOADERS[name]).bind(**options)
-        except TypeError as error:  # an option the loader does not take
-            raise FedP2EFTError(f"{name}: {error}") from error
+        _bind(name, options)
         return LOADERS[name](**options)
     if Path(name).expanduser().exists():
         return load_files(name, **options)
