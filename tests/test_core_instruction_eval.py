@@ -5,6 +5,7 @@ from transformers import LlamaForCausalLM
 from conftest import instruction_examples, llama_config
 from fedp2eft.core.methods import PersonalizeConfig, personalize
 from fedp2eft.core.tasks import InstructionTask, rouge_l
+from fedp2eft.errors import FedP2EFTError
 
 
 @pytest.mark.parametrize("candidate, reference, expected", [
@@ -76,3 +77,34 @@ def test_cached_generation_gives_the_uncached_tokens_through_every_wrapper(token
     finally:
         handle.remove()
     assert fed[0] > 1 and fed[1:] and all(width == 1 for width in fed[1:])  # the prompt once, then one token a step
+
+
+def test_a_long_response_is_cut_at_its_end_never_dropped(tokenizer):
+    task = InstructionTask(tokenizer, max_length=16)
+    example = {"instruction": "what is the color of sun", "response": " ".join(["yellow"] * 40)}
+    batch = task.collate([example])
+    prompt = len(task.prompt_ids(example["instruction"]))
+    assert batch["input_ids"].shape[1] == 16
+    trained = int(task.loss_units(batch)[0])
+    assert trained == 16 - prompt > 0  # every position after the prompt keeps a response token
+
+
+def test_a_prompt_without_room_for_the_response_is_refused(tokenizer):
+    task = InstructionTask(tokenizer, max_length=8)
+    long_instruction = " ".join(["sun"] * 20)
+    with pytest.raises(FedP2EFTError, match=r"example 1: its prompt alone is \d+ tokens and max_length is 8"):
+        task.check([{"instruction": "sun", "response": "yellow"}, {"instruction": long_instruction,
+                                                                   "response": "yellow"}], "client x")
+    with pytest.raises(FedP2EFTError, match="needs a non-empty 'instruction' and 'response'"):
+        task.check([{"instruction": "sun"}], "client x")
+
+
+def test_an_encoder_checkpoint_is_refused_for_instruction_tuning(tmp_path, tokenizer):
+    from conftest import LABELS, bert_config
+    from fedp2eft.core.modeling import classifier_from_config, load_causal_lm
+
+    classifier_from_config(bert_config(len(tokenizer)), LABELS).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(FedP2EFTError, match="not a decoder: instruction datasets need a causal language model"):
+        load_causal_lm(tmp_path / "encoder")
+    LlamaForCausalLM(llama_config(len(tokenizer))).save_pretrained(tmp_path / "decoder")
+    assert isinstance(load_causal_lm(tmp_path / "decoder"), LlamaForCausalLM)

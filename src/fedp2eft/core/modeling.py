@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from fedp2eft.errors import FedP2EFTError
 
 HEAD_FILE = "classifier_head.safetensors"
+DECODER_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # architectures that generate text
 LABELS_FILE = "labels.json"
 
 
@@ -81,4 +82,13 @@ def classifier_from_config(config: PretrainedConfig, labels: list[str], seed: in
 
 
 def load_causal_lm(directory: str | Path) -> nn.Module:
+    """A decoder with its language-model head; an encoder-only checkpoint (e.g. an embedding model given an
+    instruction dataset) is refused with what to use instead."""
+    config = AutoConfig.from_pretrained(directory)
+    architectures = config.architectures or []
+    if architectures and not any(name.endswith(DECODER_HEADS) for name in architectures):
+        raise FedP2EFTError(
+            f"{directory} holds a {', '.join(architectures)} ('{config.model_type}'), not a decoder: instruction "
+            "datasets need a causal language model (e.g. model gemma-3-270m, or a Hugging Face decoder such as "
+            "Llama); use a classification dataset with this model")
     return AutoModelForCausalLM.from_pretrained(directory)

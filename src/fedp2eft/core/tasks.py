@@ -92,6 +92,12 @@ class InstructionTask:
         for row, example in enumerate(examples):
             if not example.get("instruction") or not example.get("response"):
                 raise FedP2EFTError(f"{where}, example {row}: needs a non-empty 'instruction' and 'response'")
+            prompt = len(self.prompt_ids(example["instruction"]))
+            if prompt >= self.max_length:
+                raise FedP2EFTError(
+                    f"{where}, example {row}: its prompt alone is {prompt} tokens and max_length is "
+                    f"{self.max_length}, so no token of its response would be trained or scored; raise max_length "
+                    f"or shorten the instruction")
 
     def prompt_ids(self, instruction: str) -> list[int]:
         """Token ids of the prompt template around ``instruction`` (special tokens included)."""
@@ -103,6 +109,9 @@ class InstructionTask:
         return pad if pad is not None else self.tokenizer.eos_token_id
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Prompt + response (+ EOS) cut to ``max_length``: a response that does not fit loses its end (and the EOS),
+        never the whole example; the loss covers the response tokens that remain (``check`` refuses a prompt that
+        leaves room for none)."""
         rows, labels = [], []
         for example in examples:
             prompt = self.prompt_ids(example["instruction"])
