@@ -1,0 +1,131 @@
+"""Does the PS generator learn language structure, and is the scale of its input what stops it?
+
+The client features x (per-layer input mean and std) of different clients differ by a few percent around a large
+common part (docs/discussion.md), so a generator that starts near zero can fit the common allocation long before
+it can tell clients apart. This script trains the generator of a benchmark profile twice on the same base model,
+seed and client sample: on the raw features (the method as published) and on features standardized with the
+mean and standard deviation over the *seen* clients (what a federation could learn in one extra,
+secure-aggregatable round of sums of x and x^2; the script computes it directly). It prints the training curve
+and, for the final generators, how much the rank maps of two clients overlap within one language and across
+languages, for seen and unseen clients, next to the overlap of local BT-LoRA searches of the same clients. Only
+training data are used; nothing is evaluated on test data.
+
+    python benchmarks/generator_structure.py --base results/default/base/model [--rounds 40] [--budgets 2 8]
+
+The federated averaging is the engine's own (``fl.weights.fedavg``, ``fl.server_app.sample_clients``), run in
+one process without Flower: the stage's arithmetic, not its transport, is what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from fedp2eft.benchmark.config import resolve
+from fedp2eft.benchmark.report import rank_agreement
+from fedp2eft.core.budget import select_top_ranks
+from fedp2eft.core.generator import PSGenerator
+from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
+from fedp2eft.core.personalization import PersonalizeConfig, features_for, generator_spec, new_btlora, \
+    train_btlora
+from fedp2eft.experiment import Setup
+from fedp2eft.fl.server_app import sample_clients
+from fedp2eft.fl.weights import fedavg
+from fedp2eft.logs import quiet_third_party
+
+
+class StandardizedGeneratorTask(GeneratorTask):
+    """The generator's task on features shifted and scaled by the seen clients' mean and std."""
+
+    def __init__(self, *args, shift: torch.Tensor, scale: torch.Tensor, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.shift, self.scale = shift, scale
+
+    def features(self, client_index: int) -> torch.Tensor:
+        return (super().features(client_index) - self.shift) / self.scale
+
+
+def agreement(allocations: list[tuple[int, str, dict]]) -> str:
+    found = rank_agreement(allocations) or {}
+    return (f"same language {found.get('client_pairs_same_language', float('nan')):.3f}, "
+            f"different languages {found.get('client_pairs_different_language', float('nan')):.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", required=True, help="a trained base model folder (e.g. results/default/base/model)")
+    parser.add_argument("--config", default="default", help="benchmark profile whose data and psg settings to use")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--scale", type=float, default=None,
+                        help="stage-1 learning-rate scale (default: the profile's psg.lr_scale, when it is a number)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    quiet_third_party()
+    config = resolve(args.config, [])
+    setup = Setup(args.base, config["dataset"], dict(config["dataset_options"]), config["max_length"])
+    base = setup.load_base_model()
+    scale = args.scale if args.scale is not None else float(config["psg"]["lr_scale"])
+    personal = PersonalizeConfig.from_dict(config["personalize"]).with_lr_scale(scale)
+    rates = {"lora_lr": personal.lora_lr, "scale_lr": personal.scale_lr, "adalora_lr": personal.adalora_lr}
+    training = GeneratorTrainingConfig.from_dict({**config["psg"]["training"], "seed": args.seed,
+                                                  "personalize": {**config["personalize"], **rates},
+                                                  "total_rounds": args.rounds})
+    clients = setup.data.seen + setup.data.unseen
+    spec = generator_spec(base, personal, args.base)
+    raw = {c.client_id: features_for(base, setup.task, c.train, spec).float() for c in clients}
+    seen = torch.stack([raw[c.client_id] for c in setup.data.seen])
+    shift, spread = seen.mean(0), seen.std(0).clamp(min=1e-8)
+    print(f"features: {seen.shape[1]} values; across seen clients the median relative spread (std / |mean|) is "
+          f"{float((seen.std(0) / seen.mean(0).abs().clamp(min=1e-12)).median()):.3f}")
+
+    # local BT-LoRA searches (the stage-1 targets' structure without the generator), at the generator's stage-1 rates
+    local = {}
+    for client in clients:
+        model = new_btlora(base, personal)
+        train_btlora(model, setup.task, client.train, personal, training.local_epochs)
+        local[client.client_id] = model.scales().detach().float()
+    variants = {
+        "raw features": (GeneratorTask(base, setup.task, setup.data.seen, training, args.base),
+                         lambda x: x),
+        "standardized features": (StandardizedGeneratorTask(base, setup.task, setup.data.seen, training, args.base,
+                                                            shift=shift, scale=spread),
+                                  lambda x: (x - shift) / spread),
+    }
+    maps = {"local BT-LoRA search": {c.client_id: local[c.client_id] for c in clients}}
+    for name, (task, transform) in variants.items():
+        start = time.perf_counter()
+        weights = task.initial_weights()
+        print(f"\n{name}: round, mean lambda, stage-1 loss")
+        for server_round in range(1, args.rounds + 1):
+            sampled = sample_clients(list(range(task.num_clients())), config["psg"]["clients_per_round"], args.seed,
+                                     server_round)
+            updates = [task.client_update(weights, index, server_round) for index in sampled]
+            weights = fedavg(weights, [(u.weights, u.num_examples) for u in updates])
+            if server_round % 5 == 0 or server_round == 1:
+                print(f"{server_round:5d} {np.mean([u.metrics['mean_lambda'] for u in updates]):8.3f} "
+                      f"{np.mean([u.metrics['stage1_loss'] for u in updates]):8.3f}")
+        generator = PSGenerator(task.spec)
+        generator.load_state_dict(weights)
+        with torch.no_grad():
+            maps[name] = {c.client_id: generator(transform(raw[c.client_id])) for c in clients}
+        outputs = torch.stack(list(maps[name].values()))
+        print(f"({time.perf_counter() - start:.0f} s) output std across clients {float(outputs.std(0).median()):.4f}, "
+              f"across entries {float(outputs.std(1).median()):.4f} (medians)")
+    modules = list(spec.module_names)
+    print("\nrank-map overlap of two clients (1 = identical allocation)")
+    for budget in args.budgets:
+        for pool, members in (("seen", setup.data.seen), ("unseen", setup.data.unseen)):
+            for name, by_client in maps.items():
+                allocations = [(0, c.language, select_top_ranks(by_client[c.client_id], modules,
+                                                                personal.max_rank, budget).ranks) for c in members]
+                print(f"r={budget} {pool:6s} {name:22s} {agreement(allocations)}")
+
+
+if __name__ == "__main__":
+    main()
