@@ -11,16 +11,21 @@ outputs decide ranks and learning rates, not the time).
 Each method runs ``personalize()`` unmodified (the one training loop, bf16 autocast on a GPU that supports it),
 ``--repeats`` times after one warm-up run; evaluation of the 25 test pairs is timed apart. With ``--baseline-cpu``
 the same LoRA run also runs on this machine's CPU once, so the printed speed-up compares two devices of the same
-machine in the same run.
+machine in the same run. With ``--processes 1 4 8`` it also measures clients personalized at the same time on one
+device: that many processes each build the model, warm up, wait for a common start and then run LoRA
+``--repeats`` times; the throughput is all their runs over the time from that start to the last one's end.
 
-    python benchmarks/paper_step_time.py [--device auto] [--repeats 3] [--baseline-cpu]
+    python benchmarks/paper_step_time.py [--device auto] [--repeats 3] [--baseline-cpu] [--processes 1 4 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -95,19 +100,18 @@ def main() -> None:
     parser.add_argument("--baseline-cpu", action="store_true", help="also time one LoRA run on the CPU")
     parser.add_argument("--layers", type=int, default=MBERT["num_hidden_layers"],
                         help="encoder layers (default mBERT's 12; fewer for a quick check)")
+    parser.add_argument("--processes", type=int, nargs="*", default=[],
+                        help="also time this many concurrent LoRA clients on the device, per value")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one of the concurrent clients
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    if args.child:
+        return concurrent_child(args)
+    device, on_device, task, config, train, test = setup(args)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    torch.manual_seed(0)
-    base = classifier_from_config(BertConfig(**{**MBERT, "num_hidden_layers": args.layers}), LABELS).eval()
-    task = ClassificationTask(word_tokenizer(), LABELS, max_length=128)
-    config = PersonalizeConfig(batch_size=32)
-    train, test = pairs(100, seed=1), pairs(25, seed=2)
     tokens = sum(int(task.collate([row])["attention_mask"].sum()) for row in train) * config.epochs
     print(f"device: {name}; mBERT-shaped, {args.layers} layers; 100 train / 25 test pairs, batch 32, "
           f"{config.epochs} epochs, R={config.max_rank}, r={BUDGET}; {tokens} real training tokens per run")
     print(f"{'method':<10}{'run s':>9}{'steps':>7}{'s/step':>9}{'tokens/s':>10}{'eval s':>9}")
-    on_device = base.to(device)
     lora_seconds = None
     for method in args.methods:
         runs = [time_run(method, client_context(on_device, task, config, train), config, test, device)
@@ -119,11 +123,53 @@ def main() -> None:
         print(f"{method:<10}{seconds:>9.3f}{steps:>7}{seconds / steps:>9.4f}{tokens / seconds:>10.0f}"
               f"{evaluation:>9.3f}")
     if args.baseline_cpu and device.type != "cpu" and lora_seconds is not None:
-        cpu_base = on_device.to("cpu")
+        cpu_base = copy.deepcopy(on_device).to("cpu")
         cpu_seconds, _, _ = time_run("lora", client_context(cpu_base, task, config, train), config, test,
                                      torch.device("cpu"))
         print(f"lora on the CPU ({torch.get_num_threads()} threads): {cpu_seconds:.2f} s per run; "
               f"{name} is {cpu_seconds / lora_seconds:.1f}x faster")
+    for count in args.processes:
+        runs_per_second = concurrent(count, args)
+        print(f"{count} clients at once on {name}: {runs_per_second:.2f} LoRA runs/s "
+              f"({runs_per_second * (lora_seconds or float('nan')):.1f}x one client's rate)")
+
+
+def setup(args: argparse.Namespace):
+    """The model on the device, the task, the config and one client's data."""
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    base = classifier_from_config(BertConfig(**{**MBERT, "num_hidden_layers": args.layers}), LABELS).eval()
+    return device, base.to(device), ClassificationTask(word_tokenizer(), LABELS, max_length=128), \
+        PersonalizeConfig(batch_size=32), pairs(100, seed=1), pairs(25, seed=2)
+
+
+def concurrent(count: int, args: argparse.Namespace) -> float:
+    """LoRA runs per second of ``count`` processes personalizing at once, timed from a common start: each child
+    builds its model and warms up, says so, and waits for the go."""
+    command = [sys.executable, __file__, "--device", args.device, "--layers", str(args.layers), "--repeats",
+               str(args.repeats), "--child"]
+    children = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for _ in range(count)]
+    for child in children:
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError("a concurrent client failed before its warm-up ended")
+    start = time.time()
+    for child in children:
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    ends = [float(child.communicate()[0].split()[-1]) for child in children]
+    return count * args.repeats / (max(ends) - start)
+
+
+def concurrent_child(args: argparse.Namespace) -> None:
+    """Build, warm up, say ready, wait for the go, run LoRA ``--repeats`` times; print the end time."""
+    device, base, task, config, train, test = setup(args)
+    time_run("lora", client_context(base, task, config, train), config, test, device)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for _ in range(args.repeats):
+        time_run("lora", client_context(base, task, config, train), config, test, device)
+    print(time.time(), flush=True)
 
 
 if __name__ == "__main__":
