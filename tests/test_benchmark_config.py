@@ -6,7 +6,7 @@ from fedp2eft.benchmark.config import apply_overrides, load_profile, resolve, va
 from fedp2eft.errors import FedP2EFTError
 
 
-@pytest.mark.parametrize("profile", ["default", "quick", "paper", "paper-fedaya"])
+@pytest.mark.parametrize("profile", ["default", "quick", "paper", "paper-fedaya", "llm", "llm-quick"])
 def test_profiles_load_and_share_one_schema(profile):
     config = load_profile(profile)
     assert set(config) == set(load_profile("default"))
@@ -38,6 +38,8 @@ def test_overrides_parse_yaml_values():
     ("psg.generator=x.safetensors", "unknown config key 'psg.generator'"),
     ("selection.pool=test", "selection.pool must be seen or unseen"),
     ("seeds=[0,0]", "each once"),
+    ("generation_tokens=-1", "generation_tokens must be a whole number >= 0"),
+    ("generation_tokens=2.5", "generation_tokens must be a whole number >= 0"),
 ])
 def test_bad_configs_fail_before_any_work(override, message):
     with pytest.raises(FedP2EFTError, match=message):

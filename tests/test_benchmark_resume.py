@@ -11,6 +11,7 @@ import time
 import pytest
 
 from fedp2eft.cli import main
+from fedp2eft.errors import FedP2EFTError
 
 SMALL = ["methods=[lora]", "budgets=[2]", "seeds=[0]", "pools=[unseen]", "selection.grid=[3.0]", "base.rounds=4"]
 
@@ -53,6 +54,13 @@ def test_a_changed_config_is_refused_and_runtime_keys_are_not(tmp_path, capsys):
     from fedp2eft.benchmark.runner import check_run_folder
 
     check_run_folder(run, resolve("quick", [*SMALL, "workers=1"]))  # how fast, not what: accepted
+    # a run made before generation_tokens existed resumes: a key it lacks counts as the key's default
+    older = resolve("quick", SMALL)
+    del older["generation_tokens"]
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    check_run_folder(run, resolve("quick", SMALL))
+    with pytest.raises(FedP2EFTError, match="differs in: generation_tokens"):
+        check_run_folder(run, resolve("quick", [*SMALL, "generation_tokens=4"]))
 
 
 @pytest.mark.parametrize("cut", ['{"seed": 0, "pool"', ""])

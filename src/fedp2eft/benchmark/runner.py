@@ -29,6 +29,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedp2eft.benchmark.config import OPTIONAL_KEYS
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, Stage, method_lr, method_spec, personalize, \
     stage_named, stages
 from fedp2eft.core.personalization import validation_split
@@ -56,7 +57,8 @@ def check_run_folder(run_dir: Path, config: dict) -> None:
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return
-    previous = yaml.safe_load(saved.read_text()) or {}
+    # a key added to the config after the run was made counts as its default there (see OPTIONAL_KEYS)
+    previous = {**OPTIONAL_KEYS, **(yaml.safe_load(saved.read_text()) or {})}
     changed = sorted(key for key in set(previous) | set(config)
                      if key not in RUNTIME_KEYS and previous.get(key) != config.get(key))
     if changed:
