@@ -4,8 +4,8 @@ The client features x (per-layer input mean and std) of different clients differ
 common part (docs/discussion.md), so a generator that starts near zero can fit the common allocation long before
 it can tell clients apart. This script trains the generator of a benchmark profile twice on the same base model,
 seed and client sample: on the raw features (the method as published) and on features standardized with the
-mean and standard deviation over the *seen* clients (what a federation could learn in one extra,
-secure-aggregatable round of sums of x and x^2; the script computes it directly). It prints the training curve
+mean and standard deviation over the *seen* clients (``psg.training.standardize_features``: the engine gets them
+in one round of sums of x and x^2 before round 1; the script sums the same client statistics directly). It prints the training curve
 and, for the final generators, how much the rank maps of two clients overlap within one language and across
 languages, for seen and unseen clients, next to the overlap of local BT-LoRA searches of the same clients. Only
 training data are used; nothing is evaluated on test data.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -27,7 +28,6 @@ import torch
 from fedp2eft.benchmark.config import resolve
 from fedp2eft.benchmark.report import rank_agreement
 from fedp2eft.core.budget import select_top_ranks
-from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
 from fedp2eft.core.personalization import PersonalizeConfig, features_for, generator_spec, new_btlora, \
     train_btlora
@@ -35,17 +35,6 @@ from fedp2eft.experiment import Setup
 from fedp2eft.fl.server_app import sample_clients
 from fedp2eft.fl.weights import fedavg
 from fedp2eft.logs import quiet_third_party
-
-
-class StandardizedGeneratorTask(GeneratorTask):
-    """The generator's task on features shifted and scaled by the seen clients' mean and std."""
-
-    def __init__(self, *args, shift: torch.Tensor, scale: torch.Tensor, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.shift, self.scale = shift, scale
-
-    def features(self, client_index: int) -> torch.Tensor:
-        return (super().features(client_index) - self.shift) / self.scale
 
 
 def agreement(allocations: list[tuple[int, str, dict]]) -> str:
@@ -80,7 +69,6 @@ def main() -> None:
     spec = generator_spec(base, personal, args.base)
     raw = {c.client_id: features_for(base, setup.task, c.train, spec).float() for c in clients}
     seen = torch.stack([raw[c.client_id] for c in setup.data.seen])
-    shift, spread = seen.mean(0), seen.std(0).clamp(min=1e-8)
     print(f"features: {seen.shape[1]} values; across seen clients the median relative spread (std / |mean|) is "
           f"{float((seen.std(0) / seen.mean(0).abs().clamp(min=1e-12)).median()):.3f}")
 
@@ -90,17 +78,17 @@ def main() -> None:
         model = new_btlora(base, personal)
         train_btlora(model, setup.task, client.train, personal, training.local_epochs)
         local[client.client_id] = model.scales().detach().float()
-    variants = {
-        "raw features": (GeneratorTask(base, setup.task, setup.data.seen, training, args.base),
-                         lambda x: x),
-        "standardized features": (StandardizedGeneratorTask(base, setup.task, setup.data.seen, training, args.base,
-                                                            shift=shift, scale=spread),
-                                  lambda x: (x - shift) / spread),
-    }
+    variants = {name: GeneratorTask(base, setup.task, setup.data.seen,
+                                    replace(training, standardize_features=standardized), args.base)
+                for name, standardized in (("raw features", False), ("standardized features", True))}
     maps = {"local BT-LoRA search": {c.client_id: local[c.client_id] for c in clients}}
-    for name, (task, transform) in variants.items():
+    for name, task in variants.items():
         start = time.perf_counter()
-        weights = task.initial_weights()
+        if task.needs_statistics:  # what the engine's statistics round computes, summed here directly
+            shares = [task.client_statistics(i) for i in range(task.num_clients())]
+            weights = task.initial_weights_from({key: sum(share[key] for share in shares) for key in shares[0]})
+        else:
+            weights = task.initial_weights()
         print(f"\n{name}: round, mean lambda, stage-1 loss")
         for server_round in range(1, args.rounds + 1):
             sampled = sample_clients(list(range(task.num_clients())), config["psg"]["clients_per_round"], args.seed,
@@ -110,10 +98,10 @@ def main() -> None:
             if server_round % 5 == 0 or server_round == 1:
                 print(f"{server_round:5d} {np.mean([u.metrics['mean_lambda'] for u in updates]):8.3f} "
                       f"{np.mean([u.metrics['stage1_loss'] for u in updates]):8.3f}")
-        generator = PSGenerator(task.spec)
+        generator = task.new_generator()
         generator.load_state_dict(weights)
         with torch.no_grad():
-            maps[name] = {c.client_id: generator(transform(raw[c.client_id])) for c in clients}
+            maps[name] = {c.client_id: generator(raw[c.client_id]) for c in clients}
         outputs = torch.stack(list(maps[name].values()))
         print(f"({time.perf_counter() - start:.0f} s) output std across clients {float(outputs.std(0).median()):.4f}, "
               f"across entries {float(outputs.std(1).median()):.4f} (medians)")

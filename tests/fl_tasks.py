@@ -75,5 +75,6 @@ def make_tiny_psg_task(config: dict[str, Any]) -> Any:
     clients = [ClientData(f"c{i}", "xx", classification_examples(24, seed=10 + i),
                           classification_examples(4, seed=20 + i)) for i in range(int(config.get("num_clients", 3)))]
     personalize = PersonalizeConfig(max_rank=4, batch_size=8, lora_lr=1e-2, scale_lr=5e-2)
-    training = GeneratorTrainingConfig(personalize=personalize, local_epochs=1, regression_steps=5, regression_lr=1e-2)
+    training = GeneratorTrainingConfig(personalize=personalize, local_epochs=1, regression_steps=5, regression_lr=1e-2,
+                                       standardize_features=bool(config.get("standardize_features", False)))
     return GeneratorTask(model, ClassificationTask(tokenizer, LABELS, max_length=32), clients, training, "tiny")

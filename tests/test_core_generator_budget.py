@@ -31,6 +31,27 @@ def test_generator_save_load_roundtrip(tmp_path):
     assert torch.equal(loaded(features), generator(features))
 
 
+def test_standardized_generator_saves_its_statistics_and_raw_files_load_as_raw(tmp_path):
+    torch.manual_seed(0)
+    generator = PSGenerator(SPEC, standardized=True)
+    mean, std = torch.randn(14), torch.rand(14) + 0.5
+    generator.standardize(mean, std)
+    with torch.no_grad():
+        generator.net[0].weight.normal_()
+        generator.net[-1].weight.normal_()
+    raw = PSGenerator(SPEC)
+    raw.load_state_dict({k: v for k, v in generator.state_dict().items() if not k.startswith("feature_")})
+    features = torch.randn(14) * 3
+    assert torch.allclose(generator(features), raw((features - mean) / std))
+    generator.save(tmp_path / "standardized.safetensors")
+    loaded = PSGenerator.load(tmp_path / "standardized.safetensors", expected=SPEC)
+    assert loaded.standardized and torch.equal(loaded(features), generator(features))
+    raw.save(tmp_path / "raw.safetensors")  # what every generator saved before the option looks like
+    assert not PSGenerator.load(tmp_path / "raw.safetensors").standardized
+    with pytest.raises(FedP2EFTError, match="without standardized features"):
+        raw.standardize(mean, std)
+
+
 def test_generator_for_other_model_is_refused(tmp_path):
     PSGenerator(SPEC).save(tmp_path / "psg.safetensors")
     other = GeneratorSpec("other", SPEC.module_names[:5], 8, SPEC.feature_layers)

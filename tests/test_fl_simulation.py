@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CLIENTS_PER_ROUND, FULL_ROUNDS, TOY_CONFIG
+from fedp2eft.core.generator import PSGenerator
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl.checkpoint import is_new_best, load_best
 from fedp2eft.fl.job import Job
@@ -99,6 +100,36 @@ def test_ps_generator_task_trains_inside_flower(tmp_path: Path) -> None:
     trained = load_file(str(path))
     assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in start.items()}
     assert any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+def test_standardized_generator_starts_from_every_clients_feature_statistics(tmp_path: Path) -> None:
+    """With standardize_features the server asks every client once for its feature sums before round 1; the
+    generator's shift and scale are the mean and std over all clients (not only the sampled ones), they travel
+    with the weights unchanged, and the exported generator applies them."""
+    from fl_tasks import make_tiny_psg_task
+
+    config = {"num_clients": 3, "standardize_features": True}
+    path = run_federated("fl_tasks:make_tiny_psg_task", config, 2, 2, output_dir=tmp_path, min_clients=2, seed=0)
+    task = make_tiny_psg_task(config)
+    features = torch.stack([task.features(i) for i in range(3)]).double()
+    statistics = [task.client_statistics(i) for i in range(3)]
+    start = task.initial_weights_from({k: sum(s[k] for s in statistics) for k in statistics[0]})
+    trained = load_file(str(path))
+    for weights in (start, trained):
+        assert torch.allclose(weights["feature_shift"].double(), features.mean(0), atol=1e-6)
+        floor = 1e-6 + 1e-3 * features.mean(0).abs()  # near-constant features are not blown up
+        expected = torch.maximum(features.std(0, unbiased=False), floor)
+        assert torch.allclose(weights["feature_scale"].double(), expected, rtol=1e-4)
+        assert (weights["feature_scale"].double() > floor * 1.5).any()  # most features keep their own spread
+    assert torch.equal(trained["feature_shift"], start["feature_shift"])
+    assert not torch.equal(trained["net.0.weight"], start["net.0.weight"])  # it trained on top of them
+    exported = task.export(trained, tmp_path / "export")
+    generator = PSGenerator.load(exported)
+    assert generator.standardized
+    raw = PSGenerator(generator.spec)
+    raw.load_state_dict({k: v for k, v in trained.items() if not k.startswith("feature_")})
+    x = features[0].float()
+    assert torch.allclose(generator(x), raw((x - trained["feature_shift"]) / trained["feature_scale"]))
 
 
 # The built-in "psg" task on the embedded multilingual-e5-small and two tiny intents clients.

@@ -46,3 +46,20 @@ class ExportableTask(FederatedTask, Protocol):
     def export(self, weights: dict[str, torch.Tensor], directory: Path) -> Path:
         """Write the usable artifact for the final global ``weights`` under ``directory``; return its path."""
         ...
+
+
+class StatisticsTask(FederatedTask, Protocol):
+    """A task whose starting weights depend on sums over its clients (the PS generator on standardized features
+    needs the federation's feature mean and std): when ``needs_statistics`` is true, the engine asks every client
+    once, before round 1, for ``client_statistics`` and starts from ``initial_weights_from`` of their sums. Only
+    sums are used, so the server could receive them through secure aggregation."""
+
+    needs_statistics: bool
+
+    def client_statistics(self, client_index: int) -> dict[str, torch.Tensor]:
+        """This client's terms of the sums (tensors of fixed shapes)."""
+        ...
+
+    def initial_weights_from(self, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The global weights before round 1, from the element-wise sums of every client's statistics."""
+        ...

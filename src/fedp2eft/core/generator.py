@@ -15,6 +15,7 @@ from fedp2eft.errors import FedP2EFTError
 
 HEADER_KEY = "fedp2eft_generator"
 ARTIFACT = ArtifactKind(HEADER_KEY, "PS generator", "train one with `fedp2eft train-psg`")
+STD_FLOOR, STD_FLOOR_RELATIVE = 1e-6, 1e-3  # the smallest scale of a standardized feature: 1e-6 + 1e-3 |mean|
 
 
 class FeatureLayout:
@@ -62,11 +63,17 @@ class PSGenerator(nn.Module):
     """Linear(D, 2D) -> PReLU -> Linear(2D, M*R) -> clamp to [1e-4, 1000] (straight-through).
 
     Both linear layers start with a tiny weight gain and bias 1e-4, so the first output is ~1e-4 everywhere
-    whatever the client's features: the same start as plain BayesTune (docs/method.md, "PS generator")."""
+    whatever the client's features: the same start as plain BayesTune (docs/method.md, "PS generator").
 
-    def __init__(self, spec: GeneratorSpec, init_gain: float = 1e-6) -> None:
+    ``standardized`` (off in the paper) subtracts the federation's mean feature vector and divides by its standard
+    deviation before the first layer (buffers ``feature_shift``/``feature_scale``, set by ``standardize`` from
+    statistics summed over the clients). Client features differ by a few percent around a large common part, and
+    on raw features the generator gives every client the same ranks (docs/method.md, "Standardized features")."""
+
+    def __init__(self, spec: GeneratorSpec, init_gain: float = 1e-6, standardized: bool = False) -> None:
         super().__init__()
         self.spec = spec
+        self.standardized = standardized
         width = 2 * spec.num_inputs
         self.net = nn.Sequential(
             nn.Linear(spec.num_inputs, width), nn.PReLU(), nn.Linear(width, spec.num_outputs)
@@ -74,13 +81,28 @@ class PSGenerator(nn.Module):
         for layer in (self.net[0], self.net[-1]):
             nn.init.xavier_uniform_(layer.weight, gain=init_gain)
             nn.init.constant_(layer.bias, SCALE_MIN)
+        if standardized:
+            self.register_buffer("feature_shift", torch.zeros(spec.num_inputs))
+            self.register_buffer("feature_scale", torch.ones(spec.num_inputs))
+
+    def standardize(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Use the federation's feature mean and standard deviation. A feature that hardly varies between clients
+        (a layer norm's output std is 1 for everyone) is divided by at least 1e-3 of its size plus 1e-6, so that a
+        new client's float noise on it is not blown up into a large input."""
+        if not self.standardized:
+            raise FedP2EFTError("this PS generator was built without standardized features (standardized=False)")
+        self.feature_shift.copy_(mean)
+        self.feature_scale.copy_(torch.maximum(std, STD_FLOOR_RELATIVE * mean.abs() + STD_FLOOR))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.standardized:
+            features = (features - self.feature_shift) / self.feature_scale
         return clamp_ste(self.net(features))
 
     def save(self, path: str | Path) -> None:
-        """Safetensors weights with the spec as a JSON header, written atomically (``core/artifacts.py``)."""
-        save_artifact(path, self.state_dict(), ARTIFACT, asdict(self.spec))
+        """Safetensors weights with the spec (and whether inputs are standardized) as a JSON header, written
+        atomically (``core/artifacts.py``)."""
+        save_artifact(path, self.state_dict(), ARTIFACT, {**asdict(self.spec), "standardized": self.standardized})
 
     @classmethod
     def load(cls, path: str | Path, expected: GeneratorSpec | None = None) -> PSGenerator:
@@ -97,6 +119,6 @@ class PSGenerator(nn.Module):
                 f"the PS generator {path} was trained for base model '{spec.base_model}' and does not fit this "
                 f"model ({reason}); train a generator for this model or load the matching base model"
             )
-        generator = cls(spec)
+        generator = cls(spec, standardized=bool(raw.get("standardized", False)))  # files before the option: raw
         generator.load_state_dict(state)
         return generator

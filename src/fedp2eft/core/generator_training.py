@@ -43,6 +43,7 @@ class GeneratorTrainingConfig:
     budget_sampling: bool = False
     budget_warmup_rounds: int | None = None
     total_rounds: int | None = None
+    standardize_features: bool = False  # not in the paper: docs/method.md, "Standardized features"
     seed: int = 0
 
     @classmethod
@@ -77,9 +78,36 @@ class GeneratorTask:
     def num_clients(self) -> int:
         return len(self.clients)
 
+    @property
+    def needs_statistics(self) -> bool:
+        """Standardized features need the federation's feature mean and std before round 1."""
+        return self.config.standardize_features
+
+    def new_generator(self) -> PSGenerator:
+        return PSGenerator(self.spec, standardized=self.config.standardize_features)
+
     def initial_weights(self) -> dict[str, torch.Tensor]:
+        if self.needs_statistics:
+            raise FedP2EFTError("a generator on standardized features starts from the clients' feature statistics: "
+                                "call initial_weights_from(sum of client_statistics) (the Flower engine does)")
         torch.manual_seed(self.config.seed)
-        return PSGenerator(self.spec).state_dict()
+        return self.new_generator().state_dict()
+
+    def client_statistics(self, client_index: int) -> dict[str, torch.Tensor]:
+        """This client's share of the federation's feature statistics: x and x*x (float64) and a count of 1, so the
+        server needs only their sums (secure aggregation could hide the terms)."""
+        x = self.features(client_index).double()
+        return {"count": torch.ones(1, dtype=torch.float64), "sum": x, "sum_of_squares": x * x}
+
+    def initial_weights_from(self, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The initial generator, standardized by the mean and std over clients of the summed statistics."""
+        count = float(totals["count"].sum())
+        mean = totals["sum"] / count
+        std = (totals["sum_of_squares"] / count - mean * mean).clamp(min=0.0).sqrt()
+        torch.manual_seed(self.config.seed)
+        generator = self.new_generator()
+        generator.standardize(mean.float(), std.float())
+        return generator.state_dict()
 
     def features(self, client_index: int) -> torch.Tensor:
         """x depends only on the fixed base model and the client's data, so it is computed once per client."""
@@ -90,7 +118,7 @@ class GeneratorTask:
 
     def export(self, weights: dict[str, torch.Tensor], directory: Path) -> Path:
         """The trained generator as ``directory/generator.safetensors`` (with its JSON header)."""
-        generator = PSGenerator(self.spec)
+        generator = self.new_generator()
         generator.load_state_dict(weights)
         generator.save(directory / GENERATOR_FILE)
         return directory / GENERATOR_FILE
@@ -106,7 +134,7 @@ class GeneratorTask:
     def client_update(self, weights: dict[str, torch.Tensor], client_index: int, server_round: int) -> ClientUpdate:
         config = self.config
         torch.manual_seed(config.seed * 100_003 + server_round * 1_009 + client_index)
-        generator = PSGenerator(self.spec)
+        generator = self.new_generator()
         generator.load_state_dict(weights)
         client = self.clients[client_index]
         x = self.features(client_index)

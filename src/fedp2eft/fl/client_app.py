@@ -52,13 +52,25 @@ def report_partition(msg: Message, context: Context) -> Message:
     return Message(RecordDict({P.CONFIG: ConfigRecord({P.PARTITION_ID: partition_id(context)})}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def addressed_task(msg: Message, context: Context) -> tuple[FederatedTask, int, ConfigRecord]:
+    """The task a message names and the client index it is for (which must be this node's partition)."""
     config = msg.content.config_records[P.CONFIG]
     client_index = int(config[P.CLIENT_INDEX])
     if client_index != partition_id(context):
         raise FedP2EFTError(f"message for client {client_index} reached node of partition {partition_id(context)}")
-    task = cached_task(str(config[P.TASK]), str(config[P.TASK_CONFIG]))
+    return cached_task(str(config[P.TASK]), str(config[P.TASK_CONFIG])), client_index, config
+
+
+@app.query("statistics")
+def report_statistics(msg: Message, context: Context) -> Message:
+    """This client's terms of the sums a task starts from (``StatisticsTask``), once before round 1."""
+    task, client_index, _ = addressed_task(msg, context)
+    return Message(RecordDict({P.STATISTICS: to_record(task.client_statistics(client_index))}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    task, client_index, config = addressed_task(msg, context)
     weights = from_record(msg.content.array_records[P.WEIGHTS])
     start = time.perf_counter()
     update = task.client_update(weights, client_index, int(config[P.SERVER_ROUND]))

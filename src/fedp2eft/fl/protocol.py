@@ -8,11 +8,13 @@ from __future__ import annotations
 # Message types (``<category>.<action>`` routes to the matching ClientApp handler).
 TRAIN = "train"
 PARTITION_QUERY = "query.partition"
+STATISTICS_QUERY = "query.statistics"
 
 # RecordDict keys.
 WEIGHTS = "weights"
 CONFIG = "config"
 METRICS = "metrics"
+STATISTICS = "statistics"
 
 # ConfigRecord keys sent to clients; the task config travels with every message, so a
 # ClientApp needs no run_config and can rebuild its task in any process.

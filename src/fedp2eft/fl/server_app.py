@@ -48,9 +48,10 @@ def sample_clients(available: list[int], k: int, seed: int, server_round: int) -
     return sorted(available[int(i)] for i in picks)
 
 
-def discover_clients(grid: Grid, job: Job, num_clients: int) -> dict[int, int]:
-    """Map client index -> node id by asking every connected node for its partition-id."""
-    wanted = min(job.clients_per_round, num_clients)
+def discover_clients(grid: Grid, job: Job, num_clients: int, every: bool = False) -> dict[int, int]:
+    """Map client index -> node id by asking every connected node for its partition-id; waits (up to the startup
+    timeout) for a round's worth of nodes, or with ``every`` for all ``num_clients``."""
+    wanted = num_clients if every else min(job.clients_per_round, num_clients)
     deadline = time.monotonic() + job.startup_timeout_s
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < wanted and time.monotonic() < deadline:
@@ -153,6 +154,28 @@ def round_metrics(server_round: int, sampled: list[int], outcome: RoundOutcome, 
     return row
 
 
+def gather_statistics(grid: Grid, job: Job, clients: dict[int, int]) -> Weights:
+    """Element-wise sums of every client's ``client_statistics`` (``StatisticsTask``), asked once before round 1.
+    Every client must answer: a sum over some of them would silently describe another federation."""
+    task_config = json.dumps(job.task_config, sort_keys=True)
+    messages = [Message(RecordDict({P.CONFIG: ConfigRecord({P.TASK: job.task, P.TASK_CONFIG: task_config,
+                                                            P.CLIENT_INDEX: client})}),
+                        dst_node_id=node, message_type=P.STATISTICS_QUERY, group_id="statistics")
+                for client, node in sorted(clients.items())]
+    replies = list(grid.send_and_receive(messages, timeout=job.round_timeout_s))
+    failed = [reply.error.reason for reply in replies if reply.has_error()]
+    if failed or len(replies) != len(messages):
+        raise FedP2EFTError(
+            f"feature statistics: {len(messages) - len(replies) + len(failed)} of {len(messages)} clients did not "
+            f"answer ({'; '.join(failed[:2]) or 'timeout'}); the task needs every client's statistics before "
+            "round 1. Fix the clients and rerun")
+    totals: Weights = {}
+    for reply in replies:
+        for name, tensor in from_record(reply.content.array_records[P.STATISTICS]).items():
+            totals[name] = totals[name] + tensor if name in totals else tensor
+    return totals
+
+
 def run_round(grid: Grid, job: Job, weights: Weights, server_round: int,
               clients: dict[int, int]) -> tuple[Weights, dict[str, Any]]:
     start = time.perf_counter()
@@ -189,9 +212,18 @@ def serve(grid: Grid, job: Job, task: FederatedTask | None = None) -> Path:
                             "or choose an empty output directory")
     task = task if task is not None else build_task(job.task, job.task_config)
     job_record = asdict(job)
+    clients: dict[int, int] | None = None
     if state is None:
         state = RunState(round=0, checkpoint=checkpoint_name(0), job=job_record)
-        weights = task.initial_weights()
+        if getattr(task, "needs_statistics", False):
+            clients = discover_clients(grid, job, task.num_clients(), every=True)
+            if len(clients) < task.num_clients():
+                raise FedP2EFTError(
+                    f"the task starts from statistics over all {task.num_clients()} clients, but only {len(clients)} "
+                    f"nodes answered within startup_timeout_s={job.startup_timeout_s}; start every SuperNode first")
+            weights = task.initial_weights_from(gather_statistics(grid, job, clients))
+        else:
+            weights = task.initial_weights()
         save_round(out, weights, state)
     else:
         check_resumable(state, job)
@@ -199,7 +231,7 @@ def serve(grid: Grid, job: Job, task: FederatedTask | None = None) -> Path:
         logger.info("resuming %s after round %d", out, state.round)
     if state.round >= job.rounds:
         return out / state.checkpoint
-    clients = discover_clients(grid, job, task.num_clients())
+    clients = clients or discover_clients(grid, job, task.num_clients())
     reporter = RoundReporter(out, job.rounds, state.round + 1)
     best_metric = getattr(task, "best_metric", None)
     try:
