@@ -61,6 +61,11 @@ def test_a_changed_config_is_refused_and_runtime_keys_are_not(tmp_path, capsys):
     check_run_folder(run, resolve("quick", SMALL))
     with pytest.raises(FedP2EFTError, match="differs in: generation_tokens"):
         check_run_folder(run, resolve("quick", [*SMALL, "generation_tokens=4"]))
+    # federated stages checkpoint their task config: a default-valued new key stays out of it, so they resume too
+    from fedp2eft.benchmark.runner import task_config
+
+    assert "generation_tokens" not in task_config(resolve("quick", SMALL), "m", {})
+    assert task_config(resolve("quick", [*SMALL, "generation_tokens=4"]), "m", {})["generation_tokens"] == 4
 
 
 @pytest.mark.parametrize("cut", ['{"seed": 0, "pool"', ""])

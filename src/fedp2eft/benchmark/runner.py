@@ -46,9 +46,12 @@ RUNTIME_KEYS = ("workers", "device")
 
 
 def task_config(config: dict, model: str, training: dict) -> dict:
-    return {"model": model, "dataset": config["dataset"], "dataset_options": config["dataset_options"],
-            "max_length": config["max_length"], "generation_tokens": config.get("generation_tokens", 0),
-            "budgets": config["budgets"], "device": config["device"], "training": training}
+    """What a federated stage's clients and the benchmark's workers build their setup from. Optional keys appear
+    only when they differ from their default, so stages checkpointed before a key existed still resume."""
+    job = {"model": model, "dataset": config["dataset"], "dataset_options": config["dataset_options"],
+           "max_length": config["max_length"], "budgets": config["budgets"], "device": config["device"],
+           "training": training}
+    return job | {key: config[key] for key, default in OPTIONAL_KEYS.items() if config.get(key, default) != default}
 
 
 def check_run_folder(run_dir: Path, config: dict) -> None:
