@@ -302,3 +302,16 @@ def test_instruction_rows_report_rouge_first_and_exact_match_beside_it(tmp_path)
                             "token_accuracy"}
     first = next(r for r in rows if r["method"] == "lora" and r["language"] == "en" and r["pool"] == "seen")
     assert float(first["token_accuracy"]) == pytest.approx(303 / 600)
+
+
+def test_one_client_per_language_gives_no_verdict():
+    """A bootstrap over one client per language has zero width: the comparison is reported, never called a win."""
+    ours = {(0, "en-s0"): ("en", 40, 48), (0, "de-s0"): ("de", 30, 48)}
+    theirs = {(0, "en-s0"): ("en", 20, 48), (0, "de-s0"): ("de", 10, 48)}
+    units = {("seen", "fedp2eft", 2): ours, ("seen", "lora", 2): theirs}
+    (comparison,) = compare(units, ["seen"], [2], ["lora", "fedp2eft"])
+    assert comparison["ci_low"] == comparison["ci_high"] and comparison["outcome"] == "untested"
+    from fedp2eft.benchmark.report import verdict
+
+    assert "wins 0" in verdict([comparison]) and "no interval" in verdict([comparison])
+    assert "wins every" not in verdict([comparison])

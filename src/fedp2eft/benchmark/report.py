@@ -248,10 +248,13 @@ def compare(units: Mapping[Setting, Units], pools: Sequence[str], budgets: Seque
                 interval = paired_bootstrap(ours, theirs, resamples, seed) if ours and theirs else None
                 if interval is None:
                     continue
+                # with one client in a language there is nothing to resample there: no interval, no verdict
+                alone = min(Counter(u[0] for u in by_client(ours).values()).values()) < 2
                 comparisons.append({"pool": pool, "budget": budget, "method": method,
                                     "method_budget": budget if (pool, method, budget) in units else 0,
                                     "difference": interval.mean, "ci_low": interval.low, "ci_high": interval.high,
-                                    "outcome": interval.outcome, "clients": len(set(ours) & set(theirs))})
+                                    "outcome": "untested" if alone else interval.outcome,
+                                    "clients": len(set(ours) & set(theirs))})
     return comparisons
 
 
@@ -570,6 +573,11 @@ def verdict(comparisons: list[dict]) -> str:
     counts = Counter(c["outcome"] for c in comparisons)
     line = (f"**Verdict:** FedP²EFT wins {counts['win']}, ties {counts['tie']} and loses {counts['loss']} of "
             f"{len(comparisons)} paired comparisons (win = the 95% interval of the difference lies above zero).")
+    if counts["untested"]:
+        line += (f" {counts['untested']} comparison(s) have no interval, because a language has a single client to "
+                 "resample: they are neither wins nor losses, only single measurements.")
+        if counts["untested"] == len(comparisons):
+            return line
     losses = [f"{c['method']} ({c['pool']} r={c['budget']})" for c in comparisons if c["outcome"] == "loss"]
     if losses:
         return (line + f" It loses to {', '.join(losses)}: FedP²EFT does not beat every method everywhere in this "
@@ -577,7 +585,8 @@ def verdict(comparisons: list[dict]) -> str:
     if counts["tie"]:
         return line + (f" It loses nowhere, but {counts['tie']} comparison(s) are within noise: this run cannot "
                        "tell those methods apart.")
-    return line + " It wins every comparison in this run."
+    return line + (" It wins every comparison in this run." if not counts["untested"] else
+                   " It wins every comparison that has an interval.")
 
 
 def language_table_markdown(units: Mapping[Setting, Units], config: dict, budget: int,
