@@ -11,7 +11,12 @@ from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl.job import Job
 from fedp2eft.fl.server_app import sample_clients
 from fedp2eft.fl.tasks import build_task
-from fedp2eft.fl.weights import fedavg, from_record, to_record, update_problem
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedp2eft.fl import protocol as P
+from fedp2eft.fl.aggregation import aggregate, make_strategy
+from fedp2eft.fl.weights import from_record, to_record, update_problem
 
 JOB = {"task": "toy", "output_dir": "/tmp/x", "rounds": 2, "clients_per_round": 2}
 
@@ -54,15 +59,20 @@ def test_job_round_trips_and_rejects_bad_values() -> None:
         Job.from_dict({"task": "toy"})
 
 
-def test_update_checks_and_weighted_average() -> None:
+def test_update_checks_and_weighted_average(monkeypatch: pytest.MonkeyPatch) -> None:
     ref = {"w": torch.zeros(2, 2), "steps": torch.tensor(7)}
     assert update_problem(ref, {"w": torch.ones(2, 2), "steps": torch.tensor(1)}) is None
     assert "shape" in update_problem(ref, {"w": torch.ones(3), "steps": torch.tensor(1)})
     assert "NaN" in update_problem(ref, {"w": torch.full((2, 2), float("inf")), "steps": torch.tensor(1)})
     assert "keys differ" in update_problem(ref, {"w": torch.ones(2, 2)})
     assert "dtype" in update_problem(ref, {"w": torch.ones(2, 2, dtype=torch.float64), "steps": torch.tensor(1)})
-    avg = fedavg(ref, [({"w": torch.ones(2, 2), "steps": torch.tensor(1)}, 1),
-                       ({"w": torch.full((2, 2), 4.0), "steps": torch.tensor(2)}, 3)])
+    for field in ("_run_id", "_node_id", "_task_id"):  # what a ServerApp's run sets before it makes messages
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    replies = [Message(RecordDict({P.WEIGHTS: to_record(weights), P.METRICS: MetricRecord({P.NUM_EXAMPLES: n})}),
+                       dst_node_id=1, message_type=P.TRAIN)
+               for weights, n in (({"w": torch.ones(2, 2), "steps": torch.tensor(1)}, 1),
+                                  ({"w": torch.full((2, 2), 4.0), "steps": torch.tensor(2)}, 3))]
+    avg = aggregate(make_strategy("fedavg"), 1, ref, replies)
     assert torch.equal(avg["w"], torch.full((2, 2), 3.25)) and avg["w"].dtype == torch.float32
     assert int(avg["steps"]) == 7  # integer buffers keep the global value
     restored = from_record(to_record(avg))

@@ -17,7 +17,7 @@ from fedp2eft.core.modeling import SequenceClassifier, load_causal_lm
 from fedp2eft.core.tasks import ClassificationTask, InstructionTask, Task
 from fedp2eft.data.registry import load_dataset
 from fedp2eft.data.types import FederatedDataset
-from fedp2eft.errors import config_from_mapping
+from fedp2eft.errors import FedP2EFTError, config_from_mapping
 from fedp2eft.models.registry import resolve_model
 
 
@@ -63,6 +63,27 @@ class Setup:
             model = load_causal_lm(self.model_path)
         return model if target.type == "cpu" else model.to(target)
 
+    @cached_property
+    def pfl(self) -> dict | None:
+        """What made the base model when it is a personalized-FL base (``core/pfl.py``), else None."""
+        from fedp2eft.core.pfl import read_pfl_metadata
+
+        return read_pfl_metadata(self.model_path)
+
+    def personal_overlay(self, model: nn.Module, pool: str, index: int) -> dict[str, torch.Tensor] | None:
+        """What turns ``model`` (this setup's base) into the personal base of client ``index`` of ``pool``: None
+        for a plain base. A pFL base exists for seen clients only: the others have no state of their own."""
+        from fedp2eft.core.pfl import personal_overlay
+
+        if self.pfl is None:
+            return None
+        if pool != "seen":
+            raise FedP2EFTError(
+                f"the base model {self.model} was trained with {self.pfl['algorithm']}, whose personal bases exist "
+                f"for seen clients only (they hold the client's own state); personalize the seen pool only "
+                f"(pools=[seen], selection.pool=seen)")
+        return personal_overlay(self.model_path, self.pfl, model, index)
+
     @classmethod
     def from_config(cls, config: dict) -> Setup:
         return cls(config["model"], config["dataset"], dict(config.get("dataset_options", {})),
@@ -73,11 +94,12 @@ def make_base_task(config: dict) -> FederatedTask:
     """The base model's FedAvg job from a JSON-able config: {model, dataset, dataset_options, max_length,
     device, training: {...}} (the ``base`` task of the Flower apps). ``device`` (default ``auto``: a GPU when the
     client sees one) is where the client's model computes."""
-    from fedp2eft.core.base_training import BaseModelTask, BaseTrainingConfig
+    from fedp2eft.core.base_training import BaseTrainingConfig
+    from fedp2eft.core.pfl import base_model_task
 
     setup = Setup.from_config(config)
-    return BaseModelTask(setup.load_base_model(config.get("device", "auto")), setup.task, setup.data.seen,
-                         config_from_mapping(BaseTrainingConfig, config.get("training", {}), "training"))
+    return base_model_task(setup.load_base_model(config.get("device", "auto")), setup.task, setup.data.seen,
+                           config_from_mapping(BaseTrainingConfig, config.get("training", {}), "training"))
 
 
 def make_stage_task(stage: str, config: dict) -> FederatedTask:
@@ -86,5 +108,33 @@ def make_stage_task(stage: str, config: dict) -> FederatedTask:
     from fedp2eft.core.methods import stage_named
 
     setup = Setup.from_config(config)
-    return stage_named(stage).build(setup.load_base_model(config.get("device", "auto")), setup.task, setup.data.seen,
-                                    config.get("training", {}), setup.model, list(config.get("budgets", [])))
+    base = setup.load_base_model(config.get("device", "auto"))
+    task = stage_named(stage).build(base, setup.task, setup.data.seen, config.get("training", {}), setup.model,
+                                    list(config.get("budgets", [])))
+    return task if setup.pfl is None else OnPersonalBases(task, setup, base)
+
+
+class OnPersonalBases:
+    """A method's federated stage on a personalized-FL base, as in the paper: each client's work (local
+    training, feature statistics) runs on its own personal base, the shared base with its state applied."""
+
+    def __init__(self, task: FederatedTask, setup: Setup, base: nn.Module) -> None:
+        self.task, self.setup, self.base = task, setup, base
+
+    def __getattr__(self, name: str):
+        if name == "task":  # not set yet (e.g. while unpickling): no delegation
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+    def _personal(self, client_index: int):
+        from fedp2eft.core.pfl import apply_overlay
+
+        return apply_overlay(self.base, self.setup.personal_overlay(self.base, "seen", client_index))
+
+    def client_update(self, weights: dict[str, torch.Tensor], client_index: int, server_round: int):
+        with self._personal(client_index):
+            return self.task.client_update(weights, client_index, server_round)
+
+    def client_statistics(self, client_index: int) -> dict[str, torch.Tensor]:
+        with self._personal(client_index):
+            return self.task.client_statistics(client_index)

@@ -8,3 +8,10 @@ def quiet_third_party() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+
+
+def notice(message: str) -> None:
+    """A one-line note to the user about a setting the run adapted (on stderr, never lost in a progress bar)."""
+    import sys
+
+    print(f"fedp2eft: note: {message}", file=sys.stderr)

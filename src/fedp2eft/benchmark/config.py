@@ -41,11 +41,26 @@ def stage_section(stage: Stage) -> dict:
 OPTIONAL_KEYS = {"generation_tokens": 0}  # instruction tasks: greedy tokens generated and scored per test example
 
 
+def section_defaults() -> dict[str, dict]:
+    """Keys of sections a profile may leave out: the base model's algorithm (FedAvg, or a personalized-FL base)
+    and each pFL algorithm's own settings (``core/pfl.py``)."""
+    from fedp2eft.core.pfl import ALGORITHM_SETTINGS
+
+    return {"base": {"algorithm": "fedavg", **copy.deepcopy(ALGORITHM_SETTINGS)}}
+
+
+def with_optional_keys(config: dict) -> dict:
+    """``config`` with every optional key present (a run saved before a key existed reads as its default)."""
+    config = {**OPTIONAL_KEYS, **config}
+    for section, defaults in section_defaults().items():
+        config[section] = {**defaults, **config.get(section, {})}
+    return config
+
+
 def with_stage_sections(profile: dict) -> dict:
     """Every registered method stage gets its section, the profile's values over the stage's defaults, so a
     method added to the registry is configurable without editing the profiles; optional keys get their defaults."""
-    for key, value in OPTIONAL_KEYS.items():
-        profile.setdefault(key, value)
+    profile.update(with_optional_keys(profile))
     for stage in STAGES.values():
         profile[stage.name] = {**stage_section(stage), **profile.get(stage.name, {})}
     return profile
@@ -115,6 +130,7 @@ def validate(config: dict) -> dict:
         raise FedP2EFTError(f"budget(s) {bad} out of range: each must be an integer in 1..R={max_rank}")
     if not set(config["pools"]) <= {"seen", "unseen"} or not config["pools"]:
         raise FedP2EFTError(f"pools must be a non-empty subset of [seen, unseen], got {config['pools']}")
+    check_base_algorithm(config)
     if not config["seeds"] or len(set(config["seeds"])) != len(config["seeds"]):
         raise FedP2EFTError(f"seeds must list at least one seed, each once; got {config['seeds']}")
     selection = config["selection"]
@@ -144,6 +160,30 @@ def validate(config: dict) -> dict:
         raise FedP2EFTError(f"unknown dataset '{dataset}'; choose from {', '.join(dataset_names())} or a path")
     check_dataset(dataset, dict(config["dataset_options"] or {}))  # e.g. Fed-Aya without dataset_options.path
     return config
+
+
+def check_base_algorithm(config: dict) -> None:
+    """A personalized-FL base exists for seen clients only (their personal bases hold their own state): such a run
+    personalizes, and selects learning rates on, the seen pool, and says so."""
+    from fedp2eft.core.base_training import BASE_ALGORITHMS
+
+    algorithm = config["base"]["algorithm"]
+    if algorithm not in BASE_ALGORITHMS:
+        raise FedP2EFTError(f"base.algorithm '{algorithm}' is unknown; use one of {', '.join(BASE_ALGORITHMS)}")
+    if algorithm == "fedavg":
+        return
+    if "seen" not in config["pools"]:
+        raise FedP2EFTError(f"base.algorithm={algorithm} builds personal bases for seen clients only, but pools is "
+                            f"{config['pools']}; use pools=[seen]")
+    if config["base"]["checkpoint"]:
+        raise FedP2EFTError(f"base.algorithm={algorithm} trains its own base (the clients keep their state); leave "
+                            "base.checkpoint empty")
+    if config["pools"] != ["seen"] or config["selection"]["pool"] != "seen":
+        from fedp2eft.logs import notice
+
+        notice(f"base.algorithm={algorithm}: personal bases exist for seen clients only, so this run personalizes "
+               "the seen pool and selects learning rates on seen clients' training data")
+        config["pools"], config["selection"]["pool"] = ["seen"], "seen"
 
 
 def validate_stage(config: dict, stage: Stage) -> None:

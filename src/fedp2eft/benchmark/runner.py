@@ -29,10 +29,11 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedp2eft.benchmark.config import OPTIONAL_KEYS
+from fedp2eft.benchmark.config import OPTIONAL_KEYS, with_optional_keys
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, Stage, method_lr, method_spec, personalize, \
     stage_named, stages
 from fedp2eft.core.personalization import validation_split
+from fedp2eft.core.pfl import apply_overlay
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.experiment import Setup
 from fedp2eft.fl.checkpoint import load_state
@@ -61,7 +62,7 @@ def check_run_folder(run_dir: Path, config: dict) -> None:
     if not saved.exists():
         return
     # a key added to the config after the run was made counts as its default there (see OPTIONAL_KEYS)
-    previous = {**OPTIONAL_KEYS, **(yaml.safe_load(saved.read_text()) or {})}
+    previous = with_optional_keys(yaml.safe_load(saved.read_text()) or {})
     changed = sorted(key for key in set(previous) | set(config)
                      if key not in RUNTIME_KEYS and previous.get(key) != config.get(key))
     if changed:
@@ -92,8 +93,11 @@ def stage_base(config: dict, run_dir: Path) -> str:
     final = run_dir / "base" / "model"
     if (final / "config.json").exists():
         return str(final)
-    console.rule("[bold]Stage 1/5: base model (FedAvg on the seen pool)")
+    algorithm = section["algorithm"]
+    console.rule(f"[bold]Stage 1/5: base model ({'FedAvg' if algorithm == 'fedavg' else algorithm} on the seen pool)")
     training = {**section["training"], "seed": config["seeds"][0]}
+    if algorithm != "fedavg":  # FedAvg's task config stays as before the algorithm existed, so its runs resume
+        training |= {**section[algorithm], "algorithm": algorithm}
     return str(federated("base", config, section, config["model"], training, run_dir / "base",
                          config["seeds"][0]))
 
@@ -161,12 +165,13 @@ def validate_client(config: dict, index: int, methods: list[str], artifacts: dic
     context = ClientContext(base, setup.task, inner, _artifacts(artifacts))
     personal = PersonalizeConfig.from_dict({**config["personalize"], "seed": config["seeds"][0]})
     rows = []
-    for method in methods:
-        for scale in section["grid"]:
-            for budget in config["budgets"]:
-                result = personalize(method, context, budget=budget, config=personal.with_lr_scale(scale))
-                rows.append({"method": method, "budget": budget, "scale": scale,
-                             **_scores(setup.task.evaluate(result.model, held_out))})
+    with apply_overlay(base, setup.personal_overlay(base, section["pool"], index)):
+        for method in methods:
+            for scale in section["grid"]:
+                for budget in config["budgets"]:
+                    result = personalize(method, context, budget=budget, config=personal.with_lr_scale(scale))
+                    rows.append({"method": method, "budget": budget, "scale": scale,
+                                 **_scores(setup.task.evaluate(result.model, held_out))})
     return {"client": client.client_id, "language": client.language, "methods": methods, "rows": rows}
 
 
@@ -174,7 +179,15 @@ def personalize_client(config: dict, seed: int, pool: str, index: int, scales: d
                        artifacts: dict[str, str]) -> dict:
     """Every method x budget for one client (in a worker process), each at its selected learning-rate scale;
     also the un-personalized base model. The client's features, generator output and BayesTune search are
-    computed once for all budgets. Rows carry what each method declares it reports (ranks, lambdas, ...)."""
+    computed once for all budgets. Rows carry what each method declares it reports (ranks, lambdas, ...). On a
+    personalized-FL base everything, the base row included, starts from the client's own personal base."""
+    setup, base = _WORKER["setup"], _WORKER["base"]
+    with apply_overlay(base, setup.personal_overlay(base, pool, index)):
+        return _personalize_client(config, seed, pool, index, scales, artifacts)
+
+
+def _personalize_client(config: dict, seed: int, pool: str, index: int, scales: dict[str, dict[int, float]],
+                        artifacts: dict[str, str]) -> dict:
     setup, base = _WORKER["setup"], _WORKER["base"]
     client = setup.data.pool(pool)[index]
     personal = PersonalizeConfig.from_dict({**config["personalize"], "seed": seed})

@@ -11,11 +11,14 @@ import torch
 
 @dataclass
 class ClientUpdate:
-    """What one client sends back after local work: new weights, its dataset size N, and scalar metrics."""
+    """What one client sends back after local work: new weights, its dataset size N, and scalar metrics; a task
+    whose clients keep something of their own between rounds (``StatefulTask``) also returns the client's new
+    ``state``, which stays on the client and is never sent."""
 
     weights: dict[str, torch.Tensor]
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] | None = None
 
 
 class FederatedTask(Protocol):
@@ -62,4 +65,18 @@ class StatisticsTask(FederatedTask, Protocol):
 
     def initial_weights_from(self, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The global weights before round 1, from the element-wise sums of every client's statistics."""
+        ...
+
+
+class StatefulTask(FederatedTask, Protocol):
+    """A task whose clients keep tensors of their own across rounds (a local LoRA, local embeddings), as
+    personalized-FL algorithms do (docs/method.md, "Personalized-FL bases"). When ``keeps_client_state`` is true
+    the engine gives ``client_update`` the client's state from its last *accepted* round (None before its
+    first), keeps the returned ``ClientUpdate.state`` on the client, and never moves it to the server."""
+
+    keeps_client_state: bool
+
+    def client_update(self, weights: dict[str, torch.Tensor], client_index: int, server_round: int,
+                      state: dict[str, torch.Tensor] | None = None) -> ClientUpdate:
+        """The local step from the global ``weights`` and this client's own ``state``."""
         ...

@@ -38,6 +38,9 @@ class SequenceClassifier(nn.Module):
     def config(self) -> PretrainedConfig:
         return self.encoder.config
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
     ) -> ClassifierOutput:

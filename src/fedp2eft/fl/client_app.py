@@ -3,6 +3,10 @@
 Building a task loads a model, so each process keeps the last built task and reuses it while
 the (task, config) pair stays the same. Any exception propagates: Flower turns it into an
 error reply, which the server counts as a failed client.
+
+A ``StatefulTask``'s client keeps its own state in Flower's ``Context.state`` between rounds and, as the
+run's checkpoint on the client side, in files under the node's ``state-dir`` (``core/client_state.py``); the
+reply carries only the weights that are averaged.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import time
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedp2eft.core.client_state import ClientStateStore
 from fedp2eft.core.federation import FederatedTask
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl import protocol as P
 from fedp2eft.fl.tasks import build_task
+from fedp2eft.fl.weights import Weights, from_record, to_record
 from fedp2eft.logs import quiet_third_party
-from fedp2eft.fl.weights import from_record, to_record
 
 app = ClientApp()
 
@@ -68,16 +73,54 @@ def report_statistics(msg: Message, context: Context) -> Message:
     return Message(RecordDict({P.STATISTICS: to_record(task.client_statistics(client_index))}), reply_to=msg)
 
 
+def state_store(context: Context, config: ConfigRecord, client_index: int) -> ClientStateStore:
+    """The node's own ``state-dir`` if it has one, else the folder the job names (simulation: the run folder's
+    ``clients``, standing in for each virtual node's disk)."""
+    root = context.node_config.get(P.NODE_STATE_DIR) or config.get(P.STATE_DIR, "")
+    if not root:
+        raise FedP2EFTError(
+            f"task {config[P.TASK]} keeps client state between rounds, and this SuperNode has no folder for it; "
+            "start it with --node-config 'partition-id=<i> num-partitions=<n> state-dir=<folder>'")
+    return ClientStateStore(str(root), client_index)
+
+
+def previous_state(context: Context, store: ClientStateStore, client_index: int, state_round: int) -> Weights | None:
+    """This client's state after ``state_round`` (its last accepted round): from ``Context.state`` while the
+    node still holds it, else from its file (after a restart, or when a newer update was refused)."""
+    if state_round == 0:
+        return None
+    held = context.state.config_records.get(P.CLIENT_STATE_ROUND)
+    if held is not None and (int(held["round"]), int(held["client"])) == (state_round, client_index):
+        return from_record(context.state.array_records[P.CLIENT_STATE])
+    return store.load(state_round)
+
+
+def keep_state(context: Context, store: ClientStateStore, client_index: int, server_round: int, state_round: int,
+               state: Weights) -> None:
+    store.save(server_round, state)
+    store.prune(keep_from=state_round)
+    context.state[P.CLIENT_STATE] = to_record(state)
+    context.state[P.CLIENT_STATE_ROUND] = ConfigRecord({"round": server_round, "client": client_index})
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     task, client_index, config = addressed_task(msg, context)
     weights = from_record(msg.content.array_records[P.WEIGHTS])
+    server_round = int(config[P.SERVER_ROUND])
     start = time.perf_counter()
-    update = task.client_update(weights, client_index, int(config[P.SERVER_ROUND]))
+    if getattr(task, "keeps_client_state", False):
+        store, state_round = state_store(context, config, client_index), int(config[P.STATE_ROUND])
+        update = task.client_update(weights, client_index, server_round,
+                                    previous_state(context, store, client_index, state_round))
+        if update.state is None:
+            raise FedP2EFTError(f"task {config[P.TASK]} keeps client state but returned none")
+        keep_state(context, store, client_index, server_round, state_round, update.state)
+    else:
+        update = task.client_update(weights, client_index, server_round)
     elapsed = time.perf_counter() - start
     metrics = {k: float(v) for k, v in update.metrics.items() if math.isfinite(float(v))}
     metrics[P.NUM_EXAMPLES] = int(update.num_examples)
     metrics[P.CLIENT_TIME] = elapsed
     content = RecordDict({P.WEIGHTS: to_record(update.weights), P.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)
-

@@ -17,7 +17,7 @@ from fedp2eft.errors import FedP2EFTError
 RUN_CONFIG_KEY = "job"
 
 # Fields whose change alters the training trajectory; a resumed run must keep them.
-TRAJECTORY_FIELDS = ("task", "task_config", "clients_per_round", "min_clients", "seed")
+TRAJECTORY_FIELDS = ("task", "task_config", "clients_per_round", "min_clients", "seed", "strategy")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class Job:
     round_timeout_s: float = 600.0
     startup_timeout_s: float = 300.0
     resume: bool = False
+    strategy: str = "fedavg"  # the Flower strategy that aggregates (``aggregation.py``)
+    client_state_dir: str = ""  # where clients of a stateful task keep their state when their node names none
 
     def __post_init__(self) -> None:
         if not self.task:
@@ -55,6 +57,10 @@ class Job:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise FedP2EFTError(f"job.{name} must be a positive number of seconds, got {value!r}")
+        from fedp2eft.fl.aggregation import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise FedP2EFTError(f"job.strategy {self.strategy!r} is unknown; use one of {sorted(STRATEGIES)}")
         if not isinstance(self.task_config, dict):
             raise FedP2EFTError("job.task_config must be a mapping (a YAML/JSON object)")
         try:

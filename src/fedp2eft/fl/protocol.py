@@ -22,8 +22,18 @@ TASK = "task"
 TASK_CONFIG = "task-config"
 SERVER_ROUND = "server-round"
 CLIENT_INDEX = "client-index"
+STATE_ROUND = "state-round"  # the last round whose update the server accepted from this client (0: none yet)
+STATE_DIR = "state-dir"  # where clients keep their own state when the node names none (simulation)
 
 # Node config / reply keys.
 PARTITION_ID = "partition-id"
+NODE_STATE_DIR = "state-dir"  # a SuperNode's own folder for client state (wins over the job's STATE_DIR)
 NUM_EXAMPLES = "num-examples"
 CLIENT_TIME = "client-time-s"
+
+# Context.state keys of a stateful task's client (the newest state, and the round it came from).
+CLIENT_STATE = "client-state"
+CLIENT_STATE_ROUND = "client-state-round"
+
+# In a simulated run's output folder: the virtual nodes' own state (stateful tasks), one folder per client.
+CLIENT_STATE_FOLDER = "clients"

@@ -1,4 +1,5 @@
-"""Flower ServerApp: sample clients, ship global weights, FedAvg the valid replies, checkpoint.
+"""Flower ServerApp: sample clients, ship global weights, aggregate the valid replies with a Flower strategy
+(``aggregation.py``; FedAvg by default), checkpoint.
 
 The loop is engine-agnostic (``serve`` only needs a ``Grid``), so simulation and deployment
 run the same code. Client index i of the ``FederatedTask`` lives on the node whose
@@ -17,16 +18,18 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedp2eft.core.federation import FederatedTask
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl import protocol as P
+from fedp2eft.fl.aggregation import aggregate, make_strategy, strip_to_aggregate
 from fedp2eft.fl.checkpoint import RunState, check_resumable, checkpoint_name, is_new_best, load_state, load_weights, \
     save_best, save_round
 from fedp2eft.fl.job import Job
 from fedp2eft.fl.report import RoundReporter
 from fedp2eft.fl.tasks import build_task
-from fedp2eft.fl.weights import Weights, fedavg, from_record, to_record, update_problem
+from fedp2eft.fl.weights import Weights, from_record, to_record, update_problem
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +89,10 @@ def discover_clients(grid: Grid, job: Job, num_clients: int, every: bool = False
 
 @dataclass
 class RoundOutcome:
-    """The replies of one round, split into usable updates and logged failures."""
+    """The replies of one round, split into usable updates (client, reply holding only what is aggregated,
+    example count, client metrics) and logged failures."""
 
-    updates: list[tuple[int, Weights, int, dict[str, float]]] = field(default_factory=list)
+    updates: list[tuple[int, Message, int, dict[str, float]]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     bytes_received: int = 0
 
@@ -122,7 +126,8 @@ def collect(replies: list[Message], sent: dict[int, int], reference: Weights, se
             outcome.fail(client, problem, server_round)
             continue
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        outcome.updates.append((client, weights, num_examples, scalars))
+        strip_to_aggregate(reply, num_examples)
+        outcome.updates.append((client, reply, num_examples, scalars))
     for client in sorted(set(sent.values()) - answered):
         outcome.fail(client, "no reply before the round timeout", server_round)
     outcome.updates.sort(key=lambda item: item[0])  # fixed summation order -> reproducible averages
@@ -176,8 +181,14 @@ def gather_statistics(grid: Grid, job: Job, clients: dict[int, int]) -> Weights:
     return totals
 
 
-def run_round(grid: Grid, job: Job, weights: Weights, server_round: int,
-              clients: dict[int, int]) -> tuple[Weights, dict[str, Any]]:
+def last_accepted_round(history: list[dict[str, Any]], client: int) -> int:
+    """The last round whose update from ``client`` entered the aggregate (0: none): a stateful client continues
+    from its state of that round, whatever it computed in rounds whose update was refused."""
+    return max((row["round"] for row in history if client in row["clients"]), default=0)
+
+
+def run_round(grid: Grid, job: Job, strategy: Strategy, weights: Weights, server_round: int,
+              clients: dict[int, int], history: list[dict[str, Any]]) -> tuple[Weights, dict[str, Any]]:
     start = time.perf_counter()
     sampled = sample_clients(sorted(clients), job.clients_per_round, job.seed, server_round)
     record = to_record(weights)
@@ -185,7 +196,8 @@ def run_round(grid: Grid, job: Job, weights: Weights, server_round: int,
     messages = []
     for client in sampled:
         config = ConfigRecord({P.TASK: job.task, P.TASK_CONFIG: task_config, P.SERVER_ROUND: server_round,
-                               P.CLIENT_INDEX: client})
+                               P.CLIENT_INDEX: client, P.STATE_ROUND: last_accepted_round(history, client),
+                               P.STATE_DIR: job.client_state_dir})
         content = RecordDict({P.WEIGHTS: record, P.CONFIG: config})
         messages.append(Message(content, dst_node_id=clients[client], message_type=P.TRAIN,
                                 group_id=str(server_round)))
@@ -200,7 +212,7 @@ def run_round(grid: Grid, job: Job, weights: Weights, server_round: int,
             f"the checkpoint of round {server_round - 1} in {job.output_dir} is intact; fix the clients and "
             "rerun with resume"
         )
-    return fedavg(weights, [(w, n) for _, w, n, _ in outcome.updates]), row
+    return aggregate(strategy, server_round, weights, [reply for _, reply, _, _ in outcome.updates]), row
 
 
 def serve(grid: Grid, job: Job, task: FederatedTask | None = None) -> Path:
@@ -232,12 +244,13 @@ def serve(grid: Grid, job: Job, task: FederatedTask | None = None) -> Path:
     if state.round >= job.rounds:
         return out / state.checkpoint
     clients = clients or discover_clients(grid, job, task.num_clients())
+    strategy = make_strategy(job.strategy)
     reporter = RoundReporter(out, job.rounds, state.round + 1)
     best_metric = getattr(task, "best_metric", None)
     try:
         for server_round in range(state.round + 1, job.rounds + 1):
             incoming = weights
-            weights, row = run_round(grid, job, weights, server_round, clients)
+            weights, row = run_round(grid, job, strategy, weights, server_round, clients, state.history)
             state = RunState(round=server_round, checkpoint=checkpoint_name(server_round), job=job_record,
                              history=[*state.history, row])
             if best_metric is not None and is_new_best(state.history, best_metric):

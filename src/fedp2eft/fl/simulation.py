@@ -18,6 +18,7 @@ from fedp2eft.core.device import visible_gpus
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl.client_app import app as client_app
 from fedp2eft.fl.job import Job
+from fedp2eft.fl.protocol import CLIENT_STATE_FOLDER
 from fedp2eft.fl.server_app import serve
 from fedp2eft.fl.tasks import build_task
 
@@ -84,6 +85,7 @@ def run_federated(
     num_gpus_per_client: float | None = None,
     backend_config: dict[str, Any] | None = None,
     verbose: bool = False,
+    strategy: str = "fedavg",
 ) -> Path:
     """Train ``task_name`` for ``rounds`` FedAvg rounds in simulation; return the final checkpoint path.
 
@@ -91,11 +93,13 @@ def run_federated(
     ``FedP2EFTError`` when a round has fewer than ``min_clients`` valid replies; the last
     finished round's checkpoint in ``output_dir`` then stays usable for ``resume=True``. Each client gets
     ``num_cpus_per_client`` cores and ``num_gpus_per_client`` GPUs (default: 0 without a GPU, a share of the
-    GPUs otherwise; see :func:`backend_settings`).
+    GPUs otherwise; see :func:`backend_settings`). Clients of a stateful task keep their state under
+    ``output_dir/clients`` (one folder per virtual node: ``core/client_state.py``).
     """
     job = Job(task=task_name, task_config=dict(task_config), rounds=rounds, clients_per_round=clients_per_round,
               min_clients=min_clients, seed=seed, output_dir=str(Path(output_dir).resolve()),
-              round_timeout_s=round_timeout_s, startup_timeout_s=startup_timeout_s, resume=resume)
+              round_timeout_s=round_timeout_s, startup_timeout_s=startup_timeout_s, resume=resume,
+              strategy=strategy, client_state_dir=str(Path(output_dir).resolve() / CLIENT_STATE_FOLDER))
     settings = backend_settings(num_cpus_per_client, backend_config, num_gpus_per_client, clients_per_round)
     task = build_task(job.task, job.task_config)
     finished: list[Path] = []

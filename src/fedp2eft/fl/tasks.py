@@ -51,7 +51,8 @@ def resolve_factory(name_or_path: str) -> Callable[[dict[str, Any]], FederatedTa
 def export_final(name_or_path: str, config: dict[str, Any], output_dir: Path) -> Path:
     """Turn a finished run into the task's artifact (``ExportableTask.export``): the best weights kept for a task
     that names a ``best_metric`` (early stopping), else the last checkpoint; tasks without ``export`` keep the
-    weights checkpoint as their result."""
+    weights checkpoint as their result. A stateful task's artifact also notes where its clients keep their states
+    and from which round (the simulation's client folder)."""
     from fedp2eft.fl.checkpoint import load_best, load_state, load_weights
 
     state = load_state(output_dir)
@@ -61,7 +62,15 @@ def export_final(name_or_path: str, config: dict[str, Any], output_dir: Path) ->
     if not callable(getattr(task, "export", None)):
         return output_dir / state.checkpoint
     best = load_best(output_dir) if getattr(task, "best_metric", None) else None
-    return task.export(best[0] if best is not None else load_weights(output_dir, state), output_dir)
+    artifact = task.export(best[0] if best is not None else load_weights(output_dir, state), output_dir)
+    if getattr(task, "keeps_client_state", False):
+        from fedp2eft.core.pfl import record_client_states
+        from fedp2eft.fl.server_app import last_accepted_round
+        from fedp2eft.fl.protocol import CLIENT_STATE_FOLDER
+
+        rounds = {client: last_accepted_round(state.history, client) for client in range(task.num_clients())}
+        record_client_states(artifact, output_dir / CLIENT_STATE_FOLDER, rounds)
+    return artifact
 
 
 def build_task(name_or_path: str, config: dict[str, Any]) -> FederatedTask:

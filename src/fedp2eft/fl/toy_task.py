@@ -19,7 +19,9 @@ from fedp2eft.errors import FedP2EFTError
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """Knobs of the toy task; ``busy_ms`` adds fixed client compute to model a heavier model."""
+    """Knobs of the toy task; ``busy_ms`` adds fixed client compute to model a heavier model; ``local_offset``
+    gives every client an output offset of its own that never leaves it (a stateful task: the smallest
+    personalized-FL algorithm, used to test client state)."""
 
     num_clients: int = 4
     dim: int = 8
@@ -29,6 +31,7 @@ class ToyConfig:
     min_examples: int = 8
     seed: int = 0
     busy_ms: float = 0.0
+    local_offset: bool = False
 
 
 class ToyTask:
@@ -40,6 +43,7 @@ class ToyTask:
         if config.num_clients < 1 or config.dim < 1 or config.hidden < 1 or config.local_steps < 0:
             raise FedP2EFTError(f"toy task needs positive num_clients/dim/hidden, got {config}")
         self.config = config
+        self.keeps_client_state = config.local_offset
 
     def _model(self) -> torch.nn.Module:
         return torch.nn.Sequential(
@@ -65,26 +69,34 @@ class ToyTask:
         return x, y
 
     def client_update(
-        self, weights: dict[str, torch.Tensor], client_index: int, server_round: int
+        self, weights: dict[str, torch.Tensor], client_index: int, server_round: int,
+        state: dict[str, torch.Tensor] | None = None,
     ) -> ClientUpdate:
         if not 0 <= client_index < self.config.num_clients:
             raise FedP2EFTError(f"client_index {client_index} outside 0..{self.config.num_clients - 1}")
         model = self._model()
         model.load_state_dict(weights)
+        offset = torch.nn.Parameter((state or {}).get("offset", torch.zeros(1)).clone(),
+                                    requires_grad=self.config.local_offset)
         x, y = self.client_data(client_index)
-        optimizer = torch.optim.SGD(model.parameters(), lr=self.config.lr)
-        loss_before = torch.nn.functional.mse_loss(model(x), y).item()
+        optimizer = torch.optim.SGD([*model.parameters(), offset], lr=self.config.lr)
+
+        def loss_now() -> torch.Tensor:
+            return torch.nn.functional.mse_loss(model(x) + offset, y)
+
+        loss_before = loss_now().item()
         for _ in range(self.config.local_steps):
             optimizer.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss = loss_now()
             loss.backward()
             optimizer.step()
         if self.config.busy_ms > 0:
             time.sleep(self.config.busy_ms / 1000.0)
         with torch.no_grad():
-            loss_after = torch.nn.functional.mse_loss(model(x), y).item()
+            loss_after = loss_now().item()
         new_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return ClientUpdate(new_weights, len(x), {"loss_before": loss_before, "loss": loss_after})
+        kept = {"offset": offset.detach().clone()} if self.config.local_offset else None
+        return ClientUpdate(new_weights, len(x), {"loss_before": loss_before, "loss": loss_after}, kept)
 
 
 def make_task(config: dict[str, Any]) -> ToyTask:

@@ -1,12 +1,10 @@
-"""Tensor plumbing between ``FederatedTask`` weights and Flower records, plus checks and FedAvg.
+"""Tensor plumbing between ``FederatedTask`` weights and Flower records, plus the checks of client updates.
 
 The server must never trust a client reply: every update is checked against the global
 weights (same keys, shapes, dtypes, finite values) before it may enter the average.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from flwr.app import ArrayRecord
@@ -37,22 +35,3 @@ def update_problem(reference: Weights, update: Weights) -> str | None:
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             return f"tensor {name!r} holds NaN or Inf"
     return None
-
-
-def fedavg(reference: Weights, updates: Sequence[tuple[Weights, int]]) -> Weights:
-    """Sample-weighted mean of floating tensors (in float64); non-float buffers keep the global value."""
-    if not updates:
-        raise ValueError("fedavg needs at least one update")
-    total = float(sum(n for _, n in updates))
-    if total <= 0:
-        raise ValueError("fedavg needs a positive total number of examples")
-    averaged: Weights = {}
-    for name, ref in reference.items():
-        if not ref.is_floating_point():
-            averaged[name] = ref.clone()
-            continue
-        acc = torch.zeros(ref.shape, dtype=torch.float64)
-        for weights, n in updates:
-            acc += weights[name].to(torch.float64) * (n / total)
-        averaged[name] = acc.to(ref.dtype)
-    return averaged

@@ -1,0 +1,89 @@
+"""Personalized-FL bases (docs/method.md, "Personalized-FL bases"): what FedDPA-T and DEPT clients share and
+keep, and that a client's personal base rebuilt from its kept state computes what the client trained."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import LABELS
+from fedp2eft.core.base_training import BaseTrainingConfig
+from fedp2eft.core.client_state import ClientStateStore
+from fedp2eft.core.modeling import SequenceClassifier, load_causal_lm
+from fedp2eft.core.pfl import ALGORITHM_SETTINGS, apply_overlay, base_model_task, client_overlay, \
+    personal_overlay, read_pfl_metadata, record_client_states
+from fedp2eft.data.types import ClientData
+from test_core_federated_tasks import generator_task
+
+
+def pfl_task(setup, algorithm: str):
+    base, task, _, _ = setup
+    settings = {**ALGORITHM_SETTINGS[algorithm], "lr": 1e-2, "local_epochs": 2, "batch_size": 8}
+    if algorithm == "feddpa-t":
+        settings["lora_dropout"] = 0.0  # so a forward is deterministic and comparable below
+    config = BaseTrainingConfig(algorithm=algorithm, **settings)
+    return base_model_task(base, task, generator_task(setup).clients, config)
+
+
+def load_plain(task, directory):
+    return (SequenceClassifier.from_pretrained(directory, LABELS) if task.kind == "classification"
+            else load_causal_lm(directory))
+
+
+@pytest.mark.parametrize("algorithm", ["feddpa-t", "dept"])
+def test_clients_share_the_global_part_keep_their_own_and_rebuild_it_as_a_personal_base(setup, algorithm, tmp_path):
+    fed = pfl_task(setup, algorithm)
+    start = fed.initial_weights()
+    first = fed.client_update(start, 0, 1, None)
+    assert first.state and not set(first.state) & set(first.weights)  # the kept part never travels
+    assert any(not torch.equal(first.weights[k], start[k]) for k in start)
+    if algorithm == "feddpa-t":
+        assert all(".global." in k or ".head." in k for k in first.weights)
+        assert all(".local." in k for k in first.state) and any("lora_B" in k and v.abs().sum() > 0
+                                                              for k, v in first.state.items())
+    else:
+        assert list(first.state) == [fed.embedding_name]
+    # the state is the client's: another client's state gives another update
+    again = fed.client_update(start, 0, 2, first.state)
+    fresh = fed.client_update(start, 0, 2, None)
+    assert any(not torch.equal(again.state[k], fresh.state[k]) for k in again.state)
+
+    # what the client computes with its state after the round = the exported global model + its overlay
+    batch = fed.task.collate(fed.clients[0].train[:4])
+    fed.load(again.weights)
+    parameters = dict(fed.model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in again.state.items():
+            parameters[name].copy_(tensor)
+    if algorithm == "feddpa-t":
+        fed.model.base_model.set_adapter(["global", "local"])
+    fed.model.eval()
+    expected = fed.model(**batch).logits.detach()
+    fed.export(again.weights, tmp_path)
+    store = ClientStateStore(tmp_path / "clients", 0)
+    store.save(2, again.state)
+    record_client_states(tmp_path / "model", tmp_path / "clients", {0: 2, 1: 0})
+    metadata = read_pfl_metadata(tmp_path / "model")
+    assert metadata["algorithm"] == algorithm and metadata["client_rounds"] == {"0": 2, "1": 0}
+    plain = load_plain(fed.task, tmp_path / "model").eval()
+    untouched = plain(**batch).logits.detach()
+    overlay = personal_overlay(tmp_path / "model", metadata, plain, 0)
+    with apply_overlay(plain, overlay):
+        torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(plain(**batch).logits, untouched)  # restored exactly
+    assert personal_overlay(tmp_path / "model", metadata, plain, 1) is None  # never trained: the global model
+
+
+def test_dept_checkpoint_holds_the_starting_embeddings_not_a_clients(setup, tmp_path):
+    fed = pfl_task(setup, "dept")
+    update = fed.client_update(fed.initial_weights(), 1, 1, None)
+    fed.export(update.weights, tmp_path)
+    plain = load_plain(fed.task, tmp_path / "model")
+    assert torch.equal(plain.get_input_embeddings().weight, fed.initial_embeddings)
+    assert json.loads((tmp_path / "model" / "pfl.json").read_text()) == {"algorithm": "dept"}
+
+
+def test_a_feddpa_state_with_foreign_tensors_is_refused(setup):
+    model = setup[0]
+    with pytest.raises(Exception, match="unexpected tensor"):
+        client_overlay({"algorithm": "feddpa-t", "lora_scaling": 1.0}, model, {"embeddings.weight": torch.zeros(1)})
