@@ -1,113 +1,58 @@
 """Real deployment on loopback: one SuperLink, two SuperNodes (partition 0 and 1), ``flwr run``.
 
-Every process is started in its own session and its whole process group is killed at teardown.
+Two variants of the same federation (tests/deployment.py): plain text (``--insecure``), and TLS with
+SuperNode authentication, where only the two registered SuperNodes may join.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from deployment import CONNECTION, REPO, Loopback, loopback
+from pki import make_supernode_key, make_tls_files
 from safetensors.torch import load_file
 
 from fedp2eft.fl.toy_task import make_task
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TOY = {"num_clients": 2, "dim": 5, "hidden": 6, "local_steps": 2, "seed": 5}
 ROUNDS = 2
+REFUSAL_TIMEOUT_S = 60
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited early with code {process.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout_s}s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Kill the process group the process leads (SuperExec and app children included)."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
-
-
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[tuple[dict[str, str], int]]:
-    """A SuperLink and two SuperNodes; yields the environment for ``flwr`` and the SuperLink port."""
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-    }
-    link_port = free_port()
-    processes: list[subprocess.Popen] = []
-
-    def spawn(args: list[str], log_name: str) -> subprocess.Popen:
-        log = open(tmp_path / log_name, "wb")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        log.close()
-        processes.append(process)
-        return process
-
-    try:
-        link = spawn([str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                      "--host", "127.0.0.1", "--port", str(link_port)], "superlink.log")
-        wait_for_port(link_port, link, 60)
+def _two_node_federation(directory: Path, secure: bool) -> Iterator[Loopback]:
+    tls = make_tls_files(directory) if secure else None
+    with loopback(directory, tls) as link:
         for partition in (0, 1):
-            spawn([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                   "--port", str(free_port()), "--max-wait-time", "120",
-                   "--node-config", f"partition-id={partition} num-partitions=2"], f"supernode{partition}.log")
-        (tmp_path / "flwr-home").mkdir(exist_ok=True)
-        (tmp_path / "flwr-home" / "config.toml").write_text(
-            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-            f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
-        )
-        yield env, link_port
-    finally:
-        for process in reversed(processes):
-            stop(process)
+            link.add_partition_node(partition, num_partitions=2)
+        yield link
 
 
-def test_two_supernodes_two_rounds_via_flwr_run(federation: tuple[dict[str, str], int], tmp_path: Path) -> None:
-    env, _ = federation
+@pytest.fixture(scope="module")
+def insecure_federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loopback]:
+    yield from _two_node_federation(tmp_path_factory.mktemp("insecure"), secure=False)
+
+
+@pytest.fixture(scope="module")
+def secure_federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loopback]:
+    yield from _two_node_federation(tmp_path_factory.mktemp("secure"), secure=True)
+
+
+@pytest.fixture(params=["insecure_federation", "secure_federation"], ids=["insecure", "tls-auth"])
+def federation(request: pytest.FixtureRequest) -> Loopback:
+    return request.getfixturevalue(request.param)
+
+
+def test_two_supernodes_two_rounds_via_flwr_run(federation: Loopback, tmp_path: Path) -> None:
     out = tmp_path / "out"
     job = {"task": "toy", "task_config": TOY, "rounds": ROUNDS, "clients_per_round": 2, "min_clients": 2,
            "seed": 1, "output_dir": str(out), "round_timeout_s": 120, "startup_timeout_s": 120}
     overrides = tmp_path / "job.toml"
     overrides.write_text(f"job = '{json.dumps(job)}'\n")
-    result = subprocess.run([str(BIN / "flwr"), "run", str(REPO), "loopback", "--run-config", str(overrides),
-                             "--stream"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = federation.flwr("run", str(REPO), CONNECTION, "--run-config", str(overrides), "--stream", timeout_s=300)
     assert result.returncode == 0, result.stdout + result.stderr
 
     state = json.loads((out / "state.json").read_text())
@@ -123,3 +68,22 @@ def test_two_supernodes_two_rounds_via_flwr_run(federation: tuple[dict[str, str]
     saved = load_file(str(out / state["checkpoint"]))
     for name, tensor in weights.items():
         torch.testing.assert_close(saved[name], tensor, atol=1e-6, rtol=0)
+
+
+def test_secured_superlink_refuses_unregistered_and_plaintext_supernodes(secure_federation: Loopback) -> None:
+    link = secure_federation
+    assert link.wait_for_online_nodes(2, timeout_s=REFUSAL_TIMEOUT_S) == link.registered_nodes
+    unregistered_key, _ = make_supernode_key(link.directory, "unregistered")
+    # One connection attempt each: both must fail for the reason under test, not by waiting it out.
+    once = ("--max-retries", "0", "--max-wait-time", "30")
+    unregistered = link.start_supernode("unregistered", "partition-id=0 num-partitions=2", auth_key=unregistered_key,
+                                        extra=once)
+    plaintext = link.start_supernode("plaintext", "partition-id=1 num-partitions=2", plaintext=True, extra=once)
+
+    assert unregistered.wait(timeout=REFUSAL_TIMEOUT_S) != 0
+    assert "Failed to activate SuperNode" in link.log("unregistered")
+    assert "No SuperNode found with the given public key" in link.log("superlink")
+    assert plaintext.wait(timeout=REFUSAL_TIMEOUT_S) != 0
+    # The TLS listener hangs up on a plain HTTP request (a closed port would read "connection refused").
+    assert "Server disconnected without sending a response" in link.log("plaintext")
+    assert link.online_nodes() == link.registered_nodes

@@ -1,0 +1,163 @@
+"""A real Flower deployment on loopback for tests: one SuperLink, SuperNodes, and the ``flwr`` CLI.
+
+The flags are the ones docs/federation.md gives for a deployment. Without ``tls`` everything runs
+``--insecure``; with it the SuperLink serves TLS and admits only SuperNodes whose public key was
+registered through ``flwr supernode register`` (``--enable-supernode-auth``, Flower 1.42).
+Every process is started in its own session so that ``stop`` can kill its whole process group
+(SuperExec and app children included); logs go to ``<directory>/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pki import TlsFiles, make_supernode_key
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONNECTION = "loopback"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited early with code {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s}s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Kill the process group the process leads (SuperExec and app children included)."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
+@dataclass
+class Loopback:
+    """A running SuperLink on 127.0.0.1, the processes started against it, and the ``flwr`` environment."""
+
+    directory: Path
+    link_port: int
+    tls: TlsFiles | None
+    env: dict[str, str]
+    processes: list[subprocess.Popen] = field(default_factory=list)
+    registered_nodes: set[int] = field(default_factory=set)
+
+    def spawn(self, args: list[str], name: str) -> subprocess.Popen:
+        with open(self.directory / f"{name}.log", "wb") as log:
+            process = subprocess.Popen(args, env=self.env, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.directory / f"{name}.log").read_text(errors="replace")
+
+    def flwr(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.directory, capture_output=True,
+                              text=True, timeout=timeout_s)
+
+    def start_supernode(self, name: str, node_config: str, *, auth_key: Path | None = None, plaintext: bool = False,
+                        extra: tuple[str, ...] = ()) -> subprocess.Popen:
+        """A SuperNode dialling the link over TLS when the link has it, unless ``plaintext``."""
+        transport = ["--insecure"] if plaintext or self.tls is None else ["--root-certificates", str(self.tls.ca_cert)]
+        auth = ["--auth-supernode-private-key", str(auth_key)] if auth_key else []
+        return self.spawn([str(BIN / "flower-supernode"), *transport, "--superlink", f"127.0.0.1:{self.link_port}",
+                           *auth, "--port", str(free_port()), "--node-config", node_config, *extra], name)
+
+    def register(self, public_key: Path) -> None:
+        """Register a SuperNode's public key with the SuperLink and remember the node id it will get."""
+        result = self.flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        self.registered_nodes.add(int(json.loads(result.stdout)["node-id"]))
+
+    def add_partition_node(self, partition: int, num_partitions: int) -> None:
+        """One task client's SuperNode; on an authenticating link its fresh key pair is registered first."""
+        name = f"supernode{partition}"
+        key = None
+        if self.tls is not None:
+            key, public_key = make_supernode_key(self.directory, name)
+            self.register(public_key)
+        self.start_supernode(name, f"partition-id={partition} num-partitions={num_partitions}", auth_key=key,
+                             extra=("--max-wait-time", "120"))
+
+    def online_nodes(self) -> set[int]:
+        result = self.flwr("supernode", "list", CONNECTION, "--format", "json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        return {int(node["node-id"]) for node in json.loads(result.stdout)["nodes"] if node["status"] == "online"}
+
+    def wait_for_online_nodes(self, count: int, timeout_s: float) -> set[int]:
+        deadline = time.monotonic() + timeout_s
+        while len(online := self.online_nodes()) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(online)} of {count} SuperNodes online after {timeout_s}s")
+            time.sleep(0.5)
+        return online
+
+
+def superlink_transport_flags(tls: TlsFiles | None) -> list[str]:
+    if tls is None:
+        return ["--insecure"]
+    return ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+            "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth"]
+
+
+def write_connection(flwr_home: Path, link_port: int, tls: TlsFiles | None) -> None:
+    """The ``$FLWR_HOME/config.toml`` through which ``flwr`` reaches the link (Flower 1.42 keeps it there)."""
+    security = "insecure = true" if tls is None else f'root-certificates = "{tls.ca_cert}"'
+    flwr_home.mkdir(exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{link_port}"\n{security}\n'
+    )
+
+
+@contextmanager
+def loopback(directory: Path, tls: TlsFiles | None = None) -> Iterator[Loopback]:
+    """Start a SuperLink (TLS and SuperNode authentication when ``tls`` is given); stop everything on exit."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(directory / "flwr-home"),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    link = Loopback(directory, free_port(), tls, env)
+    write_connection(directory / "flwr-home", link.link_port, tls)
+    try:
+        superlink = link.spawn([str(BIN / "flower-superlink"), *superlink_transport_flags(tls),
+                                "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                                "--port", str(link.link_port)], "superlink")
+        wait_for_port(link.link_port, superlink, 60)
+        yield link
+    finally:
+        for process in reversed(link.processes):
+            stop(process)
