@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from fedp2eft.config_yaml import load_yaml
 from fedp2eft.errors import FedP2EFTError
 
 def commands() -> dict[str, tuple[str, str]]:
@@ -23,7 +24,7 @@ def commands() -> dict[str, tuple[str, str]]:
 
 def read_task_config(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise FedP2EFTError(f"cannot read task config {path}: {error}") from error
     except yaml.YAMLError as error:
