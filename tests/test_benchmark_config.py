@@ -138,3 +138,10 @@ def test_paper_fedaya_without_its_data_fails_before_any_work(tmp_path):
         resolve("paper-fedaya", [f"dataset_options.path={fed_aya_folder(tmp_path, clients=5)}"])
     with pytest.raises(FedP2EFTError, match=r"fed-aya: .*unexpected keyword argument 'pathh'"):
         resolve("paper-fedaya", [f"dataset_options.pathh={tmp_path}"])
+
+
+def test_a_bad_data_file_fails_before_any_work(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("text;label;language\nhello;greet;en\n")
+    with pytest.raises(FedP2EFTError, match="mine.csv: columns are separated by ';'"):
+        resolve("quick", [f"dataset={path}", "dataset_options={}"])
