@@ -139,6 +139,12 @@ def header_only_csv(folder):
     return path, "header.csv: a header line but no rows"
 
 
+def blank_first_line_csv(folder):
+    path = folder / "blank.csv"
+    path.write_text("\ntext,label,language\nhello,pos,en\n")
+    return path, "blank.csv line 1: blank; a CSV file starts with its header line"
+
+
 def broken_jsonl_line(folder):
     path = write_jsonl(folder / "broken.jsonl", rows(("en",), 3))
     lines = path.read_text().splitlines()
@@ -168,7 +174,7 @@ def folder_of_mixed_schemas(folder):
 
 
 @pytest.mark.parametrize("build", [latin1_csv, semicolon_csv, unquoted_comma_csv, empty_file, header_only_csv,
-                                   broken_jsonl_line, parquet_with_int_text, parquet_with_float_labels,
+                                   blank_first_line_csv, broken_jsonl_line, parquet_with_int_text, parquet_with_float_labels,
                                    folder_of_mixed_schemas])
 def test_a_bad_file_is_one_error_line_naming_it(tmp_path, capsys, build):
     path, message = build(tmp_path)

@@ -57,7 +57,9 @@ def read_csv(file: Path) -> Located:
 
 
 def check_header(file: Path, header: list[str]) -> None:
-    """A header with one column that holds ``;`` or a tab is a file written with another separator."""
+    """The first line names the columns; one column that holds ``;`` or a tab is a file with another separator."""
+    if not header:
+        raise FedP2EFTError(f"{file} line 1: blank; a CSV file starts with its header line, e.g. text,label,language")
     if len(header) == 1:
         separator = next((s for s in (";", "\t", "|") if s in header[0]), None)
         if separator is not None:
