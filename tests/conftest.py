@@ -3,6 +3,7 @@ offline, small learnable toy tasks, and a finished toy Flower simulation reused 
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -119,3 +120,13 @@ def fedp2eft_cache(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDP2EFT_CACHE", str(root))
         yield root
+
+
+@pytest.fixture(autouse=True)
+def environment_per_test():
+    """``fedp2eft.cli.main`` sets environment variables for the processes a command starts (``fedp2eft.logs``); they
+    stay within the test that ran it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

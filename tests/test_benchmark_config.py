@@ -39,7 +39,8 @@ def test_overrides_parse_yaml_values():
     ("selection.pool=test", "selection.pool must be seen or unseen"),
     ("seeds=[0,0]", "each once"),
     ("generation_tokens=-1", "generation_tokens must be a whole number >= 0"),
-    ("generation_tokens=2.5", "generation_tokens must be a whole number >= 0"),
+    ("generation_tokens=2.5", "generation_tokens must be a whole number"),
+    ("budgets=[1,2", r"override 'budgets=\[1,2': the value is not valid YAML"),
 ])
 def test_bad_configs_fail_before_any_work(override, message):
     with pytest.raises(FedP2EFTError, match=message):
@@ -62,10 +63,47 @@ def test_cuda_without_a_gpu_fails_before_any_work():
         resolve("quick", ["device=cuda"])
 
 
-def test_numbers_written_without_a_dot_are_numbers():
-    config = apply_overrides(load_profile("quick"), ["personalize.lora_lr=1e-4", "psg.lr_scale=btlora"])
-    assert config["personalize"]["lora_lr"] == 1e-4 and isinstance(config["personalize"]["lora_lr"], float)
-    assert config["psg"]["lr_scale"] == "btlora"
+@pytest.mark.parametrize("written, number", [("1e-4", 1e-4), ("5E-5", 5e-5), ("-3e2", -300.0), ("+2e1", 20.0)])
+def test_numbers_written_without_a_dot_are_numbers(written, number):
+    config = apply_overrides(load_profile("quick"), [f"personalize.lora_lr={written}", f"selection.grid=[{written}]"])
+    assert config["personalize"]["lora_lr"] == number and isinstance(config["personalize"]["lora_lr"], float)
+    assert config["selection"]["grid"] == [number]
+
+
+def test_a_config_file_reads_numbers_without_a_dot(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("profile: quick\npersonalize: {lora_lr: 2e-4}\n")
+    assert load_profile(str(path))["personalize"]["lora_lr"] == 2e-4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("personalize.lora_lr=fast", r"personalize.lora_lr must be a number \(the profile has 0.0001\), got the text "
+                                 r"'fast'; write a plain number, e.g. 3, 0.001 or 1e-4"),
+    ("personalize.lora_lr=", "personalize.lora_lr must be a number .*got nothing"),
+    ("personalize.priors.gamma_rate=[1]", "personalize.priors.gamma_rate must be a number"),
+    ("base.rounds=2.5", "base.rounds must be a whole number"),
+    ("name=2024", """name must be text .*quote it to keep it text, e.g. 'name="2024"'"""),
+    ("methods=lora", r"methods must be a list"),
+    ("methods=[lora, 7]", r"methods\[1\] must be text"),
+    ("personalize=3", "personalize must be a mapping"),
+    ("dataset_options=3", "dataset_options must be a mapping"),
+])
+def test_a_value_of_the_wrong_type_names_its_key(override, message):
+    with pytest.raises(FedP2EFTError, match=f"command line: {message}"):
+        resolve("quick", [override])
+
+
+def test_an_int_is_a_number_and_two_form_keys_take_both_forms():
+    config = resolve("quick", ["personalize.lora_lr=1", "psg.lr_scale=btlora", "fedl2p.lr_scale=3"])
+    assert config["personalize"]["lora_lr"] == 1 and config["psg"]["lr_scale"] == "btlora"
+    assert config["fedl2p"]["lr_scale"] == 3
+
+
+def test_a_config_file_value_of_the_wrong_type_names_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("profile: quick\nseeds: 0\n")
+    with pytest.raises(FedP2EFTError, match="mine.yaml: seeds must be a list"):
+        load_profile(str(path))
 
 
 def fed_aya_folder(root, clients=10):
@@ -100,3 +138,10 @@ def test_paper_fedaya_without_its_data_fails_before_any_work(tmp_path):
         resolve("paper-fedaya", [f"dataset_options.path={fed_aya_folder(tmp_path, clients=5)}"])
     with pytest.raises(FedP2EFTError, match=r"fed-aya: .*unexpected keyword argument 'pathh'"):
         resolve("paper-fedaya", [f"dataset_options.pathh={tmp_path}"])
+
+
+def test_a_bad_data_file_fails_before_any_work(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("text;label;language\nhello;greet;en\n")
+    with pytest.raises(FedP2EFTError, match="mine.csv: columns are separated by ';'"):
+        resolve("quick", [f"dataset={path}", "dataset_options={}"])

@@ -69,10 +69,13 @@ def test_a_changed_config_is_refused_and_runtime_keys_are_not(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("cut", ['{"seed": 0, "pool"', ""])
-def test_a_results_file_cut_by_a_kill_keeps_its_complete_lines(tmp_path, cut):
+def test_a_results_file_cut_by_a_kill_keeps_its_complete_lines(tmp_path, caplog, cut):
     from fedp2eft.benchmark.runner import read_jsonl
 
     path = tmp_path / "personalize.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}\n' + cut)
     assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
     assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == ([f"{path}: dropped its last line, cut off when the run was killed; that work is redone"]
+                      if cut else [])

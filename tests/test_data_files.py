@@ -84,7 +84,7 @@ def test_unknown_test_label_names_the_row(tmp_path):
     records = rows(("en",), 20, split=True)
     records.append({"text": "odd", "label": "surprise", "language": "en", "split": "test"})
     path = write_jsonl(tmp_path / "d.jsonl", records)
-    with pytest.raises(FedP2EFTError, match=r"d.jsonl row 21: label 'surprise' appears in no train row"):
+    with pytest.raises(FedP2EFTError, match=r"d.jsonl line 21: label 'surprise' appears in no train row"):
         load_dataset(str(path))
 
 
@@ -107,3 +107,84 @@ def test_cli_describe_user_file(tmp_path, capsys):
     assert main(["data", "describe", str(path), "--clients-per-language", "1"]) == 0
     out = capsys.readouterr().out
     assert "fr" in out and "pos" in out and "2 seen + 2 unseen" in out
+
+
+def latin1_csv(folder):
+    path = folder / "latin1.csv"
+    path.write_bytes("text,label,language\nbonjour,pos,fr\ncafé crème,neg,fr\n".encode("latin-1"))
+    return path, "latin1.csv line 3: not UTF-8 text"
+
+
+def semicolon_csv(folder):
+    path = folder / "semicolons.csv"
+    path.write_text("text;label;language\nhello, world;pos;en\n")
+    return path, "columns are separated by ';', not commas"
+
+
+def unquoted_comma_csv(folder):
+    path = folder / "commas.csv"
+    path.write_text("text,label,language\nhello,pos,en\nhello, world,pos,en\n")
+    return path, "commas.csv line 3: 4 fields where the header has 3; put text that holds commas in double quotes"
+
+
+def empty_file(folder):
+    path = folder / "empty.jsonl"
+    path.write_text("")
+    return path, "empty.jsonl: the file is empty"
+
+
+def header_only_csv(folder):
+    path = folder / "header.csv"
+    path.write_text("text,label,language\n")
+    return path, "header.csv: a header line but no rows"
+
+
+def blank_first_line_csv(folder):
+    path = folder / "blank.csv"
+    path.write_text("\ntext,label,language\nhello,pos,en\n")
+    return path, "blank.csv line 1: blank; a CSV file starts with its header line"
+
+
+def broken_jsonl_line(folder):
+    path = write_jsonl(folder / "broken.jsonl", rows(("en",), 3))
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1][:-5]
+    path.write_text("\n".join(lines) + "\n")
+    return path, "broken.jsonl line 2: not valid JSON"
+
+
+def parquet_with_int_text(folder):
+    path = folder / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2], "label": ["a", "b"], "language": ["en", "en"]}), path)
+    return path, "numbers.parquet row 1: 'text' must be text, got int 1"
+
+
+def parquet_with_float_labels(folder):
+    path = folder / "floats.parquet"
+    pq.write_table(pa.table({"text": ["x", "y"], "label": [1.0, 2.0], "language": ["en", "en"]}), path)
+    return path, "floats.parquet row 1: 'label' must be text or a whole number (a name or an id), got float 1.0"
+
+
+def folder_of_mixed_schemas(folder):
+    data = folder / "mixed"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", rows(("en",), 10))
+    write_jsonl(data / "b.jsonl", [{"instruction": "q", "response": "a", "language": "en"}])
+    return data, "b.jsonl: columns ['instruction', 'language', 'response'] differ from those of"
+
+
+@pytest.mark.parametrize("build", [latin1_csv, semicolon_csv, unquoted_comma_csv, empty_file, header_only_csv,
+                                   blank_first_line_csv, broken_jsonl_line, parquet_with_int_text, parquet_with_float_labels,
+                                   folder_of_mixed_schemas])
+def test_a_bad_file_is_one_error_line_naming_it(tmp_path, capsys, build):
+    path, message = build(tmp_path)
+    assert main(["data", "describe", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedp2eft: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+
+
+def test_integer_labels_and_client_ids_are_names(tmp_path):
+    records = [{**r, "label": i % 3, "client": i % 4} for i, r in enumerate(rows(("en",), 40))]
+    data = load_dataset(str(write_jsonl(tmp_path / "ids.jsonl", records)))
+    assert data.labels == ["0", "1", "2"] and {c.client_id for c in data.seen + data.unseen} == {"0", "1", "2", "3"}

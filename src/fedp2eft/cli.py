@@ -6,16 +6,50 @@ import argparse
 import importlib
 import shlex
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from fedp2eft.errors import FedP2EFTError
-from fedp2eft.logs import quiet_third_party
+from fedp2eft.logs import configure
 
 COMMAND_MODULES = ["models", "data", "personalize", "federated", "benchmark"]
+DESCRIPTION = (
+    "Personalize multilingual language models with LoRA in federated learning (FedP²EFT): run the benchmark, "
+    "train base models and personalization-strategy generators with Flower, personalize one client's model, "
+    "and inspect datasets and models."
+)
+EPILOG = "`fedp2eft COMMAND --help` shows a command's options. Documentation: README.md and docs/."
+
+
+def package_version() -> str:
+    try:
+        return version("fedp2eft")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def add_output_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="hide progress output (stage headers, progress bars, round lines); results, warnings "
+                             "and errors still show")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="show third-party warnings and log lines (Flower, Ray, transformers), hidden otherwise")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every command and subcommand: it takes the output flags after the command name too. There they
+    default to SUPPRESS, so a flag given before the command name is not reset to False by the command's parser."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        add_output_flags(self, argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedp2eft", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="fedp2eft", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    add_output_flags(parser, False)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                       parser_class=CommandParser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"fedp2eft.commands.{name}").register(subparsers)
     return parser
@@ -23,9 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose exclude each other")
     args.command_line = "fedp2eft " + shlex.join(argv)
-    quiet_third_party()
+    configure(quiet=args.quiet, verbose=args.verbose)
     try:
         return int(args.func(args) or 0)
     except FedP2EFTError as error:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fedp2eft.config_yaml import load_yaml
 from fedp2eft.core.methods import METHODS, STAGES, Stage, stages
 from fedp2eft.errors import FedP2EFTError
 
@@ -19,12 +21,12 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
     """A shipped profile by name, or a YAML file; a file may name a shipped profile under ``profile:``."""
     if name_or_path in PROFILES:
         text = resources.files("fedp2eft.benchmark.profiles").joinpath(f"{name_or_path}.yaml").read_text()
-        return with_stage_sections(yaml.safe_load(text))
+        return with_stage_sections(load_yaml(text))
     path = Path(name_or_path)
     if not path.is_file():
         raise FedP2EFTError(f"no config file or profile named '{name_or_path}'; profiles: {', '.join(PROFILES)}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise FedP2EFTError(f"{path} is not valid YAML: {error}") from error
     base = load_profile(raw.pop("profile", "default"))
@@ -67,15 +69,22 @@ def with_stage_sections(profile: dict) -> dict:
 
 
 def merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
-    """Deep-merge ``update`` into a copy of ``base``, refusing keys that ``base`` does not have."""
+    """Deep-merge ``update`` into a copy of ``base``, refusing keys that ``base`` does not have and values of another
+    type than ``base`` holds (see ``check_type``)."""
     result = copy.deepcopy(base)
     for key, value in update.items():
         name = f"{prefix}{key}"
         if key not in result:
             raise FedP2EFTError(f"{where}: unknown config key '{name}'; known here: {', '.join(sorted(result))}")
-        if isinstance(result[key], dict) and isinstance(value, dict) and not _free_form(name):
+        if _free_form(name):
+            if not isinstance(value, dict | None):
+                raise FedP2EFTError(f"{where}: {name} must be a mapping of settings ({name}.key=value), "
+                                    f"got {_described(value)}")
+            result[key] = value
+        elif isinstance(result[key], dict) and isinstance(value, dict):
             result[key] = merge(result[key], value, where, f"{name}.")
         else:
+            check_type(name, value, result[key], where)
             result[key] = value
     return result
 
@@ -85,10 +94,62 @@ def _free_form(name: str) -> bool:
     return name in {"dataset_options"} or name in {f"{stage}.training" for stage in STAGES}
 
 
+def _two_forms(name: str) -> bool:
+    """Keys that take a number or a method name (whose selected scale they use); ``validate_stage`` checks them."""
+    return name in {f"{stage}.lr_scale" for stage in STAGES}
+
+
+KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list, e.g. [a, b]",
+         dict: "a mapping of settings"}
+
+
+def _kind(value: Any) -> type:
+    return next((kind for kind in KINDS if isinstance(value, kind)), type(value))
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """An int where the profile holds a float is fine; a boolean is never a number and a number never a boolean."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    return isinstance(value, _kind(default))
+
+
+def _described(value: Any) -> str:
+    if value is None:
+        return "nothing (an empty value)"
+    return f"the text {value!r}" if isinstance(value, str) else repr(value)
+
+
+def _how_to_write(name: str, value: Any, default: Any) -> str:
+    if isinstance(default, str) and not isinstance(value, str):
+        return "; quote it to keep it text" + ("" if "[" in name else f", e.g. '{name}=\"{value}\"' in a shell")
+    if isinstance(default, int | float) and not isinstance(default, bool) and isinstance(value, str):
+        return "; write a plain number, e.g. 3, 0.001 or 1e-4"
+    return ""
+
+
+def check_type(name: str, value: Any, default: Any, where: str) -> None:
+    """``value`` must have the type of the profile's ``default`` for the key ``name`` (list items: the type of the
+    default's first item), so that a value of the wrong type fails here, before any work, and not inside a client.
+    Keys whose default is null take any value; the component that uses them checks it."""
+    if default is None or _two_forms(name):
+        return
+    if not _fits(value, default):
+        example = "" if isinstance(default, list | dict) else f" (the profile has {default!r})"
+        raise FedP2EFTError(f"{where}: {name} must be {KINDS[_kind(default)]}{example}, got {_described(value)}"
+                            f"{_how_to_write(name, value, default)}")
+    if isinstance(default, list) and default:
+        for index, item in enumerate(value):
+            check_type(f"{name}[{index}]", item, default[0], where)
+
+
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """``a.b=value`` pairs; values are parsed as YAML (numbers, lists, booleans). They are merged as one update, so
-    several keys of a free-form section (``dataset_options.path=... dataset_options.languages=...``) all stay; that
-    section is replaced as a whole, as in a config file, since its keys belong to one dataset or stage."""
+    """``a.b=value`` pairs; values are parsed as YAML (numbers, ``1e-4`` included; lists, booleans). They are merged
+    as one update, so several keys of a free-form section (``dataset_options.path=... dataset_options.languages=...``)
+    all stay; that section is replaced as a whole, as in a config file, since its keys belong to one dataset or
+    stage."""
     update: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -100,19 +161,12 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             if not isinstance(cursor.get(part), dict):
                 cursor[part] = {}
             cursor = cursor[part]
-        cursor[parts[-1]] = _parse_value(raw)
-    return merge(config, update, "command line")
-
-
-def _parse_value(raw: str) -> Any:
-    """YAML, except that numbers YAML 1.1 reads as strings (``1e-4``: no dot) are numbers, as a user means."""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
         try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+            cursor[parts[-1]] = load_yaml(raw)
+        except yaml.YAMLError as error:
+            raise FedP2EFTError(f"override '{item}': the value is not valid YAML ({error.problem}); lists are "
+                                f"written [a, b], text with spaces or colons in quotes") from error
+    return merge(config, update, "command line")
 
 
 def _positive_number(value: Any) -> bool:
@@ -179,9 +233,7 @@ def check_base_algorithm(config: dict) -> None:
         raise FedP2EFTError(f"base.algorithm={algorithm} trains its own base (the clients keep their state); leave "
                             "base.checkpoint empty")
     if config["pools"] != ["seen"] or config["selection"]["pool"] != "seen":
-        from fedp2eft.logs import notice
-
-        notice(f"base.algorithm={algorithm}: personal bases exist for seen clients only, so this run personalizes "
+        logging.getLogger("fedp2eft.benchmark").warning(f"base.algorithm={algorithm}: personal bases exist for seen clients only, so this run personalizes "
                "the seen pool and selects learning rates on seen clients' training data")
         config["pools"], config["selection"]["pool"] = ["seen"], "seen"
 

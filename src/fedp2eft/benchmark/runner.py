@@ -16,6 +16,7 @@ The learning rate of every method and budget is chosen on a validation split of 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter, defaultdict
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedp2eft.benchmark.config import OPTIONAL_KEYS, with_optional_keys
@@ -39,9 +39,9 @@ from fedp2eft.experiment import Setup
 from fedp2eft.fl.checkpoint import load_state
 from fedp2eft.fl.simulation import run_federated
 from fedp2eft.fl.tasks import export_final
-from fedp2eft.logs import quiet_third_party
+from fedp2eft.logs import console, quiet_third_party
 
-console = Console()
+log = logging.getLogger(__name__)
 # Keys that change how fast a run goes, never what it computes: they may differ when a run is resumed.
 RUNTIME_KEYS = ("workers", "device")
 
@@ -244,6 +244,7 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             if number != len(lines) - 1:
                 raise FedP2EFTError(f"{path} line {number + 1} is corrupt; delete the file to redo its stage")
+            log.warning(f"{path}: dropped its last line, cut off when the run was killed; that work is redone")
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return records
 

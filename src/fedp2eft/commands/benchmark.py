@@ -14,10 +14,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", default="default",
                         help="profile name (default, quick, paper, paper-fedaya) or a YAML file "
                              "(default: %(default)s)")
-    parser.add_argument("--results", type=Path, default=Path("results"), help="where run folders go")
+    parser.add_argument("--results", type=Path, default=Path("results"),
+                        help="where run folders go (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. budgets=[2,8] psg.rounds=5 name=my-run "
-                             "dataset_options.path=/data/Fed-Aya")
+                        help="config overrides, YAML values checked against the profile's types, e.g. "
+                             "budgets=[2,8] psg.rounds=5 personalize.lora_lr=1e-4 name=my-run (default: none)")
     parser.set_defaults(func=run)
 
 

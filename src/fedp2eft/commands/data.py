@@ -11,19 +11,30 @@ from rich.table import Table
 from fedp2eft.data.registry import dataset_names, load_dataset
 from fedp2eft.data.types import FederatedDataset
 
-OPTIONS = {  # CLI flag -> type; only the flags given are passed to the loader
-    "seed": int, "clients_per_language": int, "train_size": int, "test_size": int,
-    "alpha": float, "languages": str, "min_examples": int, "path": str,
+OPTIONS = {  # CLI flag -> (type, help); only the flags given are passed to the loader, which has its own defaults
+    "seed": (int, "seed of the client partition"),
+    "clients_per_language": (int, "clients per language and pool"),
+    "train_size": (int, "training examples per client"),
+    "test_size": (int, "test examples per client"),
+    "alpha": (float, "Dirichlet concentration of the clients' label skew (smaller: more skewed)"),
+    "languages": (str, "comma-separated language codes to keep, e.g. en,hi"),
+    "min_examples": (int, "fewest distinct training sentences a language needs to be kept (intents)"),
+    "path": (str, "folder of a local copy (xnli, masakhanews, fed-aya)"),
 }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="inspect federated datasets")
-    commands = parser.add_subparsers(dest="data_command", required=True)
-    describe = commands.add_parser("describe", help="summarise a dataset")
+    parser = subparsers.add_parser("data", help="inspect federated datasets", description="Inspect federated datasets.")
+    commands = parser.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    describe = commands.add_parser(
+        "describe", help="languages, client ids per pool, examples and labels of a dataset",
+        description="Languages, client ids per pool (what `fedp2eft personalize --client` takes), examples and the "
+                    "label distribution of a dataset.",
+    )
     describe.add_argument("name", help=f"{', '.join(dataset_names())} or a file/folder path")
-    for flag, kind in OPTIONS.items():
-        describe.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=None)
+    for flag, (kind, text) in OPTIONS.items():
+        describe.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=None,
+                              help=f"{text} (default: the dataset's own)")
     describe.set_defaults(func=run_describe)
 
 
@@ -49,6 +60,7 @@ def describe(dataset: FederatedDataset, console: Console) -> None:
                       str(sum(len(c.train) for c in everyone)), str(sum(len(c.test) for c in everyone)),
                       str(len(labels)) if labels else "-")
     console.print(table)
+    console.print(client_table(dataset, languages))
     if dataset.task == "classification":
         counts = Counter(e["label"] for c in dataset.seen + dataset.unseen for e in c.train)
         labels = Table(title="label distribution (train, all clients)")
@@ -62,3 +74,14 @@ def describe(dataset: FederatedDataset, console: Console) -> None:
         for index, name in enumerate(dataset.labels):
             labels.add_row(name, str(counts.get(index, 0)), str(len(languages_of.get(index, ()))))
         console.print(labels)
+
+
+def client_table(dataset: FederatedDataset, languages: list[str]) -> Table:
+    """The client ids per language and pool, which ``fedp2eft personalize --client`` takes."""
+    table = Table(title="client ids (fedp2eft personalize --client ID)")
+    for column in ("language", "seen", "unseen"):
+        table.add_column(column)
+    for language in languages:
+        table.add_row(language, *(" ".join(c.client_id for c in dataset.pool(pool) if c.language == language)
+                                  for pool in ("seen", "unseen")))
+    return table

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from fedp2eft.config_yaml import load_yaml
 from fedp2eft.errors import FedP2EFTError
 
 def commands() -> dict[str, tuple[str, str]]:
@@ -23,7 +24,7 @@ def commands() -> dict[str, tuple[str, str]]:
 
 def read_task_config(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise FedP2EFTError(f"cannot read task config {path}: {error}") from error
     except yaml.YAMLError as error:
@@ -56,13 +57,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for command, (task, help_text) in commands().items():
         parser = subparsers.add_parser(command, help=help_text, description=help_text)
         parser.add_argument("--config", type=Path, required=True, help="YAML file with the task config")
-        parser.add_argument("--rounds", type=int, required=True)
-        parser.add_argument("--clients-per-round", type=int, required=True)
+        parser.add_argument("--rounds", type=int, required=True, help="federated rounds to train")
+        parser.add_argument("--clients-per-round", type=int, required=True, help="clients sampled per round")
         parser.add_argument("--min-clients", type=int, default=1,
-                            help="fewest valid client updates a round needs (default 1)")
+                            help="fewest valid client updates a round needs (default: %(default)s)")
         parser.add_argument("--output", type=Path, required=True, help="directory for checkpoints and metrics")
-        parser.add_argument("--resume", action="store_true", help="continue the run in --output")
-        parser.add_argument("--num-cpus", type=float, default=1.0, help="CPU cores per simulated client")
-        parser.add_argument("--seed", type=int, default=0, help="client sampling seed")
-        parser.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for replies")
+        parser.add_argument("--resume", action="store_true", help="continue the run in --output (default: start anew)")
+        parser.add_argument("--num-cpus", type=float, default=1.0,
+                            help="CPU cores per simulated client (default: %(default)s)")
+        parser.add_argument("--seed", type=int, default=0, help="client sampling seed (default: %(default)s)")
+        parser.add_argument("--round-timeout", type=float, default=600.0,
+                            help="seconds to wait for a round's replies (default: %(default)s)")
         parser.set_defaults(func=run, task=task)

@@ -12,8 +12,8 @@ from fedp2eft.models.registry import EMBEDDED, resolve_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("models", help="list and prepare models")
-    commands = parser.add_subparsers(dest="models_command", required=True)
+    parser = subparsers.add_parser("models", help="list and prepare models", description="List and prepare models.")
+    commands = parser.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     commands.add_parser("list", help="models that work offline").set_defaults(func=run_list)
     prepare = commands.add_parser("prepare", help="convert or download a model into a local checkpoint")
     prepare.add_argument("name", help="embedded name, hub id (owner/name) or local folder")

@@ -9,6 +9,16 @@ from pathlib import Path
 from fedp2eft.errors import FedP2EFTError
 
 
+def device_setting(value: str) -> str:
+    """argparse type of ``--device``: the spelling is checked at once; whether that device exists is checked by
+    ``resolve_device`` when the command runs."""
+    from fedp2eft.core.device import DEVICE_CHOICES, is_device_name
+
+    if not is_device_name(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device; use {DEVICE_CHOICES}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from fedp2eft.core.methods import METHODS
 
@@ -19,15 +29,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="base model: a checkpoint folder, hub id or embedded name")
     parser.add_argument("--data", default="intents", help="dataset name or file/folder (default: %(default)s)")
-    parser.add_argument("--client", required=True, help="client id (see `fedp2eft data describe`)")
-    parser.add_argument("--method", default="fedp2eft", help=f"{names} (default: %(default)s)")
-    parser.add_argument("--budget", type=int, default=8, help="average LoRA rank per module r")
+    parser.add_argument("--client", required=True, help="client id (`fedp2eft data describe` lists them per pool)")
+    parser.add_argument("--method", default="fedp2eft", choices=list(METHODS),
+                        help="personalization method (default: %(default)s)")
+    parser.add_argument("--budget", type=int, default=8, help="average LoRA rank per module r (default: %(default)s)")
     parser.add_argument("--artifact", "--generator", type=Path,
-                        help="what the method's federated stage produced (the PS generator .safetensors for fedp2eft)")
-    parser.add_argument("--max-rank", type=int, default=32, help="R, the generator's maximum rank")
-    parser.add_argument("--export", type=Path, help="write the personalized adapter here (standard PEFT)")
-    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when present), cpu, cuda or cuda:N "
-                                                         "(default: %(default)s)")
+                        help="what the method's federated stage produced (the PS generator .safetensors for "
+                             "fedp2eft); needed by methods with a federated stage only")
+    parser.add_argument("--max-rank", type=int, default=32,
+                        help="R, the generator's maximum rank (default: %(default)s)")
+    parser.add_argument("--export", type=Path,
+                        help="write the personalized adapter here (standard PEFT); not written unless given")
+    parser.add_argument("--device", default="auto", type=device_setting,
+                        help="auto (a CUDA GPU when present), cpu, cuda or cuda:N (default: %(default)s)")
     parser.set_defaults(func=run)
 
 

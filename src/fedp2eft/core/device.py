@@ -17,6 +17,13 @@ from torch import nn
 from fedp2eft.errors import FedP2EFTError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+CUDA_DEVICE = re.compile(r"cuda(?::(\d+))?")
+
+
+def is_device_name(setting: str) -> bool:
+    """Whether ``setting`` is spelled as one of DEVICE_CHOICES (whether that device exists is not checked)."""
+    value = str(setting).strip().lower()
+    return value in ("auto", "cpu") or CUDA_DEVICE.fullmatch(value) is not None
 
 
 def resolve_device(setting: str = "auto") -> torch.device:
@@ -26,7 +33,7 @@ def resolve_device(setting: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if value == "cpu":
         return torch.device("cpu")
-    match = re.fullmatch(r"cuda(?::(\d+))?", value)
+    match = CUDA_DEVICE.fullmatch(value)
     if match is None:
         raise FedP2EFTError(f"device: {setting} is not a known device; use one of {DEVICE_CHOICES}")
     if not torch.cuda.is_available():

@@ -11,40 +11,36 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv
-import pyarrow.json
-import pyarrow.parquet as pq
 
+from fedp2eft.data.file_readers import READERS, read_records
 from fedp2eft.data.partition import group_by_label, partition_language, split_pools
 from fedp2eft.data.types import ClientData, FederatedDataset
 from fedp2eft.errors import FedP2EFTError
 
-READERS = {
-    ".jsonl": pyarrow.json.read_json,
-    ".json": pyarrow.json.read_json,
-    ".csv": pyarrow.csv.read_csv,
-    ".parquet": pq.read_table,
-}
 TASK_COLUMNS = {"classification": ("text", "label"), "instruction": ("instruction", "response")}
 OPTIONAL = {"classification": ("text_pair",), "instruction": ()}
+# What each known column may hold. Labels and client ids are names, so whole numbers (class ids) are fine too, but not
+# floats: 1.0 and 1 would be two different labels.
+COLUMN_TYPES = {"text": str, "text_pair": str, "instruction": str, "response": str, "language": str, "split": str,
+                "label": (str, int), "client": (str, int)}
 
 
 def read_rows(path: Path) -> list[dict]:
-    """All rows of a file or of every supported file in a folder, each tagged with its origin."""
-    files = sorted(p for p in path.rglob("*") if p.suffix in READERS) if path.is_dir() else [path]
+    """All rows of a file or of every supported file in a folder, each tagged with its origin; every file of a
+    folder must have the same columns."""
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in READERS) if path.is_dir() else [path]
     if not files:
         raise FedP2EFTError(f"{path} holds no {'/'.join(READERS)} files")
-    rows = []
+    rows: list[dict] = []
+    first: tuple[Path, set[str]] | None = None
     for file in files:
-        if file.suffix not in READERS:
-            raise FedP2EFTError(f"{file}: unsupported file type '{file.suffix}'; use JSONL, CSV or Parquet")
-        try:
-            table: pa.Table = READERS[file.suffix](file)
-        except (OSError, pa.ArrowException) as error:
-            raise FedP2EFTError(f"{file}: cannot read it ({error})") from error
-        for number, row in enumerate(table.to_pylist(), start=1):
-            rows.append({**row, "_origin": f"{file} row {number}"})
+        records = read_records(file)
+        columns = set(records[0][1])
+        first = first or (file, columns)
+        if columns != first[1]:
+            raise FedP2EFTError(f"{file}: columns {sorted(columns)} differ from those of {first[0]} "
+                                f"({sorted(first[1])}); every file of a folder needs the same columns")
+        rows += [{**record, "_origin": f"{file} {where}"} for where, record in records]
     return rows
 
 
@@ -62,11 +58,18 @@ def detect_task(rows: list[dict], source: Path) -> str:
 
 
 def validate(rows: list[dict], task: str) -> None:
-    """Every row has non-empty values in its required columns and a known split."""
+    """Every row has non-empty values in its required columns, values of the column's type and a known split."""
+    required = (*TASK_COLUMNS[task], "language", *(("client",) if "client" in rows[0] else ()))
     for row in rows:
-        for column in (*TASK_COLUMNS[task], "language"):
+        for column in required:
             if row.get(column) is None or str(row[column]).strip() == "":
                 raise FedP2EFTError(f"{row['_origin']}: empty '{column}'")
+        for column, allowed in COLUMN_TYPES.items():
+            value = row.get(column)
+            if value is not None and (not isinstance(value, allowed) or isinstance(value, float | bool)):
+                what = "text" if allowed is str else "text or a whole number (a name or an id)"
+                raise FedP2EFTError(f"{row['_origin']}: '{column}' must be {what}, got {type(value).__name__} "
+                                    f"{value!r}; store the column as strings")
         if row.get("split") not in (None, "train", "test"):
             raise FedP2EFTError(f"{row['_origin']}: split must be 'train' or 'test', got {row['split']!r}")
 
@@ -166,8 +169,6 @@ def load_files(path: str | Path, **options) -> FederatedDataset:
     if not source.exists():
         raise FedP2EFTError(f"{source} does not exist")
     rows = read_rows(source)
-    if not rows:
-        raise FedP2EFTError(f"{source}: no rows")
     task = detect_task(rows, source)
     validate(rows, task)
     if options["languages"]:

@@ -35,9 +35,10 @@ def _bind(name: str, options: dict) -> None:
 
 
 def check_dataset(name: str, options: dict) -> None:
-    """Fail before any work: an option a named loader does not take, and for a local-only dataset (Fed-Aya)
-    anything its loader refuses (no path, a missing file, a bad record), since reading it takes seconds."""
+    """Fail before any work: an option a named loader does not take, and for a local-only dataset (Fed-Aya, your
+    own files) anything its loader refuses (no path, a missing file, a bad record), since reading it takes seconds."""
     if name not in LOADERS:
+        load_files(name, **options)
         return
     _bind(name, options)
     if name in LOCAL_ONLY:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedp2eft.logs import stderr_console
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -22,7 +23,7 @@ class RoundReporter:
         from torch.utils.tensorboard import SummaryWriter  # slow import; only the server needs it
 
         self._writer = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR))
-        self._console = Console(stderr=True)
+        self._console = stderr_console  # silent under --quiet
         self._progress = Progress(
             TextColumn("[bold]federated rounds"),
             BarColumn(),

@@ -21,6 +21,7 @@ from fedp2eft.fl.job import Job
 from fedp2eft.fl.protocol import CLIENT_STATE_FOLDER
 from fedp2eft.fl.server_app import serve
 from fedp2eft.fl.tasks import build_task
+from fedp2eft.logs import plain_flower_logs
 
 
 MAX_CLIENTS_PER_GPU = 4  # more actors per GPU than this mostly add model copies to its memory
@@ -109,6 +110,7 @@ def run_federated(
     def _main(grid: Grid, context: Context) -> None:
         finished.append(serve(grid, job, task))
 
+    plain_flower_logs()
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=task.num_clients(),
                    backend_name="ray", backend_config=settings, verbose_logging=verbose)
     if not finished:
