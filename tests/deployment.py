@@ -100,15 +100,20 @@ class Loopback:
         assert result.returncode == 0, result.stdout + result.stderr
         self.registered_nodes.add(int(json.loads(result.stdout)["node-id"]))
 
+    def state_dir(self, partition: int) -> Path:
+        """The folder where partition ``partition``'s SuperNode keeps its clients' own state."""
+        return self.directory / f"supernode{partition}-state"
+
     def add_partition_node(self, partition: int, num_partitions: int) -> None:
-        """One task client's SuperNode; on an authenticating link its fresh key pair is registered first."""
+        """One task client's SuperNode with its own state folder; on an authenticating link its fresh key pair is
+        registered first."""
         name = f"supernode{partition}"
         key = None
         if self.tls is not None:
             key, public_key = make_supernode_key(self.directory, name)
             self.register(public_key)
-        self.start_supernode(name, f"partition-id={partition} num-partitions={num_partitions}", auth_key=key,
-                             extra=("--max-wait-time", "120"))
+        node_config = f'partition-id={partition} num-partitions={num_partitions} state-dir="{self.state_dir(partition)}"'
+        self.start_supernode(name, node_config, auth_key=key, extra=("--max-wait-time", "120"))
 
     def online_nodes(self) -> set[int]:
         result = self.flwr("supernode", "list", CONNECTION, "--format", "json")

@@ -11,7 +11,7 @@ from fedp2eft.core.base_training import BaseTrainingConfig
 from fedp2eft.core.client_state import ClientStateStore
 from fedp2eft.core.modeling import SequenceClassifier, load_causal_lm
 from fedp2eft.core.pfl import ALGORITHM_SETTINGS, apply_overlay, base_model_task, client_overlay, \
-    personal_overlay, read_pfl_metadata, record_client_states
+    own_embeddings, personal_overlay, read_pfl_metadata, record_client_states
 from fedp2eft.data.types import ClientData
 from test_core_federated_tasks import generator_task
 
@@ -41,8 +41,8 @@ def test_clients_share_the_global_part_keep_their_own_and_rebuild_it_as_a_person
         assert all(".global." in k or ".head." in k for k in first.weights)
         assert all(".local." in k for k in first.state) and any("lora_B" in k and v.abs().sum() > 0
                                                               for k, v in first.state.items())
-    else:
-        assert list(first.state) == [fed.embedding_name]
+    else:  # only the rows of the client's own tokens, not the whole table
+        assert set(first.state) == {"rows", "values"} and 0 < len(first.state["rows"]) < len(fed.initial_embeddings)
     # the state is the client's: another client's state gives another update
     again = fed.client_update(start, 0, 2, first.state)
     fresh = fed.client_update(start, 0, 2, None)
@@ -53,10 +53,12 @@ def test_clients_share_the_global_part_keep_their_own_and_rebuild_it_as_a_person
     fed.load(again.weights)
     parameters = dict(fed.model.named_parameters())
     with torch.no_grad():
-        for name, tensor in again.state.items():
-            parameters[name].copy_(tensor)
-    if algorithm == "feddpa-t":
-        fed.model.base_model.set_adapter(["global", "local"])
+        if algorithm == "feddpa-t":
+            for name, tensor in again.state.items():
+                parameters[name].copy_(tensor)
+            fed.model.base_model.set_adapter(["global", "local"])
+        else:
+            parameters[fed.embedding_name].copy_(own_embeddings(fed.initial_embeddings, again.state))
     fed.model.eval()
     expected = fed.model(**batch).logits.detach()
     fed.export(again.weights, tmp_path)

@@ -1,7 +1,8 @@
 """Real deployment on loopback: one SuperLink, two SuperNodes (partition 0 and 1), ``flwr run``.
 
 Two variants of the same federation (tests/deployment.py): plain text (``--insecure``), and TLS with
-SuperNode authentication, where only the two registered SuperNodes may join.
+SuperNode authentication, where only the two registered SuperNodes may join. The job is the toy task with a
+client-local output offset, so each SuperNode also keeps its client's own state in its own folder.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from deployment import CONNECTION, REPO, Loopback, loopback
 from pki import make_supernode_key, make_tls_files
 from safetensors.torch import load_file
 
+from fedp2eft.core.client_state import ClientStateStore
 from fedp2eft.fl.toy_task import make_task
 
-TOY = {"num_clients": 2, "dim": 5, "hidden": 6, "local_steps": 2, "seed": 5}
+TOY = {"num_clients": 2, "dim": 5, "hidden": 6, "local_steps": 2, "seed": 5, "local_offset": True}
 ROUNDS = 2
 REFUSAL_TIMEOUT_S = 60
 
@@ -60,14 +62,22 @@ def test_two_supernodes_two_rounds_via_flwr_run(federation: Loopback, tmp_path: 
     assert [(r["successes"], r["failures"], r["clients"]) for r in state["history"]] == [(2, 0, [0, 1])] * ROUNDS
 
     task = make_task(TOY)
-    weights = task.initial_weights()
+    weights, states = task.initial_weights(), {0: None, 1: None}
     for server_round in range(1, ROUNDS + 1):
-        updates = [task.client_update(weights, c, server_round) for c in (0, 1)]
+        updates = [task.client_update(weights, c, server_round, states[c]) for c in (0, 1)]
         total = sum(u.num_examples for u in updates)
         weights = {k: sum(u.weights[k] * (u.num_examples / total) for u in updates) for k in weights}
+        states = {c: u.state for c, u in enumerate(updates)}
     saved = load_file(str(out / state["checkpoint"]))
+    assert set(saved) == set(weights)  # the server holds the shared weights only
     for name, tensor in weights.items():
         torch.testing.assert_close(saved[name], tensor, atol=1e-6, rtol=0)
+    assert all(row["bytes_received"] == row["bytes_sent"] for row in state["history"])  # no state in any reply
+    assert not (out / "clients").exists()
+    for client in (0, 1):  # each node's state stays in that node's folder, and is what the client computed
+        store = ClientStateStore(federation.state_dir(client), client)
+        assert store.rounds() == [ROUNDS - 1, ROUNDS]
+        torch.testing.assert_close(store.load(ROUNDS)["offset"], states[client]["offset"], atol=1e-6, rtol=0)
 
 
 def test_secured_superlink_refuses_unregistered_and_plaintext_supernodes(secure_federation: Loopback) -> None:

@@ -48,7 +48,8 @@ def section_defaults() -> dict[str, dict]:
     and each pFL algorithm's own settings (``core/pfl.py``)."""
     from fedp2eft.core.pfl import ALGORITHM_SETTINGS
 
-    return {"base": {"algorithm": "fedavg", **copy.deepcopy(ALGORITHM_SETTINGS)}}
+    return {"base": {"algorithm": "fedavg", **copy.deepcopy(ALGORITHM_SETTINGS)},
+            "selection": {"reuse": None}}  # a selection.json whose choice to apply instead of selecting
 
 
 def with_optional_keys(config: dict) -> dict:
@@ -95,8 +96,10 @@ def _free_form(name: str) -> bool:
 
 
 def _two_forms(name: str) -> bool:
-    """Keys that take a number or a method name (whose selected scale they use); ``validate_stage`` checks them."""
-    return name in {f"{stage}.lr_scale" for stage in STAGES}
+    """Keys that take two forms, checked by their own validation: a number or a method name (whose selected scale
+    it uses; ``validate_stage``), one base algorithm or a list of them (``check_base_algorithm``), a file or
+    nothing (``selection.reuse``)."""
+    return name in {f"{stage}.lr_scale" for stage in STAGES} | {"base.algorithm", "selection.reuse"}
 
 
 KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list, e.g. [a, b]",
@@ -193,6 +196,9 @@ def validate(config: dict) -> dict:
     if not 0 < selection["validation_fraction"] < 1:
         raise FedP2EFTError("selection.validation_fraction must be between 0 and 1 (the share of a selection client's "
                             f"training data held out for validation), got {selection['validation_fraction']}")
+    if selection["reuse"] is not None and not Path(str(selection["reuse"])).is_file():
+        raise FedP2EFTError(f"selection.reuse: {selection['reuse']} is not a file; give the selection.json of a "
+                            "finished run (its learning-rate choice is applied instead of selecting)")
     if selection["pool"] not in ("seen", "unseen"):
         raise FedP2EFTError(f"selection.pool must be seen or unseen (whose clients' training data serve learning-rate "
                             f"selection), got {selection['pool']!r}")
@@ -221,21 +227,34 @@ def check_base_algorithm(config: dict) -> None:
     personalizes, and selects learning rates on, the seen pool, and says so."""
     from fedp2eft.core.base_training import BASE_ALGORITHMS
 
-    algorithm = config["base"]["algorithm"]
-    if algorithm not in BASE_ALGORITHMS:
-        raise FedP2EFTError(f"base.algorithm '{algorithm}' is unknown; use one of {', '.join(BASE_ALGORITHMS)}")
-    if algorithm == "fedavg":
+    chosen = config["base"]["algorithm"]
+    algorithms = chosen if isinstance(chosen, list) else [chosen]
+    unknown = [a for a in algorithms if a not in BASE_ALGORITHMS]
+    if unknown or not algorithms or len(set(algorithms)) != len(algorithms):
+        raise FedP2EFTError(f"base.algorithm {chosen!r}: give one of {', '.join(BASE_ALGORITHMS)}, or a list of "
+                            "distinct ones to run the benchmark on each base")
+    personal = [a for a in algorithms if a != "fedavg"]
+    if not personal:
         return
+    algorithm = ", ".join(personal)
     if "seen" not in config["pools"]:
         raise FedP2EFTError(f"base.algorithm={algorithm} builds personal bases for seen clients only, but pools is "
                             f"{config['pools']}; use pools=[seen]")
     if config["base"]["checkpoint"]:
         raise FedP2EFTError(f"base.algorithm={algorithm} trains its own base (the clients keep their state); leave "
                             "base.checkpoint empty")
-    if config["pools"] != ["seen"] or config["selection"]["pool"] != "seen":
-        logging.getLogger("fedp2eft.benchmark").warning(f"base.algorithm={algorithm}: personal bases exist for seen clients only, so this run personalizes "
-               "the seen pool and selects learning rates on seen clients' training data")
-        config["pools"], config["selection"]["pool"] = ["seen"], "seen"
+    if isinstance(chosen, list) and chosen[0] != "fedavg":
+        raise FedP2EFTError(f"base.algorithm {chosen}: a list of bases starts with fedavg, whose learning-rate choice "
+                            "(on validation data of clients no base has seen) the personalized-FL bases reuse")
+    warn = logging.getLogger("fedp2eft.benchmark").warning
+    if config["pools"] != ["seen"]:
+        warn(f"base.algorithm={algorithm}: personal bases exist for seen clients only, so this run personalizes the "
+             "seen pool")
+        config["pools"] = ["seen"]
+    if not isinstance(chosen, list) and not config["selection"]["reuse"] and config["selection"]["pool"] != "seen":
+        warn(f"base.algorithm={algorithm}: learning rates are selected on seen clients' training data (their base "
+             "saw it; selection.reuse=<a FedAvg run's selection.json> reuses a choice made on unseen clients)")
+        config["selection"]["pool"] = "seen"
 
 
 def validate_stage(config: dict, stage: Stage) -> None:

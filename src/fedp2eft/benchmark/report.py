@@ -770,6 +770,8 @@ def selection_markdown(selection: dict) -> str:
              f"{selection.get('validation_fraction', '–')} of the training data of "
              f"{len(selection.get('clients', []))} {selection.get('pool', 'seen')} clients "
              f"({', '.join(selection.get('clients', []))}); their test data were not used.\n",
+             *([f"This run did not select: it applies the choice made in `{selection['reused_from']}` unchanged.\n"]
+               if selection.get("reused_from") else []),
              "**Chosen learning rate** (grid scale in brackets)\n", *head]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(_chosen_cell(points(method, b), chosen.get(method, {}).get(b))
@@ -1023,3 +1025,55 @@ def print_main_table(summary: Mapping[Setting, dict], config: dict, label: str =
                 cells.append(f"[bold]{_cell(entry)}[/bold]" if bold else _cell(entry))
             table.add_row(method, *cells)
         console.print(table)
+
+
+def best_baseline_gaps(summary: Mapping[Setting, dict], comparisons: list[dict], pool: str,
+                       budgets: Sequence[int]) -> dict[int, dict]:
+    """Budget -> FedP²EFT minus the best other method of that column (by mean; ``base`` excluded), with the
+    paired interval of that comparison."""
+    gaps = {}
+    for budget in budgets:
+        rivals = [c for c in comparisons if c["pool"] == pool and c["budget"] == budget and c["method"] != "base"]
+        if rivals:
+            gaps[budget] = max(rivals, key=lambda c: _at(summary, pool, c["method"], budget)["mean"])
+    return gaps
+
+
+def write_bases_report(config: dict, run_dir: Path, records_by_base: Mapping[str, list[dict]], command: str) -> None:
+    """report.md and results.json of a run over several base models (FedAvg and personalized-FL bases): per base
+    its main table and FedP²EFT minus every other method, and on top FedP²EFT minus the best baseline per base and
+    budget. Each base's own folder holds its full report."""
+    sections, gaps, per_base = [], {}, {}
+    for base, records in records_by_base.items():
+        metric_name = row_metrics(records)[0]
+        label = METRIC_LABELS.get(metric_name, metric_name)
+        produced = {row["method"] for record in records for row in record["rows"]} - {"base"}
+        shown = {**config, "name": base, "methods": method_order(set(config["methods"]) | produced)}
+        units, summary = client_units(records, metric_name), summarize(records, metric_name=metric_name)
+        pools, budgets, methods = _pools(shown, units), _budgets(shown, units), _table_methods(shown, units)
+        comparisons = compare(units, pools, budgets, methods)
+        gaps[base] = {pool: best_baseline_gaps(summary, comparisons, pool, budgets) for pool in pools}
+        per_base[base] = {"comparisons": comparisons,
+                          "summary": [{"pool": p, "method": m, "budget": b, **entry}
+                                      for (p, m, b), entry in summary.items()]}
+        sections += [f"## Base: {base}\n", f"Full report: [{base}/report.md]({base}/report.md)\n",
+                     main_table_markdown(summary, shown, label), "",
+                     comparison_markdown(comparisons, shown, summary), "", verdict(comparisons), ""]
+    budgets = sorted({b for pools in gaps.values() for by_budget in pools.values() for b in by_budget})
+    lines = ["| base | pool | " + " | ".join(f"r={b}" for b in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
+    for base, pools in gaps.items():
+        for pool, by_budget in pools.items():
+            cells = ["–" if (c := by_budget.get(b)) is None else
+                     f"{_signed(c['difference'])} [{_signed(c['ci_low'])}, {_signed(c['ci_high'])}] vs {c['method']} "
+                     f"{c['outcome']}" for b in budgets]
+            lines.append(f"| {base} | {pool} | " + " | ".join(cells) + " |")
+    header = [f"# FedP²EFT on several base models: `{config['name']}`\n", f"Command: `{command}`\n",
+              "Every base model is trained on the seen pool, and every method personalizes each seen client on top "
+              "of that client's base: the shared model for FedAvg, the client's own personal base for a "
+              "personalized-FL algorithm (FedDPA-T: global model plus the client's local LoRA; DEPT: global body "
+              "plus the client's own embeddings; docs/method.md, \"Personalized-FL bases\"). Percentage points, "
+              "paired 95% client-bootstrap intervals; win = the interval lies above zero.\n",
+              "## FedP²EFT minus the best baseline\n", "\n".join(lines), ""]
+    (Path(run_dir) / "report.md").write_text("\n".join(header + sections) + "\n")
+    (Path(run_dir) / "results.json").write_text(json.dumps(_jsonable({"config": config, "command": command,
+                                                                      "bases": per_base}), indent=1))

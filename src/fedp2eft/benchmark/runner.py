@@ -329,6 +329,29 @@ def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: di
     os.replace(tmp, run_dir / "selection.json")
 
 
+def reused_scales(config: dict, path: Path, run_dir: Path) -> dict[str, dict[int, float]]:
+    """The learning-rate scales another run chose (its ``selection.json``), for this run's methods and budgets;
+    that file is copied here, with where it came from, so the report shows the choice."""
+    if not path.is_file():
+        raise FedP2EFTError(f"selection.reuse: {path} does not exist; give the selection.json of a finished run")
+    selection = json.loads(path.read_text())
+    scales = {}
+    for method in config["methods"]:
+        if method_spec(method).lr_field is None:
+            scales[method] = dict.fromkeys(config["budgets"], 1.0)
+            continue
+        chosen = selection["chosen"].get(method, {})
+        missing = [b for b in config["budgets"] if str(b) not in chosen]
+        if missing:
+            raise FedP2EFTError(f"selection.reuse: {path} chose no learning rate for {method} at budget(s) {missing}; "
+                                "reuse a run with the same methods and budgets")
+        scales[method] = {b: float(chosen[str(b)]) for b in config["budgets"]}
+    tmp = run_dir / "selection.json.tmp"
+    tmp.write_text(json.dumps({**selection, "reused_from": str(path)}, indent=1))
+    os.replace(tmp, run_dir / "selection.json")
+    return scales
+
+
 def stage_lr_scale(config: dict, stage: Stage, chosen: dict[str, dict[int, float]]) -> float:
     """The learning-rate scale a stage's local training runs at: ``<stage>.lr_scale`` is a number, or the name
     of a method whose selected scale it takes (the one chosen for most budgets, ties to the smaller; the PS
@@ -353,7 +376,7 @@ def stage_personalize(config: dict, run_dir: Path, base_model: str, artifacts: d
             for seed in config["seeds"] for pool in config["pools"]
             for index, client in enumerate(setup.data.pool(pool)) if (seed, pool, client.client_id) not in finished]
     if jobs:
-        console.rule("[bold]Stage 4/5: personalize every client (seen and unseen), every seed")
+        console.rule(f"[bold]Stage 4/5: personalize every client ({' and '.join(config['pools'])}), every seed")
     return done + run_jobs(config, base_model, personalize_client, jobs, results_file, "clients")
 
 
@@ -377,29 +400,45 @@ class StageClock:
 
 
 def run(config: dict, results_root: Path = Path("results"), command: str = "") -> Path:
-    """Run every stage not yet done for ``config``; returns the run folder."""
-    from fedp2eft.benchmark.report import write_report
+    """Run every stage not yet done for ``config``; returns the run folder. A list of base algorithms runs the
+    whole protocol once per base, each in its own sub-folder, and reports them side by side."""
+    from fedp2eft.benchmark.report import write_bases_report, write_report
 
     run_dir = results_root / config["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_folder(run_dir, config)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if isinstance(config["base"]["algorithm"], list):
+        parts = {}
+        for algorithm in config["base"]["algorithm"]:
+            console.rule(f"[bold]Base {algorithm}")
+            part = {**config, "name": algorithm, "base": {**config["base"], "algorithm": algorithm}}
+            if algorithm != "fedavg":  # the first base (FedAvg) chose on unseen clients; the others reuse it
+                part["selection"] = {**config["selection"], "reuse": str(parts["fedavg"] / "selection.json")}
+            parts[algorithm] = run(part, run_dir, command)
+        write_bases_report(config, run_dir, {name: read_jsonl(path / "personalize.jsonl")
+                                             for name, path in parts.items()}, command)
+        return run_dir
     clock = StageClock(run_dir / "timings.json")
     base_model = clock.time("base", stage_base, config, run_dir)
+    reused = config["selection"].get("reuse")
     plain = [m for m in config["methods"] if method_spec(m).stage is None and method_spec(m).lr_field is not None]
-    records = clock.time("select", stage_select, config, run_dir, base_model, plain, {})
-    scales = chosen_scales(config, records)
+    records = [] if reused else clock.time("select", stage_select, config, run_dir, base_model, plain, {})
+    scales = reused_scales(config, Path(reused), run_dir) if reused else chosen_scales(config, records)
     artifacts: dict[int, dict[str, Path]] = {seed: {} for seed in config["seeds"]}
     for stage in stages(config["methods"]):
         lr_scale = stage_lr_scale(config, stage, scales)
         for seed in config["seeds"]:
             artifacts[seed][stage.name] = clock.time(stage.name, stage_artifact, config, run_dir, base_model, stage,
                                                      seed, lr_scale)
+        if reused:
+            continue
         users = [m for m in config["methods"] if method_spec(m).stage is stage and method_spec(m).lr_field is not None]
         records = clock.time("select", stage_select, config, run_dir, base_model, users,
                              {stage.name: artifacts[config["seeds"][0]][stage.name]})
         scales = chosen_scales(config, records)
-    write_selection(config, run_dir, records, scales)
+    if not reused:
+        write_selection(config, run_dir, records, scales)
     results = clock.time("personalize", stage_personalize, config, run_dir, base_model, artifacts, scales)
     console.rule("[bold]Stage 5/5: report")
     write_report(config, run_dir, results, clock.seconds, command)

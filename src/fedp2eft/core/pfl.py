@@ -109,7 +109,8 @@ class FedDPATask(BaseModelTask):
 
 class DEPTTask(BaseModelTask):
     """DEPT (the variant with client-local embeddings): full fine-tuning, every parameter averaged except the
-    token embeddings, which each client keeps."""
+    token embeddings, which each client keeps. A client's state holds only the embedding rows it changed (the
+    tokens of its own text), which for a large multilingual vocabulary is a small part of the table."""
 
     keeps_client_state = True
 
@@ -133,10 +134,12 @@ class DEPTTask(BaseModelTask):
         self.load(weights)
         embeddings = self._embeddings()
         with torch.no_grad():
-            embeddings.copy_((state or {}).get(self.embedding_name, self.initial_embeddings))
+            embeddings.copy_(own_embeddings(self.initial_embeddings, state))
         loss = self.train_locally(client_index, server_round)
+        table = embeddings.detach().to("cpu")
+        rows = (table != self.initial_embeddings).any(dim=1).nonzero().flatten()
         return ClientUpdate(self.weights(), len(self.clients[client_index].train), {"train_loss": loss},
-                            {self.embedding_name: embeddings.detach().to("cpu", copy=True)})
+                            {"rows": rows, "values": table[rows].clone()})
 
     def save_checkpoint(self, weights: dict[str, torch.Tensor], directory: str | Path) -> Path:
         """The global body with the embeddings it started from: no client's own embeddings leave the client."""
@@ -145,6 +148,14 @@ class DEPTTask(BaseModelTask):
         path = super().save_checkpoint(weights, directory)
         write_pfl_metadata(path, {"algorithm": "dept"})
         return path
+
+
+def own_embeddings(initial: torch.Tensor, state: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """A DEPT client's embedding table: the starting table with the rows its state holds."""
+    table = initial.clone()
+    if state is not None:
+        table[state["rows"]] = state["values"].to(table.dtype)
+    return table
 
 
 def base_model_task(base_model: nn.Module, task: Task, clients: list[ClientData],
@@ -188,12 +199,13 @@ def personal_overlay(checkpoint: str | Path, metadata: dict, model: nn.Module,
 
 def client_overlay(metadata: dict, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The parameters of ``model`` (a pFL base checkpoint, loaded plain) that a client's ``state`` replaces:
-    DEPT its embeddings; FedDPA-T every local-LoRA module's weight with its B @ A x scaling added, which is
+    DEPT its embedding table; FedDPA-T every local-LoRA module's weight with its B @ A x scaling added, which is
     exactly the forward of the global model plus the active local LoRA."""
     parameters = dict(model.named_parameters())
     if metadata["algorithm"] == "dept":
-        name = next(n for n, p in parameters.items() if p is model.get_input_embeddings().weight)
-        return {name: next(iter(state.values()))}
+        embeddings = model.get_input_embeddings().weight
+        name = next(n for n, p in parameters.items() if p is embeddings)
+        return {name: own_embeddings(embeddings.detach(), state)}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         match = _LORA_KEY.fullmatch(key)
