@@ -14,14 +14,17 @@ from fedp2eft.config_yaml import load_yaml
 from fedp2eft.core.methods import METHODS, STAGES, Stage, stages
 from fedp2eft.errors import FedP2EFTError
 
-PROFILES = ("default", "quick", "paper", "paper-fedaya", "llm", "llm-quick")
+PROFILES = ("default", "quick", "paper", "paper-fedaya", "llm", "llm-quick", "pfl")
 
 
 def load_profile(name_or_path: str) -> dict[str, Any]:
-    """A shipped profile by name, or a YAML file; a file may name a shipped profile under ``profile:``."""
+    """A shipped profile by name, or a YAML file; either may name a shipped profile under ``profile:`` and then
+    holds only what differs from it."""
     if name_or_path in PROFILES:
-        text = resources.files("fedp2eft.benchmark.profiles").joinpath(f"{name_or_path}.yaml").read_text()
-        return with_stage_sections(load_yaml(text))
+        raw = load_yaml(resources.files("fedp2eft.benchmark.profiles").joinpath(f"{name_or_path}.yaml").read_text())
+        if "profile" not in raw:
+            return with_stage_sections(raw)
+        return merge(load_profile(raw.pop("profile")), raw, f"profile {name_or_path}")
     path = Path(name_or_path)
     if not path.is_file():
         raise FedP2EFTError(f"no config file or profile named '{name_or_path}'; profiles: {', '.join(PROFILES)}")

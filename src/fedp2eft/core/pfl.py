@@ -27,10 +27,12 @@ from fedp2eft.data.types import ClientData
 from fedp2eft.errors import FedP2EFTError
 
 # The reference settings of each algorithm, applied over the run's base training settings (docs/method.md,
-# "Personalized-FL bases"); the learning rate, epochs and batch size stay the run's.
+# "Personalized-FL bases"): FedDPA-T's LoRAs keep the run's LoRA learning rate; DEPT fine-tunes every parameter,
+# so it takes the paper's full fine-tuning rate. Epochs and batch size stay the run's.
 ALGORITHM_SETTINGS = {
-    "feddpa-t": {"lora_rank": 8, "lora_alpha": 8.0, "lora_dropout": 0.05, "target_modules": ["query|q_proj", "value|v_proj"]},
-    "dept": {},
+    "feddpa-t": {"lora_rank": 8, "lora_alpha": 8.0, "lora_dropout": 0.05,
+                 "target_modules": ["query|q_proj", "value|v_proj"]},
+    "dept": {"lr": 5.0e-5},
 }
 PFL_FILE = "pfl.json"  # beside a pFL base checkpoint: which algorithm made it and how its client states apply
 GLOBAL, LOCAL = "global", "local"
