@@ -12,7 +12,7 @@ from fedp2eft.core.client_state import ClientStateStore
 from fedp2eft.core.modeling import SequenceClassifier, load_causal_lm
 from fedp2eft.core.pfl import ALGORITHM_SETTINGS, apply_overlay, base_model_task, client_overlay, \
     own_embeddings, personal_overlay, read_pfl_metadata, record_client_states
-from fedp2eft.data.types import ClientData
+from fedp2eft.errors import FedP2EFTError
 from test_core_federated_tasks import generator_task
 
 
@@ -69,11 +69,14 @@ def test_clients_share_the_global_part_keep_their_own_and_rebuild_it_as_a_person
     assert metadata["algorithm"] == algorithm and metadata["client_rounds"] == {"0": 2, "1": 0}
     plain = load_plain(fed.task, tmp_path / "model").eval()
     untouched = plain(**batch).logits.detach()
-    overlay = personal_overlay(tmp_path / "model", metadata, plain, 0)
+    assert metadata["clients"] == [c.client_id for c in fed.clients]
+    with pytest.raises(FedP2EFTError, match="trained on other clients"):
+        personal_overlay(tmp_path / "model", metadata, plain, 0, "someone-else")
+    overlay = personal_overlay(tmp_path / "model", metadata, plain, 0, fed.clients[0].client_id)
     with apply_overlay(plain, overlay):
         torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(plain(**batch).logits, untouched)  # restored exactly
-    assert personal_overlay(tmp_path / "model", metadata, plain, 1) is None  # never trained: the global model
+    assert personal_overlay(tmp_path / "model", metadata, plain, 1, fed.clients[1].client_id) is None  # never trained: the global model
 
 
 def test_dept_checkpoint_holds_the_starting_embeddings_not_a_clients(setup, tmp_path):
@@ -82,10 +85,10 @@ def test_dept_checkpoint_holds_the_starting_embeddings_not_a_clients(setup, tmp_
     fed.export(update.weights, tmp_path)
     plain = load_plain(fed.task, tmp_path / "model")
     assert torch.equal(plain.get_input_embeddings().weight, fed.initial_embeddings)
-    assert json.loads((tmp_path / "model" / "pfl.json").read_text()) == {"algorithm": "dept"}
+    assert json.loads((tmp_path / "model" / "pfl.json").read_text())["algorithm"] == "dept"
 
 
 def test_a_feddpa_state_with_foreign_tensors_is_refused(setup):
     model = setup[0]
-    with pytest.raises(Exception, match="unexpected tensor"):
+    with pytest.raises(FedP2EFTError, match="unexpected tensor"):
         client_overlay({"algorithm": "feddpa-t", "lora_scaling": 1.0}, model, {"embeddings.weight": torch.zeros(1)})

@@ -80,9 +80,8 @@ class Setup:
         if pool != "seen":
             raise FedP2EFTError(
                 f"the base model {self.model} was trained with {self.pfl['algorithm']}, whose personal bases exist "
-                f"for seen clients only (they hold the client's own state); personalize the seen pool only "
-                f"(pools=[seen], selection.pool=seen)")
-        return personal_overlay(self.model_path, self.pfl, model, index)
+                "for seen clients only (they hold the client's own state); choose a seen client")
+        return personal_overlay(self.model_path, self.pfl, model, index, self.data.seen[index].client_id)
 
     @classmethod
     def from_config(cls, config: dict) -> Setup:

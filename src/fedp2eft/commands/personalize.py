@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedp2eft.errors import FedP2EFTError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fedp2eft.data.types import ClientData
+    from fedp2eft.experiment import Setup
 
 
 def device_setting(value: str) -> str:
@@ -47,17 +54,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedp2eft.core.device import resolve_device
-    from fedp2eft.core.methods import PersonalizeConfig, method_spec, personalize
+    from fedp2eft.core.pfl import apply_overlay
     from fedp2eft.experiment import Setup
 
-    stage = method_spec(args.method).stage
     device = resolve_device(args.device)
     setup = Setup(args.model, args.data, {})
-    clients = {client.client_id: client for client in setup.data.seen + setup.data.unseen}
-    if args.client not in clients:
-        raise FedP2EFTError(f"no client '{args.client}' in {args.data}; e.g. {', '.join(list(clients)[:4])}")
-    client = clients[args.client]
+    located = {client.client_id: (pool, index) for pool in ("seen", "unseen")
+               for index, client in enumerate(setup.data.pool(pool))}
+    if args.client not in located:
+        raise FedP2EFTError(f"no client '{args.client}' in {args.data}; e.g. {', '.join(list(located)[:4])}")
+    pool, index = located[args.client]
     base = setup.load_base_model(device)
+    with apply_overlay(base, setup.personal_overlay(base, pool, index)):  # a pFL base: the client's own one
+        report = personalize_and_report(args, setup, base, setup.data.pool(pool)[index])
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def personalize_and_report(args: argparse.Namespace, setup: Setup, base: nn.Module, client: ClientData) -> dict:
+    from fedp2eft.core.methods import PersonalizeConfig, method_spec, personalize
+
+    stage = method_spec(args.method).stage
     config = PersonalizeConfig(max_rank=args.max_rank)
     artifact = None
     if stage is not None:
@@ -71,5 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.export is not None:
         result.export(args.export)
         report["adapter"] = str(args.export)
-    print(json.dumps(report, indent=1))
-    return 0
+        if setup.pfl is not None:  # the adapter applies to this client's personal base, not the checkpoint alone
+            (args.export / "personal_base.json").write_text(json.dumps(
+                {"base_model": str(setup.model_path), "algorithm": setup.pfl["algorithm"], "client": client.client_id}))
+    return report

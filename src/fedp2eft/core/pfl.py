@@ -105,7 +105,8 @@ class FedDPATask(BaseModelTask):
 
     def save_checkpoint(self, weights: dict[str, torch.Tensor], directory: str | Path) -> Path:
         path = super().save_checkpoint(weights, directory)
-        write_pfl_metadata(path, {"algorithm": "feddpa-t", "lora_scaling": self.alpha / self.config.lora_rank})
+        write_pfl_metadata(path, {"algorithm": "feddpa-t", "lora_scaling": self.alpha / self.config.lora_rank,
+                                  "clients": [client.client_id for client in self.clients]})
         return path
 
 
@@ -148,7 +149,7 @@ class DEPTTask(BaseModelTask):
         with torch.no_grad():
             self._embeddings().copy_(self.initial_embeddings)
         path = super().save_checkpoint(weights, directory)
-        write_pfl_metadata(path, {"algorithm": "dept"})
+        write_pfl_metadata(path, {"algorithm": "dept", "clients": [client.client_id for client in self.clients]})
         return path
 
 
@@ -188,10 +189,17 @@ def record_client_states(checkpoint: Path, state_dir: Path, rounds: dict[int, in
                                     "client_rounds": {str(client): r for client, r in sorted(rounds.items())}})
 
 
-def personal_overlay(checkpoint: str | Path, metadata: dict, model: nn.Module,
-                     client_index: int) -> dict[str, torch.Tensor] | None:
-    """The overlay that turns ``model`` (the pFL base at ``checkpoint``) into client ``client_index``'s personal
-    base; None for a client that never trained (its state is still the initial one, which changes nothing)."""
+def personal_overlay(checkpoint: str | Path, metadata: dict, model: nn.Module, client_index: int,
+                     client_id: str) -> dict[str, torch.Tensor] | None:
+    """The overlay that turns ``model`` (the pFL base at ``checkpoint``) into the personal base of client
+    ``client_index`` (whose id must be ``client_id``: another dataset's client i is someone else); None for a
+    client that never trained (its state is still the initial one, which changes nothing)."""
+    clients = metadata["clients"]
+    if client_index >= len(clients) or clients[client_index] != client_id:
+        raise FedP2EFTError(
+            f"{checkpoint} was trained on other clients: its client {client_index} is "
+            f"{clients[client_index] if client_index < len(clients) else 'missing'}, not {client_id}; use the "
+            "dataset and dataset options of the run that trained it")
     server_round = metadata.get("client_rounds", {}).get(str(client_index), 0)
     if server_round == 0:
         return None
