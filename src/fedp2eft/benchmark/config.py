@@ -51,8 +51,10 @@ def section_defaults() -> dict[str, dict]:
     and each pFL algorithm's own settings (``core/pfl.py``)."""
     from fedp2eft.core.pfl import ALGORITHM_SETTINGS
 
-    return {"base": {"algorithm": "fedavg", **copy.deepcopy(ALGORITHM_SETTINGS)},
-            "selection": {"reuse": None}}  # a selection.json whose choice to apply instead of selecting
+    private = {"privacy": {"dp": None}}  # user-level DP of a federated stage: {noise_multiplier, clipping_norm, delta}
+    return {"base": {"algorithm": "fedavg", **copy.deepcopy(ALGORITHM_SETTINGS), **copy.deepcopy(private)},
+            "selection": {"reuse": None},  # a selection.json whose choice to apply instead of selecting
+            **{stage: copy.deepcopy(private) for stage in STAGES}}
 
 
 def with_optional_keys(config: dict) -> dict:
@@ -61,6 +63,22 @@ def with_optional_keys(config: dict) -> dict:
     for section, defaults in section_defaults().items():
         config[section] = {**defaults, **config.get(section, {})}
     return config
+
+
+def check_privacy(config: dict) -> None:
+    """Every federated stage's ``privacy.dp`` is empty or valid DP settings."""
+    from fedp2eft.fl.privacy import DPConfig
+
+    for section in ("base", *(stage.name for stage in stages(config["methods"]))):
+        dp = config[section]["privacy"]["dp"]
+        if dp is not None:
+            if not isinstance(dp, dict):
+                raise FedP2EFTError(f"{section}.privacy.dp must be a mapping such as {{noise_multiplier: 1.0, "
+                                    f"clipping_norm: 0.1, delta: 1.0e-5}}, got {dp!r}")
+            try:
+                DPConfig.from_dict(dp)
+            except FedP2EFTError as error:
+                raise FedP2EFTError(f"{section}.{error}") from error
 
 
 def with_stage_sections(profile: dict) -> dict:
@@ -191,6 +209,7 @@ def validate(config: dict) -> dict:
     if not set(config["pools"]) <= {"seen", "unseen"} or not config["pools"]:
         raise FedP2EFTError(f"pools must be a non-empty subset of [seen, unseen], got {config['pools']}")
     check_base_algorithm(config)
+    check_privacy(config)
     if not config["seeds"] or len(set(config["seeds"])) != len(config["seeds"]):
         raise FedP2EFTError(f"seeds must list at least one seed, each once; got {config['seeds']}")
     selection = config["selection"]

@@ -934,7 +934,8 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
              "comparisons": compare(units, pools, budgets, methods),
              "structure": structure(records, pools, budgets, methods), "psg_training": psg_flattening(logs),
              "selection": json.loads(selection_path.read_text()) if selection_path.is_file() else None,
-             "language_budgets": sorted({min(budgets), heat_budget}) if budgets else [], "heat_budget": heat_budget}
+             "language_budgets": sorted({min(budgets), heat_budget}) if budgets else [], "heat_budget": heat_budget,
+             "privacy": privacy_spent(run_dir)}
 
     figures = run_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -949,7 +950,7 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
         "metric": metrics[0],
         "summary": [{"pool": p, "method": m, "budget": b, **entry} for (p, m, b), entry in summary.items()],
         "comparisons": facts["comparisons"], "per_language": language_records(units, facts["language_budgets"]),
-        "structure": facts["structure"], "psg_training": facts["psg_training"],
+        "structure": facts["structure"], "psg_training": facts["psg_training"], "privacy": facts["privacy"],
         "selection": facts["selection"].get("chosen") if facts["selection"] else None,
         "other_metrics": {name: {"summary": [{"pool": p, "method": m, "budget": b, **entry}
                                              for (p, m, b), entry in extra["summary"].items()],
@@ -1004,6 +1005,8 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
                      psg_markdown(facts["psg_training"])]
     if facts["selection"]:
         sections += ["\n## Learning-rate selection\n", selection_markdown(facts["selection"])]
+    if facts["privacy"]:
+        sections += ["\n## Privacy\n", privacy_markdown(facts["privacy"])]
     return "\n".join(sections) + "\n"
 
 
@@ -1077,3 +1080,29 @@ def write_bases_report(config: dict, run_dir: Path, records_by_base: Mapping[str
     (Path(run_dir) / "report.md").write_text("\n".join(header + sections) + "\n")
     (Path(run_dir) / "results.json").write_text(json.dumps(_jsonable({"config": config, "command": command,
                                                                       "bases": per_base}), indent=1))
+
+
+def privacy_spent(run_dir: Path) -> list[dict]:
+    """The privacy each federated stage trained with DP spent: its last round's ``privacy/*`` entries (ε at δ after
+    all its rounds, and the noise, clipping and sampling that gave it), from the stage's metrics.jsonl."""
+    entries = []
+    for path in sorted(Path(run_dir).glob("base/metrics.jsonl")) + sorted(Path(run_dir).glob("seed*/*/metrics.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if '"privacy/epsilon"' in line]
+        if rows:
+            last = rows[-1]
+            entries.append({"stage": path.parent.relative_to(run_dir).as_posix(), "rounds": last["round"],
+                            **{key.removeprefix("privacy/"): value for key, value in last.items()
+                               if key.startswith("privacy/")}})
+    return entries
+
+
+def privacy_markdown(entries: list[dict]) -> str:
+    """One row per DP-trained stage: user-level (ε, δ) after its rounds."""
+    lines = ["User-level differential privacy of the federated stages trained with it (DP-FedAvg: each client's "
+             "update clipped to norm C, equal weights, Gaussian noise z·C on the sum; ε from an RDP accountant for "
+             "fixed-size sampling without replacement; docs/federation.md, \"Differential privacy\"). Stages "
+             "not listed were trained without DP.\n",
+             "| stage | rounds | ε | δ | noise multiplier z | clipping norm C | sampling rate |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {e['stage']} | {e['rounds']} | {e['epsilon']:.3g} | {e['delta']:g} | {e['noise_multiplier']:g} | "
+              f"{e['clipping_norm']:g} | {e['sampling_rate']:.3g} |" for e in entries]
+    return "\n".join(lines)

@@ -80,7 +80,8 @@ def federated(name: str, config: dict, section: dict, model: str, training: dict
     job = task_config(config, model, training)
     if state is None or state.round < section["rounds"]:
         run_federated(name, job, section["rounds"], section["clients_per_round"], output_dir=output, seed=seed,
-                      resume=state is not None, min_clients=max(1, section["clients_per_round"] // 2))
+                      resume=state is not None, min_clients=max(1, section["clients_per_round"] // 2),
+                      dp=section["privacy"]["dp"])
     return export_final(name, job, output)
 
 

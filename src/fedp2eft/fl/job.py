@@ -10,14 +10,17 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedp2eft.errors import FedP2EFTError
+
+if TYPE_CHECKING:
+    from fedp2eft.fl.privacy import DPConfig
 
 RUN_CONFIG_KEY = "job"
 
 # Fields whose change alters the training trajectory; a resumed run must keep them.
-TRAJECTORY_FIELDS = ("task", "task_config", "clients_per_round", "min_clients", "seed", "strategy")
+TRAJECTORY_FIELDS = ("task", "task_config", "clients_per_round", "min_clients", "seed", "strategy", "dp")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Job:
     resume: bool = False
     strategy: str = "fedavg"  # the Flower strategy that aggregates (``aggregation.py``)
     client_state_dir: str = ""  # where clients of a stateful task keep their state when their node names none
+    dp: dict[str, float] | None = None  # user-level DP: {noise_multiplier, clipping_norm, delta} (``privacy.py``)
 
     def __post_init__(self) -> None:
         if not self.task:
@@ -58,7 +62,10 @@ class Job:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise FedP2EFTError(f"job.{name} must be a positive number of seconds, got {value!r}")
         from fedp2eft.fl.aggregation import STRATEGIES
+        from fedp2eft.fl.privacy import DPConfig
 
+        if self.dp is not None:
+            DPConfig.from_dict(dict(self.dp))
         if self.strategy not in STRATEGIES:
             raise FedP2EFTError(f"job.strategy {self.strategy!r} is unknown; use one of {sorted(STRATEGIES)}")
         if not isinstance(self.task_config, dict):
@@ -71,6 +78,12 @@ class Job:
     @property
     def output_path(self) -> Path:
         return Path(self.output_dir)
+
+    @property
+    def privacy(self) -> DPConfig | None:
+        from fedp2eft.fl.privacy import DPConfig
+
+        return None if self.dp is None else DPConfig.from_dict(dict(self.dp))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -44,6 +44,8 @@ class RoundReporter:
         self._writer.flush()
         train = " ".join(f"{k[6:]}={v:.4g}" for k, v in row.items() if k.startswith("train/"))
         summary = f"round {server_round}: ok {row['successes']}/{row['sampled']} {row['round_time_s']:.2f}s {train}"
+        if "privacy/epsilon" in row:
+            summary += f" ε={row['privacy/epsilon']:.3g} (δ={row['privacy/delta']:g})"
         self._progress.update(self._bar, advance=1, description=summary)
         self._console.log(summary)
 

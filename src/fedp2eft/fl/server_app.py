@@ -27,6 +27,7 @@ from fedp2eft.fl.aggregation import aggregate, make_strategy, strip_to_aggregate
 from fedp2eft.fl.checkpoint import RunState, check_resumable, checkpoint_name, is_new_best, load_state, load_weights, \
     save_best, save_round
 from fedp2eft.fl.job import Job
+from fedp2eft.fl.privacy import epsilon_spent
 from fedp2eft.fl.report import RoundReporter
 from fedp2eft.fl.tasks import build_task
 from fedp2eft.fl.weights import Weights, from_record, to_record, update_problem
@@ -126,7 +127,6 @@ def collect(replies: list[Message], sent: dict[int, int], reference: Weights, se
             outcome.fail(client, problem, server_round)
             continue
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        strip_to_aggregate(reply, num_examples)
         outcome.updates.append((client, reply, num_examples, scalars))
     for client in sorted(set(sent.values()) - answered):
         outcome.fail(client, "no reply before the round timeout", server_round)
@@ -205,14 +205,30 @@ def run_round(grid: Grid, job: Job, strategy: Strategy, weights: Weights, server
     replies = list(grid.send_and_receive(messages, timeout=job.round_timeout_s))
     outcome = collect(replies, {clients[c]: c for c in sampled}, weights, server_round)
     row = round_metrics(server_round, sampled, outcome, time.perf_counter() - start, bytes_sent)
-    if len(outcome.updates) < job.min_clients:
+    needed = len(sampled) if job.dp is not None else job.min_clients
+    if len(outcome.updates) < needed:
+        rule = ("with DP every sampled client must succeed (the noise is calibrated to the sample)"
+                if job.dp is not None else f"min_clients={job.min_clients}")
         raise FedP2EFTError(
             f"round {server_round}: only {len(outcome.updates)} of {len(sampled)} sampled clients succeeded, "
-            f"fewer than min_clients={job.min_clients} (failures: {outcome.failures}); the run stopped and "
+            f"fewer than {rule} (failures: {outcome.failures}); the run stopped and "
             f"the checkpoint of round {server_round - 1} in {job.output_dir} is intact; fix the clients and "
             "rerun with resume"
         )
+    for _, reply, num_examples, _ in outcome.updates:
+        strip_to_aggregate(reply, num_examples, strategy)
+    if job.dp is not None:
+        row.update(privacy_row(job, server_round, len(clients)))
     return aggregate(strategy, server_round, weights, [reply for _, reply, _, _ in outcome.updates]), row
+
+
+def privacy_row(job: Job, server_round: int, population: int) -> dict[str, float]:
+    """The privacy spent after this round's release (``privacy/epsilon`` at ``privacy/delta``), and its inputs."""
+    dp = job.privacy
+    sample = min(job.clients_per_round, population)
+    return {"privacy/epsilon": epsilon_spent(dp, server_round, population, sample), "privacy/delta": dp.delta,
+            "privacy/noise_multiplier": dp.noise_multiplier, "privacy/clipping_norm": dp.clipping_norm,
+            "privacy/sampling_rate": sample / population}
 
 
 def serve(grid: Grid, job: Job, task: FederatedTask | None = None) -> Path:
@@ -244,7 +260,7 @@ def serve(grid: Grid, job: Job, task: FederatedTask | None = None) -> Path:
     if state.round >= job.rounds:
         return out / state.checkpoint
     clients = clients or discover_clients(grid, job, task.num_clients())
-    strategy = make_strategy(job.strategy)
+    strategy = make_strategy(job.strategy, job.privacy, job.clients_per_round)
     reporter = RoundReporter(out, job.rounds, state.round + 1)
     best_metric = getattr(task, "best_metric", None)
     try:
