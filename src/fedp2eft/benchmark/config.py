@@ -54,6 +54,7 @@ def section_defaults() -> dict[str, dict]:
     private = {"privacy": {"dp": None}}  # user-level DP of a federated stage: {noise_multiplier, clipping_norm, delta}
     return {"base": {"algorithm": "fedavg", **copy.deepcopy(ALGORITHM_SETTINGS), **copy.deepcopy(private)},
             "selection": {"reuse": None},  # a selection.json whose choice to apply instead of selecting
+            "report": {"reference_run": None},  # a finished run's folder to compare every cell against
             **{stage: copy.deepcopy(private) for stage in STAGES}}
 
 
@@ -120,7 +121,8 @@ def _two_forms(name: str) -> bool:
     """Keys that take two forms, checked by their own validation: a number or a method name (whose selected scale
     it uses; ``validate_stage``), one base algorithm or a list of them (``check_base_algorithm``), a file or
     nothing (``selection.reuse``)."""
-    return name in {f"{stage}.lr_scale" for stage in STAGES} | {"base.algorithm", "selection.reuse"}
+    return name in {f"{stage}.lr_scale" for stage in STAGES} | {"base.algorithm", "selection.reuse",
+                                                                "report.reference_run"}
 
 
 KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list, e.g. [a, b]",
@@ -221,6 +223,10 @@ def validate(config: dict) -> dict:
     if selection["reuse"] is not None and not Path(str(selection["reuse"])).is_file():
         raise FedP2EFTError(f"selection.reuse: {selection['reuse']} is not a file; give the selection.json of a "
                             "finished run (its learning-rate choice is applied instead of selecting)")
+    reference = config["report"]["reference_run"]
+    if reference is not None and not (Path(str(reference)) / "personalize.jsonl").is_file():
+        raise FedP2EFTError(f"report.reference_run: {reference} holds no personalize.jsonl; name a finished run's "
+                            "folder (e.g. results/default) to compare this run against")
     if selection["pool"] not in ("seen", "unseen"):
         raise FedP2EFTError(f"selection.pool must be seen or unseen (whose clients' training data serve learning-rate "
                             f"selection), got {selection['pool']!r}")

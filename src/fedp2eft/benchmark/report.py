@@ -36,6 +36,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fedp2eft.core.methods import METHODS  # noqa: E402
+from fedp2eft.errors import FedP2EFTError  # noqa: E402
 
 KNOWN_METHODS = ["base", *METHODS]  # the registry's order: baselines first, FedP²EFT last
 OURS = "fedp2eft"
@@ -935,7 +936,7 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
              "structure": structure(records, pools, budgets, methods), "psg_training": psg_flattening(logs),
              "selection": json.loads(selection_path.read_text()) if selection_path.is_file() else None,
              "language_budgets": sorted({min(budgets), heat_budget}) if budgets else [], "heat_budget": heat_budget,
-             "privacy": privacy_spent(run_dir)}
+             "privacy": privacy_spent(run_dir), "reference": reference_rows(config, metrics[0], units)}
 
     figures = run_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -951,6 +952,7 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
         "summary": [{"pool": p, "method": m, "budget": b, **entry} for (p, m, b), entry in summary.items()],
         "comparisons": facts["comparisons"], "per_language": language_records(units, facts["language_budgets"]),
         "structure": facts["structure"], "psg_training": facts["psg_training"], "privacy": facts["privacy"],
+        "against_reference": facts["reference"],
         "selection": facts["selection"].get("chosen") if facts["selection"] else None,
         "other_metrics": {name: {"summary": [{"pool": p, "method": m, "budget": b, **entry}
                                              for (p, m, b), entry in extra["summary"].items()],
@@ -1007,6 +1009,9 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
         sections += ["\n## Learning-rate selection\n", selection_markdown(facts["selection"])]
     if facts["privacy"]:
         sections += ["\n## Privacy\n", privacy_markdown(facts["privacy"])]
+    if facts["reference"]:
+        sections += ["\n## Against the reference run\n",
+                     reference_markdown(facts["reference"], config["report"]["reference_run"], facts["label"])]
     return "\n".join(sections) + "\n"
 
 
@@ -1105,4 +1110,44 @@ def privacy_markdown(entries: list[dict]) -> str:
              "| stage | rounds | ε | δ | noise multiplier z | clipping norm C | sampling rate |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {e['stage']} | {e['rounds']} | {e['epsilon']:.3g} | {e['delta']:g} | {e['noise_multiplier']:g} | "
               f"{e['clipping_norm']:g} | {e['sampling_rate']:.3g} |" for e in entries]
+    return "\n".join(lines)
+
+
+def reference_rows(config: dict, metric_name: str, units: Mapping[Setting, Units]) -> list[dict]:
+    """The comparison with ``report.reference_run`` (another run's folder), if the config names one."""
+    reference = config.get("report", {}).get("reference_run")
+    if not reference:
+        return []
+    path = Path(reference) / "personalize.jsonl"
+    if not path.is_file():
+        raise FedP2EFTError(f"report.reference_run: {path} does not exist; name a finished run's folder")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return against_reference(units, client_units(records, metric_name))
+
+
+def against_reference(units: Mapping[Setting, Units], reference: Mapping[Setting, Units]) -> list[dict]:
+    """This run minus the reference run for every (pool, method, budget) both have, paired on the same (seed,
+    client) units: what a change of setting (e.g. DP on the PS generator) costs each method."""
+    rows = []
+    for setting in sorted(set(units) & set(reference)):
+        interval = paired_bootstrap(units[setting], reference[setting])
+        if interval is not None:
+            pool, method, budget = setting
+            rows.append({"pool": pool, "method": method, "budget": budget, "difference": interval.mean,
+                         "ci_low": interval.low, "ci_high": interval.high, "outcome": interval.outcome})
+    return rows
+
+
+def reference_markdown(rows: list[dict], reference: str, label: str) -> str:
+    """Rows = method, columns = pool and budget, cells = this run minus the reference with the paired interval."""
+    settings = sorted({(r["pool"], r["budget"]) for r in rows})
+    cells = {(r["method"], r["pool"], r["budget"]): r for r in rows}
+    lines = [f"This run minus the reference run `{reference}` ({label} points; paired on the same seeds and clients, "
+             "95% interval; 'loss' = this run is worse beyond noise).\n",
+             "| method | " + " | ".join(f"{p} r={b}" for p, b in settings) + " |", "|---|" + "---|" * len(settings)]
+    for method in method_order({r["method"] for r in rows}):
+        row = ["–" if (c := cells.get((method, p, b))) is None else
+               f"{_signed(c['difference'])} [{_signed(c['ci_low'])}, {_signed(c['ci_high'])}] {c['outcome']}"
+               for p, b in settings]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)

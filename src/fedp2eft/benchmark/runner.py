@@ -43,7 +43,7 @@ from fedp2eft.logs import console, quiet_third_party
 
 log = logging.getLogger(__name__)
 # Keys that change how fast a run goes, never what it computes: they may differ when a run is resumed.
-RUNTIME_KEYS = ("workers", "device")
+RUNTIME_KEYS = ("workers", "device", "report")
 
 
 def task_config(config: dict, model: str, training: dict) -> dict:
