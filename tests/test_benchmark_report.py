@@ -334,3 +334,17 @@ def test_a_reference_run_is_compared_cell_by_cell(tmp_path):
     assert rows[("fedp2eft", "seen", 2)]["outcome"] == "loss" and rows[("lora", "seen", 2)]["difference"] == 0
     assert rows[("fedp2eft", "unseen", 8)]["difference"] == pytest.approx(-6 / 48)
     assert "## Against the reference run" in (run_dir / "report.md").read_text()
+
+
+def test_the_heatmap_shows_every_language_at_the_most_varied_budget():
+    from fedp2eft.benchmark.report import heatmap_budget, mean_rank_grid
+
+    languages = tuple(f"l{i}" for i in range(10))
+    records = _records(methods=("fedp2eft",), budgets=(2, 8), seeds=(0,), pools=("seen",), languages=languages)
+    for record in records:
+        for row in record["rows"]:
+            if row["budget"] == 8:  # r = R: every module gets every rank, a flat and useless picture
+                row["ranks"] = dict.fromkeys(MODULES, 8)
+    assert heatmap_budget(records, [2, 8]) == 2
+    shown, modules, grid = mean_rank_grid(records, 2)
+    assert shown == sorted(languages) and grid.shape == (10, len(MODULES)) and grid.std() > 0

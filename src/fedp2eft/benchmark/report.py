@@ -48,6 +48,10 @@ FLAT_MIN_FRACTION = 0.25
 METRIC_LABELS = {"accuracy": "accuracy", "rouge_l": "ROUGE-L F1", "exact_match": "exact match",
                  "token_accuracy": "next-token accuracy"}
 PSG_CURVES = {"train/stage1_loss": "stage-1 loss", "train/mean_lambda": "mean λ", "train/l1_before": "L1 before"}
+MARKERS = "osD^vP*Xh"
+PSG_AXES = {"train/stage1_loss": "BayesTune loss after stage 1 (client mean)",
+            "train/mean_lambda": "mean λ the generator outputs",
+            "train/l1_before": "L1(generator output, learned λ) before stage 2"}
 
 GENERATION_NOTE = ("Generations are greedy, up to `generation_tokens` new tokens, stopped at end-of-sequence. ROUGE-L F1 "
                    "is computed on the model's own tokenizer tokens (so scripts without spaces, e.g. Chinese and "
@@ -475,9 +479,11 @@ def plot_psg_training(logs: Mapping[str, list[dict]], path: Path) -> bool:
             flat = flattening_round(rounds, values)
             if flat is not None:
                 axis.axvline(flat, color=color, ls=":", alpha=0.7)
-        axis.set_xlabel("round")
+        axis.set_xlabel("federated round")
+        axis.set_ylabel(PSG_AXES[key])
         axis.set_title(PSG_CURVES[key])
         _finish_axis(axis)
+    figure.suptitle("PS-generator training: one line per seed; dotted = the round its curve flattened", fontsize=10)
     _save(figure, path)
     return True
 
@@ -798,8 +804,9 @@ def plot_accuracy(summary: Mapping[Setting, dict], config: dict, path: Path, lab
     """The main metric vs budget per method, error bars = the 95% client-bootstrap interval; base as a shaded band."""
     pools, budgets = _pools(config, summary), _budgets(config, summary)
     figure, axes = plt.subplots(1, len(pools), figsize=(5.5 * len(pools), 4), squeeze=False)
+    methods = _table_methods(config, summary)
     for axis, pool in zip(axes[0], pools):
-        for method in _table_methods(config, summary):
+        for index, method in enumerate(methods):
             points = [(b, summary[(pool, method, b)]) for b in budgets if (pool, method, b) in summary]
             if not points and (pool, method, 0) in summary:
                 entry = summary[(pool, method, 0)]
@@ -808,10 +815,13 @@ def plot_accuracy(summary: Mapping[Setting, dict], config: dict, path: Path, lab
                 continue
             if not points:
                 continue
-            xs = [b for b, _ in points]
+            # each method a little to the side and with its own marker, so tied methods do not hide each other
+            dodge = 2 ** (0.04 * (index - (len(methods) - 1) / 2))
+            xs = [b * dodge for b, _ in points]
             means = np.array([e["mean"] for _, e in points]) * 100
             errors = np.array([[e["mean"] - e["ci_low"], e["ci_high"] - e["mean"]] for _, e in points]).T * 100
-            axis.errorbar(xs, means, yerr=np.clip(errors, 0, None), marker="o", capsize=3, label=method)
+            axis.errorbar(xs, means, yerr=np.clip(errors, 0, None), marker=MARKERS[index % len(MARKERS)], capsize=3,
+                          label=method, alpha=0.85)
         axis.set_xscale("log", base=2)
         axis.set_xticks(budgets, [str(b) for b in budgets])
         axis.set_xlabel("rank budget r (average rank per module)")
@@ -821,8 +831,8 @@ def plot_accuracy(summary: Mapping[Setting, dict], config: dict, path: Path, lab
     _save(figure, path)
 
 
-def plot_rank_heatmap(records: list[dict], budget: int, path: Path, max_languages: int = 8) -> bool:
-    """Average rank the PS generator gives each module, per language (fedp2eft rows at ``budget``)."""
+def mean_rank_grid(records: list[dict], budget: int) -> tuple[list[str], list[str], np.ndarray] | None:
+    """(languages, modules, mean rank FedP²EFT gives each module per language at ``budget``), or None."""
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     counts: dict[str, int] = defaultdict(int)
     modules: set[str] = set()
@@ -834,15 +844,33 @@ def plot_rank_heatmap(records: list[dict], budget: int, path: Path, max_language
                     sums[record["language"]][name] += rank
                     modules.add(name)
     if not counts:
+        return None
+    languages, ordered = sorted(counts), sorted(modules, key=_module_order)
+    return languages, ordered, np.array([[sums[lang][m] / counts[lang] for m in ordered] for lang in languages])
+
+
+def heatmap_budget(records: list[dict], budgets: Sequence[int]) -> int:
+    """The budget whose rank maps vary most across modules (the most informative picture: at r = R every
+    module has every rank and the map is flat), ties to the smaller budget."""
+    spreads = [(float(np.std(grid[2])), -budget, budget) for budget in budgets
+               if (grid := mean_rank_grid(records, budget)) is not None]
+    return max(spreads)[2] if spreads else (budgets[0] if budgets else 0)
+
+
+def plot_rank_heatmap(records: list[dict], budget: int, path: Path) -> bool:
+    """Average rank the PS generator gives each module, per language (fedp2eft rows at ``budget``), every
+    language of the run."""
+    found = mean_rank_grid(records, budget)
+    if found is None:
         return False
-    languages = sorted(counts)[:max_languages]
-    ordered = sorted(modules, key=_module_order)
-    grid = np.array([[sums[lang][m] / counts[lang] for m in ordered] for lang in languages])
+    languages, ordered, grid = found
     figure, axis = plt.subplots(figsize=(max(6, 0.18 * len(ordered)), 0.5 * len(languages) + 2))
     image = axis.imshow(grid, aspect="auto", cmap="viridis")
     axis.set_yticks(range(len(languages)), languages)
     axis.set_xticks(range(len(ordered)), [_short(m) for m in ordered], rotation=90, fontsize=6)
-    axis.set_title(f"ranks given by the PS generator per module (r={budget}, mean over clients)")
+    axis.set_title(f"ranks the PS generator gives each module (r={budget}, mean over a language's clients)")
+    axis.set_xlabel("module (block . sub-layer)")
+    axis.set_ylabel("language")
     figure.colorbar(image, ax=axis, label="rank")
     _save(figure, path)
     return True
@@ -923,7 +951,7 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
     summary = summarize(records, metric_name=metrics[0])
     pools, budgets, methods = _pools(shown, units), _budgets(shown, units), _table_methods(shown, units)
     label = METRIC_LABELS.get(metrics[0], metrics[0])
-    heat_budget = 8 if 8 in budgets else (budgets[-1] if budgets else 0)
+    heat_budget = heatmap_budget(records, budgets)
     selection_path = run_dir / "selection.json"
     logs = load_psg_metrics(run_dir)
     secondary = {}
