@@ -109,3 +109,19 @@ def test_personalize_command_uses_the_runs_base_model_and_generator(quick_run, t
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert main(args[:4] + ["xx-u9"] + args[5:]) == 2
     assert "no client 'xx-u9'" in capsys.readouterr().err
+
+
+def test_the_readme_python_example_runs_as_written(quick_run, tmp_path, monkeypatch, capsys):
+    """The README's Python block, executed verbatim next to a ``results/quick`` run folder."""
+    import re
+    from pathlib import Path
+
+    from peft import PeftConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "results").symlink_to(quick_run.parent, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    assert "accuracy" in capsys.readouterr().out
+    assert PeftConfig.from_pretrained(str(tmp_path / "my-adapter")).peft_type == "LORA"

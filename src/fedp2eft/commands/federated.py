@@ -34,6 +34,33 @@ def read_task_config(path: Path) -> dict[str, Any]:
     return data
 
 
+TASK_KEYS = {"model", "dataset", "dataset_options", "max_length", "device", "budgets", "generation_tokens", "training"}
+
+
+def check_task_config(task: str, config: dict[str, Any], where: str) -> None:
+    """The task YAML's keys and its ``training`` section, checked by the config class of ``task`` before any
+    model is loaded (docs/federation.md, "Task configs")."""
+    from fedp2eft.core.base_training import BaseTrainingConfig
+    from fedp2eft.core.methods import STAGES
+    from fedp2eft.errors import config_from_mapping
+
+    unknown = sorted(set(config) - TASK_KEYS)
+    missing = sorted({"model", "dataset"} - set(config))
+    if unknown or missing:
+        raise FedP2EFTError(f"{where}: unknown key(s) {unknown}, missing {missing}; a task config has "
+                            f"{', '.join(sorted(TASK_KEYS))} (model and dataset required)")
+    training = dict(config.get("training") or {})
+    if task == "base":
+        config_from_mapping(BaseTrainingConfig, training, f"{where}: training")
+        return
+    settings = STAGES[task].config_class.from_dict(training)
+    max_rank = settings.personalize.max_rank
+    bad = [b for b in config.get("budgets", []) if not isinstance(b, int) or not 1 <= b <= max_rank]
+    if not config.get("budgets") or bad:
+        raise FedP2EFTError(f"{where}: budgets must list rank budgets in 1..{max_rank} (training.personalize."
+                            f"max_rank), got {config.get('budgets')}")
+
+
 def run(args: argparse.Namespace) -> int:
     from fedp2eft.fl.simulation import run_federated  # pulls in Flower and Ray only when used
     from fedp2eft.fl.tasks import export_final
@@ -41,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from fedp2eft.core.methods import STAGES
 
     config = read_task_config(args.config)
+    check_task_config(args.task, config, str(args.config))
     stage = STAGES.get(args.task)
     if stage is not None and stage.counts_rounds:
         config.setdefault("training", {}).setdefault("total_rounds", args.rounds)  # e.g. a warm-up share
