@@ -60,6 +60,9 @@ def test_two_supernodes_two_rounds_via_flwr_run(federation: Loopback, tmp_path: 
     state = json.loads((out / "state.json").read_text())
     assert state["round"] == ROUNDS
     assert [(r["successes"], r["failures"], r["clients"]) for r in state["history"]] == [(2, 0, [0, 1])] * ROUNDS
+    # Flower 1.42 runs each message in a fresh ClientApp process: the task is built anew every round
+    # (docs/federation.md, "One ClientApp process per message"); this fails when that changes
+    assert [r["clients_reusing_task"] for r in state["history"]] == [0] * ROUNDS
 
     task = make_task(TOY)
     weights, states = task.initial_weights(), {0: None, 1: None}

@@ -31,15 +31,18 @@ app = ClientApp()
 _cached: tuple[tuple[str, str], FederatedTask] | None = None
 
 
-def cached_task(name: str, config_json: str) -> FederatedTask:
-    """The task for (name, config), built at most once per process while it stays in use."""
+def cached_task(name: str, config_json: str) -> tuple[FederatedTask, bool]:
+    """The task for (name, config), built at most once per process while it stays in use; and whether it was
+    already built (the reply reports it as ``task-reused``, so a deployment shows whether its ClientApp process
+    outlives a message or loads the model again every round)."""
     global _cached
     key = (name, config_json)
-    if _cached is None or _cached[0] != key:
+    reused = _cached is not None and _cached[0] == key
+    if not reused:
         _cached = None  # free the old model before building the new one
         quiet_third_party()
         _cached = (key, build_task(name, json.loads(config_json)))
-    return _cached[1]
+    return _cached[1], reused
 
 
 def partition_id(context: Context) -> int:
@@ -57,19 +60,20 @@ def report_partition(msg: Message, context: Context) -> Message:
     return Message(RecordDict({P.CONFIG: ConfigRecord({P.PARTITION_ID: partition_id(context)})}), reply_to=msg)
 
 
-def addressed_task(msg: Message, context: Context) -> tuple[FederatedTask, int, ConfigRecord]:
-    """The task a message names and the client index it is for (which must be this node's partition)."""
+def addressed_task(msg: Message, context: Context) -> tuple[FederatedTask, bool, int, ConfigRecord]:
+    """The task a message names, whether this process had built it already, and the client index the message is
+    for (which must be this node's partition)."""
     config = msg.content.config_records[P.CONFIG]
     client_index = int(config[P.CLIENT_INDEX])
     if client_index != partition_id(context):
         raise FedP2EFTError(f"message for client {client_index} reached node of partition {partition_id(context)}")
-    return cached_task(str(config[P.TASK]), str(config[P.TASK_CONFIG])), client_index, config
+    return *cached_task(str(config[P.TASK]), str(config[P.TASK_CONFIG])), client_index, config
 
 
 @app.query("statistics")
 def report_statistics(msg: Message, context: Context) -> Message:
     """This client's terms of the sums a task starts from (``StatisticsTask``), once before round 1."""
-    task, client_index, _ = addressed_task(msg, context)
+    task, _, client_index, _ = addressed_task(msg, context)
     return Message(RecordDict({P.STATISTICS: to_record(task.client_statistics(client_index))}), reply_to=msg)
 
 
@@ -105,7 +109,7 @@ def keep_state(context: Context, store: ClientStateStore, client_index: int, ser
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    task, client_index, config = addressed_task(msg, context)
+    task, reused, client_index, config = addressed_task(msg, context)
     weights = from_record(msg.content.array_records[P.WEIGHTS])
     server_round = int(config[P.SERVER_ROUND])
     start = time.perf_counter()
@@ -122,5 +126,6 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {k: float(v) for k, v in update.metrics.items() if math.isfinite(float(v))}
     metrics[P.NUM_EXAMPLES] = int(update.num_examples)
     metrics[P.CLIENT_TIME] = elapsed
+    metrics[P.TASK_REUSED] = float(reused)
     content = RecordDict({P.WEIGHTS: to_record(update.weights), P.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)

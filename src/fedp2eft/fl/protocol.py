@@ -30,6 +30,7 @@ PARTITION_ID = "partition-id"
 NODE_STATE_DIR = "state-dir"  # a SuperNode's own folder for client state (wins over the job's STATE_DIR)
 NUM_EXAMPLES = "num-examples"
 CLIENT_TIME = "client-time-s"
+TASK_REUSED = "task-reused"  # 1 when the ClientApp process served the message with a task (model) it had built
 
 # Context.state keys of a stateful task's client (the newest state, and the round it came from).
 CLIENT_STATE = "client-state"

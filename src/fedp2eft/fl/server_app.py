@@ -138,7 +138,8 @@ def round_metrics(server_round: int, sampled: list[int], outcome: RoundOutcome, 
                   bytes_sent: int) -> dict[str, Any]:
     """One metrics.jsonl row: sample-weighted client metrics plus traffic, timing and failures."""
     total = sum(n for _, _, n, _ in outcome.updates)
-    names = sorted({k for *_, metrics in outcome.updates for k in metrics} - {P.NUM_EXAMPLES, P.CLIENT_TIME})
+    names = sorted({k for *_, metrics in outcome.updates for k in metrics}
+                   - {P.NUM_EXAMPLES, P.CLIENT_TIME, P.TASK_REUSED})
     row: dict[str, Any] = {
         "round": server_round,
         "sampled": len(sampled),
@@ -150,6 +151,8 @@ def round_metrics(server_round: int, sampled: list[int], outcome: RoundOutcome, 
         "num_examples": total,
         "client_time_sum_s": sum(m.get(P.CLIENT_TIME, 0.0) for *_, m in outcome.updates),
         "client_time_max_s": max((m.get(P.CLIENT_TIME, 0.0) for *_, m in outcome.updates), default=0.0),
+        # clients whose ClientApp process still held the task (its model) from an earlier message
+        "clients_reusing_task": sum(int(m.get(P.TASK_REUSED, 0.0)) for *_, m in outcome.updates),
         "clients": [client for client, *_ in outcome.updates],
         "failed": outcome.failures,
     }
