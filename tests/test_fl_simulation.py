@@ -34,6 +34,7 @@ def test_simulation_matches_independent_fedavg(full_toy_run: Path) -> None:
     assert all(r["successes"] == CLIENTS_PER_ROUND and r["failures"] == 0 for r in rows)
     assert all(r["bytes_sent"] > 0 and r["bytes_received"] == r["bytes_sent"] for r in rows)
     assert all(r["round_time_s"] > 0 and "train/loss" in r for r in rows)
+    assert rows[-1]["clients_reusing_task"] == CLIENTS_PER_ROUND  # Ray actors keep their task across rounds
 
     task = make_task(TOY_CONFIG)
     weights = task.initial_weights()
