@@ -3,10 +3,12 @@ offline, small learnable toy tasks, and a finished toy Flower simulation reused 
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -100,6 +102,17 @@ def setup(model_kind, tokenizer):
 TOY_CONFIG = {"num_clients": 4, "dim": 6, "hidden": 8, "local_steps": 3, "seed": 7}
 FULL_ROUNDS = 3
 CLIENTS_PER_ROUND = 3
+
+
+def npy_bytes(weights: dict[str, torch.Tensor]) -> int:
+    """What ``ArrayRecord.count_bytes()`` should report, computed without Flower: each tensor as a NumPy .npy blob
+    plus its name."""
+    total = 0
+    for name, tensor in weights.items():
+        buffer = io.BytesIO()
+        np.save(buffer, tensor.numpy(), allow_pickle=False)
+        total += len(buffer.getvalue()) + len(name)
+    return total
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,13 @@ def test_quick_profile_writes_the_full_report(quick_run):
     assert all(0.0 <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= 1.0 for row in summary)
     report = (quick_run / "report.md").read_text()
     assert "Does FedP²EFT win?" in report and "r=8" in report and "Learning-rate selection" in report
+    communication = json.loads((quick_run / "results.json").read_text())["communication"]
+    assert set(communication["stages"]) == {"base", "psg", "fedl2p"} and "## Communication" in report
+    assert communication["stages"]["psg"]["runs"] == len(config["seeds"])
+    adapters = communication["adapters"]  # the module shapes came from the run's own base checkpoint
+    assert adapters["adapters"] == len(config["seeds"]) * len(config["budgets"]) * sum(
+        len(getattr(load_dataset(config["dataset"], **config["dataset_options"]), pool)) for pool in config["pools"])
+    assert adapters["bytes"] > 0
 
 
 def test_learning_rates_are_chosen_on_validation_data_only(quick_run):

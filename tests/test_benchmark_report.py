@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from fedp2eft.benchmark.report import (
     bootstrap,
@@ -238,6 +240,44 @@ def test_write_report_end_to_end(tmp_path):
     assert len(rows) == 2 * 2 * 2 * (1 + 4 * 2)  # seeds x pools x languages x (base + methods x budgets)
     for name in ("accuracy_vs_budget.png", "rank_heatmap.png", "psg_training.png"):
         assert (run_dir / "figures" / name).stat().st_size > 1000, name
+
+
+def _write_metrics(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_report_counts_each_stages_traffic_and_what_shipping_adapters_would_cost(tmp_path):
+    run_dir = tmp_path / "run"
+    _write_metrics(run_dir / "base" / "metrics.jsonl",
+                   [{"round": r, "sampled": 2, "bytes_sent": 6_000_000, "bytes_received": 6_000_000} for r in range(5)])
+    for seed in (0, 1):  # 4 clients a round, 20 rounds, 0.25 MB down and 0.2 MB up per client and round
+        _write_metrics(run_dir / f"seed{seed}" / "psg" / "metrics.jsonl",
+                       [{"round": r, "sampled": 4, "bytes_sent": 1_000_000, "bytes_received": 800_000}
+                        for r in range(20)])
+    _write_metrics(run_dir / "seed0" / "fedl2p" / "metrics.jsonl", [{"round": 1, "sampled": 4}])  # before counting
+    out = {"query": 8, "value": 4}  # the base checkpoint names the modules without the wrapper's "encoder." prefix
+    checkpoint = tmp_path / "base-model"
+    checkpoint.mkdir()
+    save_file({f"layer.{i}.attention.self.{p}.weight": torch.zeros(out[p], 6) for i in range(3) for p in out},
+              str(checkpoint / "model.safetensors"))
+    records = _records(methods=("lora", "fedp2eft"))
+    config = {"name": "traffic", "model": "tiny", "dataset": "toy", "seeds": [0, 1], "pools": ["seen", "unseen"],
+              "methods": ["lora", "fedp2eft"], "budgets": [2, 8], "personalize": {}}
+    write_report(config, run_dir, records, {"personalize": 1.0}, "cmd", base_model=checkpoint)
+
+    section = (run_dir / "report.md").read_text().split("## Communication")[1]
+    assert "| base | 1 | 5 | 10 | 30 | 30 | 3 / 3 |" in section
+    assert "| psg | 2 | 40 | 160 | 40 | 32 | 0.25 / 0.2 |" in section
+    assert "fedl2p" not in section
+    adapters = [row["ranks"] for record in records for row in record["rows"] if row["method"] == "fedp2eft"]
+    expected = sum(4 * r * (6 + out[m.rsplit(".", 1)[1]]) for ranks in adapters for m, r in ranks.items())
+    assert len(adapters) == 2 * 2 * 2 * 3 * 2  # seeds x pools x languages x clients x budgets
+    row = f"| every FedP²EFT adapter, shipped once instead | 2 | – | 48 adapters | {expected / 1e6:.3g} | – |"
+    assert row in section
+    communication = json.loads((run_dir / "results.json").read_text())["communication"]
+    assert communication["adapters"]["bytes"] == expected
+    assert communication["stages"]["psg"]["per_client_round"] == {"sent": 250_000, "received": 200_000}
 
 
 def test_report_says_so_when_fedp2eft_loses(tmp_path):

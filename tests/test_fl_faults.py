@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import npy_bytes
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl.simulation import run_federated
 from fedp2eft.fl.toy_task import make_task as make_toy_task
@@ -36,8 +37,18 @@ def test_faulty_clients_are_excluded_then_too_few_stops_the_run(tmp_path: Path) 
     assert "keys differ" in reasons[4]
     assert "timeout" in reasons[5]
 
-    # The aggregate of round 1 is client 0's update alone, and it is the checkpoint on disk.
+    # every reply that arrived counts as received, a refused one too; an error or no reply moves no weights
     toy = make_toy_task(TOY)
+    weights = toy.initial_weights()
+    first = sorted(weights)[0]  # the tensor the scripted faults change
+    size = npy_bytes(weights)
+    received = {int(c): t["received"] for c, t in row["bytes_by_client"].items()}
+    assert received == {0: size, 1: 0, 2: size, 3: npy_bytes({**weights, first: torch.zeros(3, 3, 3)}),
+                        4: npy_bytes({k: v for k, v in weights.items() if k != first}), 5: 0}
+    assert row["bytes_received"] == sum(received.values())
+    assert row["bytes_sent"] == 6 * size and {t["sent"] for t in row["bytes_by_client"].values()} == {size}
+
+    # The aggregate of round 1 is client 0's update alone, and it is the checkpoint on disk.
     expected = toy.client_update(toy.initial_weights(), 0, 1).weights
     saved = load_file(str(tmp_path / state["checkpoint"]))
     for name, tensor in expected.items():

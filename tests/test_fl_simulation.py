@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CLIENTS_PER_ROUND, FULL_ROUNDS, TOY_CONFIG
+from conftest import CLIENTS_PER_ROUND, FULL_ROUNDS, TOY_CONFIG, npy_bytes
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl.checkpoint import is_new_best, load_best
@@ -64,6 +65,26 @@ def test_simulation_matches_independent_fedavg(full_toy_run: Path) -> None:
     assert state["round"] == FULL_ROUNDS and len(state["history"]) == FULL_ROUNDS
     assert list(full_toy_run.glob("global-round*.safetensors")) == [full_toy_run / state["checkpoint"]]
     assert list((full_toy_run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_traffic_per_client_adds_up_and_is_the_size_of_the_weights(full_toy_run: Path) -> None:
+    rows = read_rows(full_toy_run)
+    size = npy_bytes(make_task(TOY_CONFIG).initial_weights())
+    sent_so_far = received_so_far = 0
+    for row in rows:
+        by_client = row["bytes_by_client"]
+        assert sorted(int(c) for c in by_client) == row["clients"]  # every sampled client, here all succeeded
+        assert all(traffic == {"sent": size, "received": size} for traffic in by_client.values())
+        assert row["bytes_sent"] == sum(t["sent"] for t in by_client.values()) == size * CLIENTS_PER_ROUND
+        assert row["bytes_received"] == sum(t["received"] for t in by_client.values())
+        sent_so_far += row["bytes_sent"]
+        received_so_far += row["bytes_received"]
+        assert (row["bytes_sent_cumulative"], row["bytes_received_cumulative"]) == (sent_so_far, received_so_far)
+
+    events = EventAccumulator(str(full_toy_run / "tensorboard"))
+    events.Reload()
+    for tag in ("bytes_sent_cumulative", "bytes_received_cumulative"):
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [(r["round"], r[tag]) for r in rows]
 
 
 def test_resume_ends_with_the_same_weights(full_toy_run: Path, tmp_path: Path) -> None:

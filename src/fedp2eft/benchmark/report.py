@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from fedp2eft.benchmark.communication import adapters_shipped, communication_markdown, read_rounds, run_traffic  # noqa
 from fedp2eft.core.methods import METHODS  # noqa: E402
 from fedp2eft.errors import FedP2EFTError  # noqa: E402
 
@@ -407,18 +408,7 @@ def load_psg_metrics(run_dir: Path) -> dict[str, list[dict]]:
     labels = [p.parent.parent.name for p in files]
     if not files and (run_dir / "psg" / "metrics.jsonl").is_file():
         files, labels = [run_dir / "psg" / "metrics.jsonl"], ["run"]
-    logs = {}
-    for label, path in zip(labels, files):
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        rows = [r for r in rows if isinstance(r, dict) and "round" in r]
-        if rows:
-            logs[label] = rows
-    return logs
+    return {label: rows for label, path in zip(labels, files) if (rows := read_rounds(path))}
 
 
 def relative_growth(values: Sequence[float], quarter: int) -> float | None:
@@ -940,8 +930,9 @@ def _statistics_note(records: list[dict], metrics: Sequence[str] = ("accuracy",)
 
 
 def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds: dict[str, float],
-                 command: str) -> None:
-    """Write report.md, results.json, results.csv and figures/ for a finished run, and print the main table."""
+                 command: str, base_model: Path | None = None) -> None:
+    """Write report.md, results.json, results.csv and figures/ for a finished run, and print the main table.
+    ``base_model`` (the base checkpoint folder) gives the module shapes that size the personalized adapters."""
     run_dir = Path(run_dir)
     # every method that produced a row is listed, even one whose rows hold no test example (it shows '–')
     produced = {row["method"] for record in records for row in record["rows"]}
@@ -964,7 +955,8 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
              "structure": structure(records, pools, budgets, methods), "psg_training": psg_flattening(logs),
              "selection": json.loads(selection_path.read_text()) if selection_path.is_file() else None,
              "language_budgets": sorted({min(budgets), heat_budget}) if budgets else [], "heat_budget": heat_budget,
-             "privacy": privacy_spent(run_dir), "reference": reference_rows(config, metrics[0], units)}
+             "privacy": privacy_spent(run_dir), "reference": reference_rows(config, metrics[0], units),
+             "traffic": run_traffic(run_dir), "adapters": adapters_shipped(records, OURS, base_model)}
 
     figures = run_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -982,6 +974,8 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
         "structure": facts["structure"], "psg_training": facts["psg_training"], "privacy": facts["privacy"],
         "against_reference": facts["reference"],
         "selection": facts["selection"].get("chosen") if facts["selection"] else None,
+        "communication": {"stages": {name: traffic.record() for name, traffic in facts["traffic"].items()},
+                          "adapters": facts["adapters"]},
         "other_metrics": {name: {"summary": [{"pool": p, "method": m, "budget": b, **entry}
                                              for (p, m, b), entry in extra["summary"].items()],
                                  "comparisons": extra["comparisons"]} for name, extra in secondary.items()},
@@ -1035,6 +1029,8 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
                      psg_markdown(facts["psg_training"])]
     if facts["selection"]:
         sections += ["\n## Learning-rate selection\n", selection_markdown(facts["selection"])]
+    if facts["traffic"]:
+        sections += ["\n## Communication\n", communication_markdown(facts["traffic"], facts["adapters"], "FedP²EFT")]
     if facts["privacy"]:
         sections += ["\n## Privacy\n", privacy_markdown(facts["privacy"])]
     if facts["reference"]:

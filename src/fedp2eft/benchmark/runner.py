@@ -40,6 +40,7 @@ from fedp2eft.fl.checkpoint import load_state
 from fedp2eft.fl.simulation import run_federated
 from fedp2eft.fl.tasks import export_final
 from fedp2eft.logs import console, quiet_third_party
+from fedp2eft.models.registry import resolve_model
 
 log = logging.getLogger(__name__)
 # Keys that change how fast a run goes, never what it computes: they may differ when a run is resumed.
@@ -442,5 +443,5 @@ def run(config: dict, results_root: Path = Path("results"), command: str = "") -
         write_selection(config, run_dir, records, scales)
     results = clock.time("personalize", stage_personalize, config, run_dir, base_model, artifacts, scales)
     console.rule("[bold]Stage 5/5: report")
-    write_report(config, run_dir, results, clock.seconds, command)
+    write_report(config, run_dir, results, clock.seconds, command, base_model=resolve_model(base_model))
     return run_dir

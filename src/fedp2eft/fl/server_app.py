@@ -88,14 +88,23 @@ def discover_clients(grid: Grid, job: Job, num_clients: int, every: bool = False
     return clients
 
 
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the tensors a message carries: ``ArrayRecord.count_bytes()`` of its array records, i.e. each
+    tensor serialized as a NumPy ``.npy`` blob (header + raw data) plus its name. Config and metric records
+    (under 1 kB), message metadata, Flower's object framing, gRPC/HTTP-2 framing and TLS are left out:
+    the number is the model traffic, a lower bound of what crosses the wire."""
+    return sum(record.count_bytes() for record in content.array_records.values())
+
+
 @dataclass
 class RoundOutcome:
     """The replies of one round, split into usable updates (client, reply holding only what is aggregated,
-    example count, client metrics) and logged failures."""
+    example count, client metrics) and logged failures, plus the bytes each client's replies carried (every
+    reply that arrived counts, a refused one too: its bytes were moved all the same)."""
 
     updates: list[tuple[int, Message, int, dict[str, float]]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
-    bytes_received: int = 0
+    received: dict[int, int] = field(default_factory=dict)
 
     def fail(self, client: int, reason: str, server_round: int) -> None:
         logger.warning("round %d: client %d left out: %s", server_round, client, reason)
@@ -108,7 +117,11 @@ def collect(replies: list[Message], sent: dict[int, int], reference: Weights, se
     answered: set[int] = set()
     for reply in replies:
         client = sent.get(reply.metadata.src_node_id)
-        if client is None or client in answered:
+        if client is None:
+            continue
+        if reply.has_content():
+            outcome.received[client] = outcome.received.get(client, 0) + payload_bytes(reply.content)
+        if client in answered:
             continue
         answered.add(client)
         if reply.has_error():
@@ -119,7 +132,6 @@ def collect(replies: list[Message], sent: dict[int, int], reference: Weights, se
         if P.WEIGHTS not in records or metrics is None or P.NUM_EXAMPLES not in metrics:
             outcome.fail(client, "reply lacks weights, metrics or num-examples", server_round)
             continue
-        outcome.bytes_received += records[P.WEIGHTS].count_bytes()
         weights = from_record(records[P.WEIGHTS])
         num_examples = int(metrics[P.NUM_EXAMPLES])
         problem = update_problem(reference, weights) or (None if num_examples > 0 else "num-examples <= 0")
@@ -134,8 +146,18 @@ def collect(replies: list[Message], sent: dict[int, int], reference: Weights, se
     return outcome
 
 
+def traffic(sent: dict[int, int], received: dict[int, int], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round's bytes per sampled client (JSON keys are strings, so they are strings here too), their sums,
+    and the sums over every round so far (``history`` holds the earlier rows; a resumed run keeps counting)."""
+    by_client = {str(c): {"sent": sent[c], "received": received.get(c, 0)} for c in sorted(sent)}
+    bytes_sent, bytes_received = sum(sent.values()), sum(received.get(c, 0) for c in sent)
+    return {"bytes_sent": bytes_sent, "bytes_received": bytes_received, "bytes_by_client": by_client,
+            "bytes_sent_cumulative": bytes_sent + sum(row["bytes_sent"] for row in history),
+            "bytes_received_cumulative": bytes_received + sum(row["bytes_received"] for row in history)}
+
+
 def round_metrics(server_round: int, sampled: list[int], outcome: RoundOutcome, seconds: float,
-                  bytes_sent: int) -> dict[str, Any]:
+                  traffic_fields: dict[str, Any]) -> dict[str, Any]:
     """One metrics.jsonl row: sample-weighted client metrics plus traffic, timing and failures."""
     total = sum(n for _, _, n, _ in outcome.updates)
     names = sorted({k for *_, metrics in outcome.updates for k in metrics}
@@ -146,8 +168,7 @@ def round_metrics(server_round: int, sampled: list[int], outcome: RoundOutcome, 
         "successes": len(outcome.updates),
         "failures": len(outcome.failures),
         "round_time_s": seconds,
-        "bytes_sent": bytes_sent,
-        "bytes_received": outcome.bytes_received,
+        **traffic_fields,
         "num_examples": total,
         "client_time_sum_s": sum(m.get(P.CLIENT_TIME, 0.0) for *_, m in outcome.updates),
         "client_time_max_s": max((m.get(P.CLIENT_TIME, 0.0) for *_, m in outcome.updates), default=0.0),
@@ -204,10 +225,11 @@ def run_round(grid: Grid, job: Job, strategy: Strategy, weights: Weights, server
         content = RecordDict({P.WEIGHTS: record, P.CONFIG: config})
         messages.append(Message(content, dst_node_id=clients[client], message_type=P.TRAIN,
                                 group_id=str(server_round)))
-    bytes_sent = record.count_bytes() * len(messages)
+    sent = {client: payload_bytes(message.content) for client, message in zip(sampled, messages)}
     replies = list(grid.send_and_receive(messages, timeout=job.round_timeout_s))
     outcome = collect(replies, {clients[c]: c for c in sampled}, weights, server_round)
-    row = round_metrics(server_round, sampled, outcome, time.perf_counter() - start, bytes_sent)
+    row = round_metrics(server_round, sampled, outcome, time.perf_counter() - start,
+                        traffic(sent, outcome.received, history))
     needed = len(sampled) if job.dp is not None else job.min_clients
     if len(outcome.updates) < needed:
         rule = ("with DP every sampled client must succeed (the noise is calibrated to the sample)"
