@@ -23,8 +23,14 @@ FAULTS = {"0": "raise@2", "1": "raise", "2": "nan", "3": "shape", "4": "missing"
 
 def test_faulty_clients_are_excluded_then_too_few_stops_the_run(tmp_path: Path) -> None:
     config = {**TOY, "faults": FAULTS, "sleep_s": 12.0}
-    with pytest.raises(FedP2EFTError, match=r"round 2: only 0 of 6 sampled clients succeeded.*min_clients=1"):
+    with pytest.raises(FedP2EFTError, match=r"round 2: only 0 of 6 sampled clients succeeded.*min_clients=1") as stop:
         run_federated("fl_tasks:make_task", config, 3, 6, output_dir=tmp_path, min_clients=1, round_timeout_s=8.0)
+    # each distinct failure once, in one line, with the clients it hit; the full remote reasons go to a file
+    message = str(stop.value)
+    assert "\n" not in message and message.count("scripted failure of client 0") == 1
+    assert "client_errors.log" in message and "(clients 2, 3, 4, 5)" not in message
+    errors = (tmp_path / "client_errors.log").read_text()
+    assert "=== round 1, client 1" in errors and "=== round 2, client 0" in errors
 
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["round"] == 1  # round 2 was never recorded

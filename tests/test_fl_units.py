@@ -98,3 +98,16 @@ def test_every_method_stage_gets_a_train_command(capsys) -> None:
     assert stopped.value.code == 0
     listed = capsys.readouterr().out
     assert "train-base" in listed and all(f"train-{name}" in listed for name in STAGES) and "train-fedl2p" in listed
+
+
+def test_client_failures_are_summarized_once_each_in_one_line() -> None:
+    from fedp2eft.fl.server_app import failure_summary, one_line
+
+    remote = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    raise ValueError('bad lr')\n"
+              "ValueError: could not convert string to float: '1e-4'\n")
+    assert one_line(remote) == "ValueError: could not convert string to float: '1e-4'"
+    assert one_line("no reply before the round timeout") == "no reply before the round timeout"
+    assert len(one_line("x" * 1000)) == 300
+    failures = [{"client": c, "reason": one_line(remote)} for c in (4, 1)] + [{"client": 2, "reason": "timeout"}]
+    assert failure_summary(failures) == ("ValueError: could not convert string to float: '1e-4' (clients 1, 4); "
+                                         "timeout (client 2)")

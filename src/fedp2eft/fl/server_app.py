@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,10 +106,43 @@ class RoundOutcome:
     updates: list[tuple[int, Message, int, dict[str, float]]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     received: dict[int, int] = field(default_factory=dict)
+    details: dict[int, str] = field(default_factory=dict)  # a failed client's full reason (a remote traceback)
 
     def fail(self, client: int, reason: str, server_round: int) -> None:
-        logger.warning("round %d: client %d left out: %s", server_round, client, reason)
-        self.failures.append({"client": client, "reason": reason})
+        short = one_line(reason)
+        logger.warning("round %d: client %d left out: %s", server_round, client, short)
+        self.failures.append({"client": client, "reason": short})
+        self.details[client] = reason
+
+
+CLIENT_ERRORS_FILE = "client_errors.log"
+_EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*)$")
+
+
+def one_line(reason: str, limit: int = 300) -> str:
+    """A failure reason in one line: the exception line of a (remote) traceback when it has one, else its first
+    line, cut to ``limit`` characters. The full text goes to the run's ``client_errors.log``."""
+    lines = [line for line in reason.strip().splitlines() if line.strip()] or [""]
+    exceptions = [m.group(1) for line in lines if (m := _EXCEPTION_LINE.match(line))]
+    text = (exceptions[-1] if exceptions else lines[0]).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def keep_details(output_dir: Path, server_round: int, details: dict[int, str]) -> None:
+    """Append the round's full failure reasons to ``client_errors.log``, where the terminal's one-liners point."""
+    if details:
+        with open(output_dir / CLIENT_ERRORS_FILE, "a", encoding="utf-8") as log:
+            for client, reason in sorted(details.items()):
+                log.write(f"=== round {server_round}, client {client}\n{reason.rstrip()}\n")
+
+
+def failure_summary(failures: list[dict[str, Any]]) -> str:
+    """Each distinct failure once, with the clients it hit: 'RuntimeError: boom (clients 1, 4)'."""
+    hit: dict[str, list[int]] = {}
+    for failure in failures:
+        hit.setdefault(failure["reason"], []).append(failure["client"])
+    return "; ".join(f"{reason} (client{'s' if len(clients) > 1 else ''} {', '.join(map(str, sorted(clients)))})"
+                     for reason, clients in hit.items())
 
 
 def collect(replies: list[Message], sent: dict[int, int], reference: Weights, server_round: int) -> RoundOutcome:
@@ -228,6 +262,7 @@ def run_round(grid: Grid, job: Job, strategy: Strategy, weights: Weights, server
     sent = {client: payload_bytes(message.content) for client, message in zip(sampled, messages)}
     replies = list(grid.send_and_receive(messages, timeout=job.round_timeout_s))
     outcome = collect(replies, {clients[c]: c for c in sampled}, weights, server_round)
+    keep_details(job.output_path, server_round, outcome.details)
     row = round_metrics(server_round, sampled, outcome, time.perf_counter() - start,
                         traffic(sent, outcome.received, history))
     needed = len(sampled) if job.dp is not None else job.min_clients
@@ -236,7 +271,8 @@ def run_round(grid: Grid, job: Job, strategy: Strategy, weights: Weights, server
                 if job.dp is not None else f"min_clients={job.min_clients}")
         raise FedP2EFTError(
             f"round {server_round}: only {len(outcome.updates)} of {len(sampled)} sampled clients succeeded, "
-            f"fewer than {rule} (failures: {outcome.failures}); the run stopped and "
+            f"fewer than {rule}; failures: {failure_summary(outcome.failures)} (full reasons in "
+            f"{job.output_path / CLIENT_ERRORS_FILE}); the run stopped and "
             f"the checkpoint of round {server_round - 1} in {job.output_dir} is intact; fix the clients and "
             "rerun with resume"
         )
