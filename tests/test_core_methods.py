@@ -1,8 +1,10 @@
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from fedp2eft.core.methods import METHODS, ClientContext, PersonalizeConfig, generator_spec, personalize
 from fedp2eft.core.generator import PSGenerator
@@ -62,6 +64,31 @@ def test_budget_methods_respect_the_budget_and_export(setup, method, tmp_path):
     result.export(tmp_path)
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
     assert torch.allclose(loaded(**x).logits, gated, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_exported_adapter_carries_the_head(tokenizer, method, tmp_path):
+    """The adapter holds the base model's head (frozen while personalizing), so loaded onto the plain encoder with
+    any other head it predicts bit-identically to the personalized model."""
+    from conftest import LABELS, bert_config, classification_examples
+    from fedp2eft.core.modeling import classifier_from_config
+    from fedp2eft.core.tasks import ClassificationTask
+
+    base = classifier_from_config(bert_config(len(tokenizer)), LABELS).eval()
+    task = ClassificationTask(tokenizer, LABELS, max_length=32)
+    train = classification_examples(24, seed=1)
+    quick = replace(FAST, epochs=1, bayestune_epochs=1)
+    result = personalize(method, base, task, train, budget=2, config=quick, artifact=artifact_for(method, base))
+    result.export(tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    head = {key.rsplit(".", 1)[-1]: value for key, value in saved.items() if ".head." in key}
+    assert torch.equal(head["weight"], base.head.weight) and torch.equal(head["bias"], base.head.bias)
+    plain = copy.deepcopy(base)
+    torch.nn.init.normal_(plain.head.weight)  # the encoder with a head the adapter must replace
+    loaded = PeftModel.from_pretrained(plain, str(tmp_path)).eval()
+    batch = task.collate(train[:8])
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, result.model.eval()(**batch).logits)
 
 
 def test_bad_inputs_are_refused(setup, tmp_path):

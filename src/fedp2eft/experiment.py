@@ -52,13 +52,15 @@ class Setup:
             return ClassificationTask(self.tokenizer, self.data.labels, self.max_length)
         return InstructionTask(self.tokenizer, self.max_length, self.generation_tokens)
 
-    def load_base_model(self, device: str | torch.device = "cpu") -> nn.Module:
-        """A fresh copy of the base model from disk (classification models get the dataset's label head), placed
-        on ``device``: a torch device or a ``device:`` setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see
-        ``core/device.py``). The CPU by default."""
+    def load_base_model(self, device: str | torch.device = "cpu", new_head_seed: int | None = None) -> nn.Module:
+        """A fresh copy of the base model from disk, placed on ``device``: a torch device or a ``device:`` setting
+        (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see ``core/device.py``). The CPU by default. A classifier's head
+        must have been saved for the dataset's labels; only the base stage, which trains the head, passes
+        ``new_head_seed`` to start from a fresh head drawn from it when the checkpoint has none for these labels
+        (docs/method.md, "The classification head")."""
         target = device if isinstance(device, torch.device) else resolve_device(device)
         if self.data.task == "classification":
-            model = SequenceClassifier.from_pretrained(self.model_path, self.data.labels)
+            model = SequenceClassifier.from_pretrained(self.model_path, self.data.labels, new_head_seed)
         else:
             model = load_causal_lm(self.model_path)
         return model if target.type == "cpu" else model.to(target)
@@ -92,13 +94,15 @@ class Setup:
 def make_base_task(config: dict) -> FederatedTask:
     """The base model's FedAvg job from a JSON-able config: {model, dataset, dataset_options, max_length,
     device, training: {...}} (the ``base`` task of the Flower apps). ``device`` (default ``auto``: a GPU when the
-    client sees one) is where the client's model computes."""
+    client sees one) is where the client's model computes. A checkpoint without a head for the dataset's labels
+    (e.g. the embedded e5) starts from a head drawn from the training seed, so every client builds the same."""
     from fedp2eft.core.base_training import BaseTrainingConfig
     from fedp2eft.core.pfl import base_model_task
 
     setup = Setup.from_config(config)
-    return base_model_task(setup.load_base_model(config.get("device", "auto")), setup.task, setup.data.seen,
-                           config_from_mapping(BaseTrainingConfig, config.get("training", {}), "training"))
+    training = config_from_mapping(BaseTrainingConfig, config.get("training", {}), "training")
+    base = setup.load_base_model(config.get("device", "auto"), new_head_seed=training.seed)
+    return base_model_task(base, setup.task, setup.data.seen, training)
 
 
 def make_stage_task(stage: str, config: dict) -> FederatedTask:

@@ -247,7 +247,26 @@ def validate(config: dict) -> dict:
     if dataset not in dataset_names() and not Path(dataset).exists():
         raise FedP2EFTError(f"unknown dataset '{dataset}'; choose from {', '.join(dataset_names())} or a path")
     check_dataset(dataset, dict(config["dataset_options"] or {}))  # e.g. Fed-Aya without dataset_options.path
+    check_base_checkpoint(config)
     return config
+
+
+def check_base_checkpoint(config: dict) -> None:
+    """A reused base checkpoint must hold a classification head for the dataset's labels: one trained on another
+    label set (or a plain encoder) would personalize every client with a random head (docs/method.md, "The
+    classification head"). Checked before any work, at the cost of reading the dataset."""
+    from fedp2eft.core.modeling import head_mismatch, saved_labels
+    from fedp2eft.experiment import Setup
+
+    checkpoint = config["base"]["checkpoint"]
+    if not checkpoint:
+        return
+    setup = Setup(str(checkpoint), config["dataset"], dict(config["dataset_options"] or {}))
+    if setup.data.task != "classification":
+        return
+    saved = saved_labels(setup.model_path)
+    if saved != setup.data.labels:
+        raise FedP2EFTError(f"base.checkpoint: {head_mismatch(setup.model_path, saved, setup.data.labels)}")
 
 
 def check_base_algorithm(config: dict) -> None:

@@ -30,8 +30,8 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedp2eft.benchmark.config import OPTIONAL_KEYS, with_optional_keys
-from fedp2eft.core.methods import ClientContext, PersonalizeConfig, Stage, method_lr, method_spec, personalize, \
-    stage_named, stages
+from fedp2eft.core.methods import ClientContext, PersonalizeConfig, Personalized, Stage, method_lr, method_spec, \
+    personalize, stage_named, stages
 from fedp2eft.core.personalization import validation_split
 from fedp2eft.core.pfl import apply_overlay
 from fedp2eft.errors import FedP2EFTError
@@ -86,15 +86,37 @@ def federated(name: str, config: dict, section: dict, model: str, training: dict
     return export_final(name, job, output)
 
 
+def run_config(run_dir: Path) -> dict:
+    """The config a run folder was made with (its ``config.yaml``; keys added since count as their default), for
+    commands that rebuild one of its cells."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise FedP2EFTError(f"{run_dir} is not a benchmark run folder (no config.yaml); give the folder "
+                            "`fedp2eft benchmark` wrote, e.g. results/default")
+    config = with_optional_keys(yaml.safe_load(saved.read_text()) or {})
+    algorithms = config["base"]["algorithm"]
+    if isinstance(algorithms, list):
+        raise FedP2EFTError(f"{run_dir} holds one run per base model ({', '.join(algorithms)}); give one of them, "
+                            f"e.g. {Path(run_dir) / algorithms[0]}")
+    return config
+
+
+def finished_base(config: dict, run_dir: Path) -> str | None:
+    """Path of the run's base model when there is one: the configured checkpoint or the one its base stage
+    exported; None before the base stage has finished."""
+    if config["base"]["checkpoint"]:
+        return str(config["base"]["checkpoint"])
+    final = run_dir / "base" / "model"
+    return str(final) if (final / "config.json").exists() else None
+
+
 def stage_base(config: dict, run_dir: Path) -> str:
     """Path of the base model: the configured checkpoint, or one trained with FedAvg on the seen pool. One base
     model serves every seed: it is the common starting point of all methods (docs/method.md)."""
     section = config["base"]
-    if section["checkpoint"]:
-        return str(section["checkpoint"])
-    final = run_dir / "base" / "model"
-    if (final / "config.json").exists():
-        return str(final)
+    finished = finished_base(config, run_dir)
+    if finished is not None:
+        return finished
     algorithm = section["algorithm"]
     console.rule(f"[bold]Stage 1/5: base model ({'FedAvg' if algorithm == 'fedavg' else algorithm} on the seen pool)")
     training = {**section["training"], "seed": config["seeds"][0]}
@@ -104,15 +126,23 @@ def stage_base(config: dict, run_dir: Path) -> str:
                          config["seeds"][0]))
 
 
+def finished_artifact(config: dict, run_dir: Path, stage: Stage, seed: int) -> Path | None:
+    """The artifact of ``stage`` a run uses for ``seed`` when there is one: the configured file or the one its
+    stage exported (recorded in ``seed<s>/<stage>/export.json``); None before that stage has finished."""
+    if config[stage.name]["artifact"]:
+        return Path(config[stage.name]["artifact"])
+    record = run_dir / f"seed{seed}" / stage.name / "export.json"
+    return Path(json.loads(record.read_text())["artifact"]) if record.exists() else None
+
+
 def stage_artifact(config: dict, run_dir: Path, base_model: str, stage: Stage, seed: int, lr_scale: float) -> Path:
     """The artifact of one method stage (e.g. the PS generator) for one seed: the configured file, or one trained
     on the seen pool. Its local training runs at the personalization rates x ``lr_scale``."""
     section = config[stage.name]
-    if section["artifact"]:
-        return Path(section["artifact"])
+    finished = finished_artifact(config, run_dir, stage, seed)
+    if finished is not None:
+        return finished
     output = run_dir / f"seed{seed}" / stage.name
-    if (output / "export.json").exists():
-        return Path(json.loads((output / "export.json").read_text())["artifact"])
     console.rule(f"[bold]Stage 3/5: {stage.name}, seed {seed} (Flower, seen pool)")
     personal = PersonalizeConfig.from_dict(config["personalize"]).with_lr_scale(lr_scale)
     rates = {"lora_lr": personal.lora_lr, "scale_lr": personal.scale_lr, "adalora_lr": personal.adalora_lr}
@@ -165,7 +195,7 @@ def validate_client(config: dict, index: int, methods: list[str], artifacts: dic
     client = setup.data.pool(section["pool"])[index]
     inner, held_out = validation_split(client.train, section["validation_fraction"], client.client_id)
     context = ClientContext(base, setup.task, inner, _artifacts(artifacts))
-    personal = PersonalizeConfig.from_dict({**config["personalize"], "seed": config["seeds"][0]})
+    personal = seeded_personalize_config(config, config["seeds"][0])
     rows = []
     with apply_overlay(base, setup.personal_overlay(base, section["pool"], index)):
         for method in methods:
@@ -192,24 +222,37 @@ def _personalize_client(config: dict, seed: int, pool: str, index: int, scales: 
                         artifacts: dict[str, str]) -> dict:
     setup, base = _WORKER["setup"], _WORKER["base"]
     client = setup.data.pool(pool)[index]
-    personal = PersonalizeConfig.from_dict({**config["personalize"], "seed": seed})
+    personal = seeded_personalize_config(config, seed)
     context = ClientContext(base, setup.task, client.train, _artifacts(artifacts))
     start = time.perf_counter()
     rows = [{"method": "base", "budget": 0, **_scores(setup.task.evaluate(base, client.test)),
              "seconds": time.perf_counter() - start}]
     for method in config["methods"]:
         for budget in config["budgets"]:
-            start = time.perf_counter()
-            tuned = personal.with_lr_scale(scales[method][budget])
-            result = personalize(method, context, budget=budget, config=tuned)
-            row = {"method": method, "budget": budget, **_scores(setup.task.evaluate(result.model, client.test)),
-                   "seconds": time.perf_counter() - start, "lr_scale": scales[method][budget],
-                   "lr": method_lr(tuned, method),
-                   "train_loss_last_epoch": result.metrics["train_loss_last_epoch"]}
-            for field in method_spec(method).reports:
-                row[field] = result.ranks if field == "ranks" else result.report[field]
-            rows.append(row)
+            rows.append(personalize_cell(context, client.test, method, budget, personal, scales[method][budget])[0])
     return {"seed": seed, "pool": pool, "client": client.client_id, "language": client.language, "rows": rows}
+
+
+def seeded_personalize_config(config: dict, seed: int) -> PersonalizeConfig:
+    """The personalization settings of a run's ``seed`` (before its learning-rate scale is applied)."""
+    return PersonalizeConfig.from_dict({**config["personalize"], "seed": seed})
+
+
+def personalize_cell(context: ClientContext, test: list[dict], method: str, budget: int, personal: PersonalizeConfig,
+                     lr_scale: float) -> tuple[dict, Personalized]:
+    """One cell of the results for one client: ``method`` at ``budget`` with every learning rate times
+    ``lr_scale``, scored on the client's test data. Returns the row ``personalize.jsonl`` keeps (with what the method
+    reports) and the personalized model; the benchmark and ``fedp2eft personalize --run`` both compute cells here,
+    so the command reproduces the run's rows."""
+    start = time.perf_counter()
+    tuned = personal.with_lr_scale(lr_scale)
+    result = personalize(method, context, budget=budget, config=tuned)
+    row = {"method": method, "budget": budget, **_scores(context.task.evaluate(result.model, test)),
+           "seconds": time.perf_counter() - start, "lr_scale": lr_scale, "lr": method_lr(tuned, method),
+           "train_loss_last_epoch": result.metrics["train_loss_last_epoch"]}
+    for field in method_spec(method).reports:
+        row[field] = result.ranks if field == "ranks" else result.report[field]
+    return row, result
 
 
 def run_jobs(config: dict, base_model: str, function: Callable, jobs: list[tuple], sink: Path,
@@ -331,25 +374,35 @@ def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: di
     os.replace(tmp, run_dir / "selection.json")
 
 
+def read_chosen_scales(path: Path, methods: list[str], budgets: list[int]) -> dict[str, dict[int, float]]:
+    """The learning-rate scale a run's ``selection.json`` chose per method and budget (1 for a method that learns
+    its own learning rates); a method or budget it chose nothing for is an error naming them."""
+    if not path.is_file():
+        raise FedP2EFTError(f"{path} does not exist; give the selection.json of a finished run")
+    chosen = json.loads(path.read_text())["chosen"]
+    scales = {}
+    for method in methods:
+        if method_spec(method).lr_field is None:
+            scales[method] = dict.fromkeys(budgets, 1.0)
+            continue
+        missing = [b for b in budgets if str(b) not in chosen.get(method, {})]
+        if missing:
+            made = "; ".join(f"{m} at {sorted(map(int, by_budget))}" for m, by_budget in chosen.items()) or "none"
+            raise FedP2EFTError(f"{path} chose no learning rate for {method} at budget(s) {missing} (its choices: "
+                                f"{made})")
+        scales[method] = {b: float(chosen[method][str(b)]) for b in budgets}
+    return scales
+
+
 def reused_scales(config: dict, path: Path, run_dir: Path) -> dict[str, dict[int, float]]:
     """The learning-rate scales another run chose (its ``selection.json``), for this run's methods and budgets;
     that file is copied here, with where it came from, so the report shows the choice."""
-    if not path.is_file():
-        raise FedP2EFTError(f"selection.reuse: {path} does not exist; give the selection.json of a finished run")
-    selection = json.loads(path.read_text())
-    scales = {}
-    for method in config["methods"]:
-        if method_spec(method).lr_field is None:
-            scales[method] = dict.fromkeys(config["budgets"], 1.0)
-            continue
-        chosen = selection["chosen"].get(method, {})
-        missing = [b for b in config["budgets"] if str(b) not in chosen]
-        if missing:
-            raise FedP2EFTError(f"selection.reuse: {path} chose no learning rate for {method} at budget(s) {missing}; "
-                                "reuse a run with the same methods and budgets")
-        scales[method] = {b: float(chosen[str(b)]) for b in config["budgets"]}
+    try:
+        scales = read_chosen_scales(path, config["methods"], config["budgets"])
+    except FedP2EFTError as error:
+        raise FedP2EFTError(f"selection.reuse: {error}; reuse a run with the same methods and budgets") from None
     tmp = run_dir / "selection.json.tmp"
-    tmp.write_text(json.dumps({**selection, "reused_from": str(path)}, indent=1))
+    tmp.write_text(json.dumps({**json.loads(path.read_text()), "reused_from": str(path)}, indent=1))
     os.replace(tmp, run_dir / "selection.json")
     return scales
 

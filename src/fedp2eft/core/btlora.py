@@ -10,11 +10,13 @@ straight-through gradient; a rank whose mask is 0 is switched off (contributes e
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from fedp2eft.errors import FedP2EFTError
@@ -63,12 +65,14 @@ def resolve_target_modules(model: nn.Module, patterns: list[str] | None) -> list
     return chosen
 
 
-def attach_lora(model: nn.Module, ranks: dict[str, int], scaling: float, seed: int = 0) -> PeftModel:
+def attach_lora(model: nn.Module, ranks: dict[str, int], scaling: float, seed: int = 0,
+                carry: Sequence[str] = ()) -> PeftModel:
     """Wrap ``model`` with a PEFT LoRA whose module ``name`` has rank ``ranks[name]`` and scaling ``scaling``.
 
     Heterogeneous ranks use PEFT's own ``rank_pattern``/``alpha_pattern`` (alpha = scaling * rank), so the
     result saves and loads as a standard PEFT adapter. The LoRA init is drawn from ``seed`` so that every
-    fresh LoRA of a client starts from the same weights.
+    fresh LoRA of a client starts from the same weights. The modules named in ``carry`` (a classifier's head)
+    are saved with the adapter, frozen (``carry_frozen``).
     """
     if not ranks:
         raise FedP2EFTError("no module was given a LoRA rank; check target_modules and the budget")
@@ -81,10 +85,21 @@ def attach_lora(model: nn.Module, ranks: dict[str, int], scaling: float, seed: i
         target_modules=names,
         rank_pattern={re.escape(name): rank for name, rank in ranks.items()},
         alpha_pattern={re.escape(name): scaling * rank for name, rank in ranks.items()},
+        modules_to_save=list(carry) or None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        return carry_frozen(get_peft_model(model, config))
+
+
+def carry_frozen(model: PeftModel) -> PeftModel:
+    """Freeze the copies PEFT made of the ``modules_to_save`` (it makes them trainable): personalization trains
+    the LoRA only and leaves the base model's head as it is (docs/method.md, "The classification head"); the adapter
+    carries the head so that it reproduces its predictions on the plain encoder."""
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module.modules_to_save.requires_grad_(False)
+    return model
 
 
 class RankGate(nn.Module):
@@ -104,8 +119,9 @@ class BTLoRAModel(nn.Module):
     """A PEFT LoRA model whose every LoRA module carries a :class:`RankGate`.
 
     ``ranks`` maps module name -> rank; ``init_scales`` gives each module's starting lambda (a float for all,
-    or a dict of tensors). Module order (``module_names``) is the model's own order, and the flat scale
-    vector Lambda is the concatenation of the modules' scales in that order.
+    or a dict of tensors); ``carry`` names modules saved with the adapter, frozen (``attach_lora``). Module
+    order (``module_names``) is the model's own order, and the flat scale vector Lambda is the concatenation of
+    the modules' scales in that order.
     """
 
     def __init__(
@@ -118,9 +134,10 @@ class BTLoRAModel(nn.Module):
         priors: PriorConfig | None = None,
         adapter_name: str = "default",
         lora_seed: int = 0,
+        carry: Sequence[str] = (),
     ) -> None:
         super().__init__()
-        self.peft_model = attach_lora(model, ranks, scaling, seed=lora_seed)
+        self.peft_model = attach_lora(model, ranks, scaling, seed=lora_seed, carry=carry)
         self.priors = priors or PriorConfig()
         self.adapter_name = adapter_name
         self.lora_layers: dict[str, LoraLayer] = {}

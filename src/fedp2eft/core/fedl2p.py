@@ -21,12 +21,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedp2eft.core.artifacts import ArtifactKind, load_artifact, save_artifact
-from fedp2eft.core.btlora import attach_lora, clamp_ste
+from fedp2eft.core.btlora import clamp_ste
 from fedp2eft.core.device import model_device, to_device
 from fedp2eft.core.federation import ClientUpdate
 from fedp2eft.core.generator import FeatureLayout
-from fedp2eft.core.personalization import LORA_SCALING, ClientContext, PersonalizeConfig, Personalized, \
-    features_for, frozen_copy, generator_spec, train_metrics, validation_split
+from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, features_for, \
+    generator_spec, personal_lora, train_metrics, validation_split
 from fedp2eft.core.tasks import Task, iterate_batches
 from fedp2eft.core.training import TrainResult, train
 from fedp2eft.errors import FedP2EFTError, config_from_mapping
@@ -151,8 +151,7 @@ def load_metanets(directory: str | Path, base_model: nn.Module, config: Personal
 
 def new_lora(base_model: nn.Module, spec: MetaNetSpec, seed: int) -> PeftModel:
     """A fresh rank-r LoRA on every module of ``spec`` (alpha = 2r, ``LORA_SCALING``), its init drawn from ``seed``."""
-    return attach_lora(frozen_copy(base_model), {name: spec.budget for name in spec.module_names}, LORA_SCALING,
-                       seed=seed)
+    return personal_lora(base_model, {name: spec.budget for name in spec.module_names}, seed)
 
 
 def lora_tensors(model: PeftModel, module_names: Sequence[str], adapter: str = "default") -> list[nn.Parameter]:

@@ -59,18 +59,68 @@ class SequenceClassifier(nn.Module):
         (directory / LABELS_FILE).write_text(json.dumps(self.labels))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, labels: list[str] | None = None) -> SequenceClassifier:
-        """Load an encoder checkpoint; its head is loaded when saved with the same labels, else freshly made."""
+    def from_pretrained(cls, directory: str | Path, labels: list[str] | None = None,
+                        new_head_seed: int | None = None) -> SequenceClassifier:
+        """Load an encoder checkpoint with its head for ``labels`` (default: the saved ones). A checkpoint without a
+        head for exactly these labels is an error, unless ``new_head_seed`` is given: then a fresh head is drawn from
+        that seed. Only base training passes it, since it trains the head; any other use of a fresh head would
+        score with random, frozen weights."""
         directory = Path(directory)
-        encoder = AutoModel.from_pretrained(directory, **_without_pooler(AutoConfig.from_pretrained(directory)))
-        saved = json.loads((directory / LABELS_FILE).read_text()) if (directory / LABELS_FILE).exists() else None
-        labels = labels or saved
-        if labels is None:
+        saved = saved_labels(directory)
+        labels = list(labels or saved or [])
+        if not labels:
             raise FedP2EFTError(f"{directory} holds no label list; pass the dataset's labels")
-        model = cls(encoder, labels)
-        if saved == labels and (directory / HEAD_FILE).exists():
+        if saved != labels and new_head_seed is None:
+            raise FedP2EFTError(head_mismatch(directory, saved, labels))
+        encoder = AutoModel.from_pretrained(directory, **_without_pooler(AutoConfig.from_pretrained(directory)))
+        with torch.random.fork_rng(devices=[]):  # a new head comes from its seed alone, the caller's stream untouched
+            torch.manual_seed(new_head_seed or 0)
+            model = cls(encoder, labels)
+        if saved == labels:
             model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
         return model
+
+
+def saved_labels(directory: str | Path) -> list[str] | None:
+    """The labels of the classification head saved in ``directory``; None when it holds no head (e.g. a plain
+    encoder such as the embedded e5)."""
+    directory = Path(directory)
+    if not (directory / HEAD_FILE).is_file() or not (directory / LABELS_FILE).is_file():
+        return None
+    return list(json.loads((directory / LABELS_FILE).read_text()))
+
+
+def head_mismatch(directory: str | Path, saved: list[str] | None, labels: list[str]) -> str:
+    """Why the checkpoint in ``directory`` cannot classify ``labels``, naming both label sets, and what to do."""
+    remedy = ("train a base model on this dataset (`fedp2eft benchmark` with base.checkpoint empty, or "
+              "`fedp2eft train-base`), or use the dataset the checkpoint was trained on")
+    if saved is None:
+        return (f"{directory} has no classification head, but the dataset has labels {_label_list(labels)}, whose "
+                f"head the base stage trains; {remedy}")
+    only_saved, only_dataset = sorted(set(saved) - set(labels)), sorted(set(labels) - set(saved))
+    if not only_saved and not only_dataset:
+        difference = " (the same labels in another order)"
+    elif len(only_saved) < len(saved):
+        difference = (f" (only the checkpoint has {_label_list(only_saved)}, only the dataset "
+                      f"{_label_list(only_dataset)})")
+    else:
+        difference = ""
+    return (f"{directory} has a classification head for labels {_label_list(saved)}, but the dataset has labels "
+            f"{_label_list(labels)}{difference}; {remedy}")
+
+
+def _label_list(labels: list[str], shown: int = 6) -> str:
+    """A label list short enough for one error line."""
+    names = ", ".join(labels[:shown]) + (f", ... ({len(labels)} in all)" if len(labels) > shown else "")
+    return f"[{names}]"
+
+
+def adapter_carried_modules(model: nn.Module) -> list[str]:
+    """Modules of ``model`` a personalized adapter must carry besides its LoRA (PEFT's ``modules_to_save``) so
+    that loading it onto the plain encoder reproduces the personalized model: a classifier's head, which was
+    trained with the base model, not saved in the encoder checkpoint. A causal LM's output layer is part of its
+    checkpoint: none."""
+    return ["head"] if isinstance(model, SequenceClassifier) else []
 
 
 def _without_pooler(config: PretrainedConfig) -> dict:

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from torch import nn
 
-from fedp2eft.core.btlora import BTLoRAModel, PriorConfig, resolve_target_modules
+from fedp2eft.core.btlora import BTLoRAModel, PriorConfig, attach_lora, resolve_target_modules
 from fedp2eft.core.budget import Selection
 from fedp2eft.core.features import client_features, feature_layer_names
 from fedp2eft.core.generator import GeneratorSpec
+from fedp2eft.core.modeling import adapter_carried_modules
 from fedp2eft.core.tasks import Task, iterate_batches
 from fedp2eft.core.training import TrainResult, train
 from fedp2eft.errors import FedP2EFTError, config_from_mapping
@@ -81,6 +83,13 @@ def frozen_copy(base_model: nn.Module) -> nn.Module:
     PEFT swaps modules in the copy's tree only and freezes the (shared) base weights, so many personalized
     models can live side by side at the cost of their LoRA weights, not of the whole model."""
     return copy.deepcopy(base_model, memo={id(p): p for p in base_model.parameters()})
+
+
+def personal_lora(base_model: nn.Module, ranks: dict[str, int], seed: int) -> PeftModel:
+    """A fresh LoRA with ``ranks`` (alpha = 2 x rank) on a ``frozen_copy`` of the base model, its init drawn from
+    ``seed``; its adapter carries the classifier's head, so it reproduces its predictions on the plain encoder."""
+    return attach_lora(frozen_copy(base_model), ranks, LORA_SCALING, seed=seed,
+                       carry=adapter_carried_modules(base_model))
 
 
 def validation_split(examples: list[dict], fraction: float, key: int | str) -> tuple[list[dict], list[dict]]:
@@ -145,6 +154,7 @@ def new_btlora(base_model: nn.Module, config: PersonalizeConfig, init_scales: fl
     return BTLoRAModel(
         frozen_copy(base_model), {name: config.max_rank for name in targets}, LORA_SCALING,
         init_scales=init_scales, priors=config.priors, lora_seed=config.seed,
+        carry=adapter_carried_modules(base_model),
     )
 
 
@@ -173,7 +183,8 @@ def finetune_selection(context: ClientContext, selection: Selection, config: Per
     multipliers (all 1 with ``unit_scales``: the rank structure alone), fine-tuned on the client's data."""
     values = {name: torch.ones_like(v) for name, v in selection.values.items()} if unit_scales else selection.values
     model = BTLoRAModel(frozen_copy(context.base_model), selection.ranks, LORA_SCALING, init_scales=values,
-                        trainable_scales=False, lora_seed=config.seed)
+                        trainable_scales=False, lora_seed=config.seed,
+                        carry=adapter_carried_modules(context.base_model))
     optimizer = torch.optim.AdamW(model.lora_parameters(), lr=config.lora_lr, weight_decay=0.0)
     result = train(model, context.task, context.examples, optimizer, config.epochs, config.batch_size,
                    seed=config.seed)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 
-from fedp2eft.core.btlora import resolve_target_modules
+from fedp2eft.core.btlora import carry_frozen, resolve_target_modules
+from fedp2eft.core.modeling import adapter_carried_modules
 from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, frozen_copy, train_metrics
 from fedp2eft.core.methods.registry import MethodSpec
 from fedp2eft.core.training import steps_per_epoch, train
@@ -19,10 +20,11 @@ def personalize_adalora(context: ClientContext, budget: int, config: Personalize
     adalora = AdaLoraConfig(
         target_r=budget, init_r=init_r, lora_dropout=0.0, tinit=int(0.1 * total), tfinal=int(0.3 * total),
         deltaT=1, orth_reg_weight=0.1, total_step=total, target_modules=targets,
+        modules_to_save=adapter_carried_modules(context.base_model) or None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model: PeftModel = get_peft_model(frozen_copy(context.base_model), adalora)
+        model: PeftModel = carry_frozen(get_peft_model(frozen_copy(context.base_model), adalora))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.adalora_lr,
                                   weight_decay=0.0)
     result = train(model, context.task, context.examples, optimizer, config.epochs, config.batch_size,

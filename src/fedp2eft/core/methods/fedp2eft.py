@@ -32,10 +32,15 @@ def load_generator(path: Path, base_model: nn.Module, config: PersonalizeConfig,
     return PSGenerator.load(path, expected=generator_spec(base_model, config, base_model_name))
 
 
+def generator_max_rank(path: Path) -> int:
+    return PSGenerator.load(path).spec.rank
+
+
 PSG_STAGE = Stage(
     name="psg", title="the PS generator", build=build_generator_task, config_class=GeneratorTrainingConfig, load=load_generator,
     defaults={"rounds": 20, "clients_per_round": 4, "training": {}},
     how_to_get="train one with `fedp2eft train-psg` (or let `fedp2eft benchmark` train it)",
+    max_rank=generator_max_rank,
 )
 
 

@@ -31,7 +31,9 @@ class Stage:
     the section's ``training`` mapping (plus ``personalize`` and ``seed``, and ``total_rounds`` when ``config_class``
     has that field); ``config_class`` is that mapping's dataclass. ``load(path, base_model, config,
     base_model_name)`` reads the exported artifact and refuses one made for another model. ``defaults`` are the
-    section's defaults; ``how_to_get`` tells a user without the artifact how to make one."""
+    section's defaults; ``how_to_get`` tells a user without the artifact how to make one. ``max_rank(path)``, for an
+    artifact made for one maximum rank R (the PS generator outputs R scales per module), reads that R, so a user
+    need not repeat it; None for a stage whose artifacts fit any R."""
 
     name: str
     title: str
@@ -40,6 +42,7 @@ class Stage:
     load: Callable[[Path, nn.Module, PersonalizeConfig, str], Any]
     defaults: dict
     how_to_get: str
+    max_rank: Callable[[Path], int] | None = None
 
     @property
     def counts_rounds(self) -> bool:
