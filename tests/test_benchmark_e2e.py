@@ -133,4 +133,5 @@ def test_the_readme_python_example_runs_as_written(quick_run, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     assert "accuracy" in capsys.readouterr().out
-    assert PeftConfig.from_pretrained(str(tmp_path / "my-adapter")).peft_type == "LORA"
+    adapter = PeftConfig.from_pretrained(str(tmp_path / "my-adapter"))
+    assert adapter.peft_type == "LORA" and adapter.base_model_name_or_path.endswith("results/quick/base/model")

@@ -72,8 +72,12 @@ class Personalized:
     report: dict[str, Any] = field(default_factory=dict)
 
     def export(self, directory: str | Path) -> None:
-        """Save as a standard PEFT adapter (per-module ranks, lambda folded into B)."""
+        """Save as a standard PEFT adapter (per-module ranks, lambda folded into B) whose config names its base
+        model (the checkpoint folder or hub id the base was loaded from)."""
         peft_model = self.model.fold_scales() if isinstance(self.model, BTLoRAModel) else self.model
+        base_name = getattr(peft_model.get_base_model().config, "_name_or_path", "") or None
+        for adapter in peft_model.peft_config.values():
+            adapter.base_model_name_or_path = adapter.base_model_name_or_path or base_name
         peft_model.save_pretrained(str(directory))
 
 
