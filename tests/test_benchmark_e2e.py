@@ -134,4 +134,4 @@ def test_the_readme_python_example_runs_as_written(quick_run, tmp_path, monkeypa
     exec(compile(block, "README.md", "exec"), {})
     assert "accuracy" in capsys.readouterr().out
     adapter = PeftConfig.from_pretrained(str(tmp_path / "my-adapter"))
-    assert adapter.peft_type == "LORA" and adapter.base_model_name_or_path.endswith("results/quick/base/model")
+    assert adapter.peft_type == "LORA" and "quick/base/model" in adapter.base_model_name_or_path
