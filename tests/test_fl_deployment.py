@@ -97,6 +97,8 @@ def test_secured_superlink_refuses_unregistered_and_plaintext_supernodes(secure_
     assert "Failed to activate SuperNode" in link.log("unregistered")
     assert "No SuperNode found with the given public key" in link.log("superlink")
     assert plaintext.wait(timeout=REFUSAL_TIMEOUT_S) != 0
-    # The TLS listener hangs up on a plain HTTP request (a closed port would read "connection refused").
-    assert "Server disconnected without sending a response" in link.log("plaintext")
+    # The TLS listener hangs up on a plain HTTP request: "Server disconnected without sending a response" or
+    # "Connection reset by peer", depending on timing (a closed port would read "connection refused").
+    refused = link.log("plaintext")
+    assert "could not establish a connection to the SuperLink" in refused and "refused" not in refused.lower()
     assert link.online_nodes() == link.registered_nodes

@@ -163,7 +163,15 @@ PSG_CONFIG = {
 
 
 def test_builtin_psg_task_runs_one_round_in_simulation(tmp_path: Path) -> None:
-    path = run_federated("psg", PSG_CONFIG, 1, 2, output_dir=tmp_path, min_clients=2)
+    from fedp2eft.experiment import Setup
+
+    # the generator trains on a base model with a head for the dataset's labels, as the base stage leaves it
+    setup = Setup.from_config(PSG_CONFIG)
+    setup.load_base_model(new_head_seed=0).save_pretrained(tmp_path / "base")
+    setup.tokenizer.save_pretrained(tmp_path / "base")
+    out = tmp_path / "psg"
+    path = run_federated("psg", {**PSG_CONFIG, "model": str(tmp_path / "base")}, 1, 2, output_dir=out, min_clients=2)
+    tmp_path = out
     (row,) = read_rows(tmp_path)
     assert row["successes"] == 2 and row["failures"] == 0 and row["num_examples"] == 32
     assert row["train/mean_lambda"] >= 1e-4 and "train/stage1_loss" in row

@@ -116,15 +116,16 @@ class RoundOutcome:
 
 
 CLIENT_ERRORS_FILE = "client_errors.log"
-_EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*)$")
+_EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): \S.*)$")
 
 
 def one_line(reason: str, limit: int = 300) -> str:
-    """A failure reason in one line: the exception line of a (remote) traceback when it has one, else its first
+    """A failure reason in one line: the first exception line with a message in a (remote) traceback, the root
+    cause when exceptions were chained (Ray and Flower wrap a client's exception twice), else the reason's first
     line, cut to ``limit`` characters. The full text goes to the run's ``client_errors.log``."""
     lines = [line for line in reason.strip().splitlines() if line.strip()] or [""]
     exceptions = [m.group(1) for line in lines if (m := _EXCEPTION_LINE.match(line))]
-    text = (exceptions[-1] if exceptions else lines[0]).strip()
+    text = " ".join((exceptions[0] if exceptions else lines[0]).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
