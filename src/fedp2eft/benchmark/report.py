@@ -1116,7 +1116,7 @@ def privacy_spent(run_dir: Path) -> list[dict]:
     all its rounds, and the noise, clipping and sampling that gave it), from the stage's metrics.jsonl."""
     entries = []
     for path in sorted(Path(run_dir).glob("base/metrics.jsonl")) + sorted(Path(run_dir).glob("seed*/*/metrics.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if '"privacy/epsilon"' in line]
+        rows = [row for row in read_rounds(path) if "privacy/epsilon" in row]
         if rows:
             last = rows[-1]
             entries.append({"stage": path.parent.relative_to(run_dir).as_posix(), "rounds": last["round"],

@@ -214,22 +214,15 @@ def personalize_client(config: dict, seed: int, pool: str, index: int, scales: d
     computed once for all budgets. Rows carry what each method declares it reports (ranks, lambdas, ...). On a
     personalized-FL base everything, the base row included, starts from the client's own personal base."""
     setup, base = _WORKER["setup"], _WORKER["base"]
-    with apply_overlay(base, setup.personal_overlay(base, pool, index)):
-        return _personalize_client(config, seed, pool, index, scales, artifacts)
-
-
-def _personalize_client(config: dict, seed: int, pool: str, index: int, scales: dict[str, dict[int, float]],
-                        artifacts: dict[str, str]) -> dict:
-    setup, base = _WORKER["setup"], _WORKER["base"]
     client = setup.data.pool(pool)[index]
     personal = seeded_personalize_config(config, seed)
     context = ClientContext(base, setup.task, client.train, _artifacts(artifacts))
-    start = time.perf_counter()
-    rows = [{"method": "base", "budget": 0, **_scores(setup.task.evaluate(base, client.test)),
-             "seconds": time.perf_counter() - start}]
-    for method in config["methods"]:
-        for budget in config["budgets"]:
-            rows.append(personalize_cell(context, client.test, method, budget, personal, scales[method][budget])[0])
+    with apply_overlay(base, setup.personal_overlay(base, pool, index)):
+        start = time.perf_counter()
+        rows = [{"method": "base", "budget": 0, **_scores(setup.task.evaluate(base, client.test)),
+                 "seconds": time.perf_counter() - start}]
+        rows += [personalize_cell(context, client.test, method, budget, personal, scales[method][budget])[0]
+                 for method in config["methods"] for budget in config["budgets"]]
     return {"seed": seed, "pool": pool, "client": client.client_id, "language": client.language, "rows": rows}
 
 
