@@ -145,3 +145,25 @@ def test_a_bad_data_file_fails_before_any_work(tmp_path):
     path.write_text("text;label;language\nhello;greet;en\n")
     with pytest.raises(FedP2EFTError, match="mine.csv: columns are separated by ';'"):
         resolve("quick", [f"dataset={path}", "dataset_options={}"])
+
+
+def _validation_records(correct: dict[tuple[str, int, float], int], count: int = 10) -> list[dict]:
+    rows = [{"method": m, "budget": b, "scale": s, "correct": c, "count": count} for (m, b, s), c in correct.items()]
+    return [{"client": "en-u0", "rows": rows}]
+
+
+def test_selection_pools_the_budgets_unless_told_to_choose_per_budget():
+    """A scale that wins one budget by a sentence loses to one that is better over all budgets; per budget, each
+    budget gets its own winner; ties go to the smaller scale; a learned-rate method keeps 1."""
+    from fedp2eft.benchmark.runner import chosen_scales
+
+    config = resolve("quick", ["methods=[lora,fedl2p]", "budgets=[2,8]"])
+    assert config["selection"]["per_budget"] is False and config["selection"]["grid"] == [3.0, 30.0]
+    records = _validation_records({("lora", 2, 3.0): 6, ("lora", 2, 30.0): 5, ("lora", 8, 3.0): 4,
+                                   ("lora", 8, 30.0): 8})
+    assert chosen_scales(config, records) == {"lora": {2: 30.0, 8: 30.0}, "fedl2p": {2: 1.0, 8: 1.0}}
+    per_budget = {**config, "selection": {**config["selection"], "per_budget": True}}
+    assert chosen_scales(per_budget, records)["lora"] == {2: 3.0, 8: 30.0}
+    tied = _validation_records({("lora", 2, 3.0): 5, ("lora", 2, 30.0): 6, ("lora", 8, 3.0): 7,
+                                ("lora", 8, 30.0): 6})
+    assert chosen_scales(config, tied)["lora"] == {2: 3.0, 8: 3.0}

@@ -53,7 +53,9 @@ def section_defaults() -> dict[str, dict]:
 
     private = {"privacy": {"dp": None}}  # user-level DP of a federated stage: {noise_multiplier, clipping_norm, delta}
     return {"base": {"algorithm": "fedavg", **copy.deepcopy(ALGORITHM_SETTINGS), **copy.deepcopy(private)},
-            "selection": {"reuse": None},  # a selection.json whose choice to apply instead of selecting
+            # reuse: a selection.json whose choice to apply instead of selecting; per_budget: one scale per method
+            # and budget (true, how runs were made before the key existed) or one per method over all budgets
+            "selection": {"reuse": None, "per_budget": True},
             "report": {"reference_run": None},  # a finished run's folder to compare every cell against
             **{stage: copy.deepcopy(private) for stage in STAGES}}
 

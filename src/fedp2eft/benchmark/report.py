@@ -769,6 +769,10 @@ def selection_markdown(selection: dict) -> str:
              f"({', '.join(selection.get('clients', []))}); their test data were not used.\n",
              *([f"This run did not select: it applies the choice made in `{selection['reused_from']}` unchanged.\n"]
                if selection.get("reused_from") else []),
+             ("One scale per method and budget, chosen on that budget's validation rows.\n"
+              if selection.get("per_budget", True) else
+              "One scale per method for every budget, chosen on the validation rows of all budgets pooled "
+              "(`selection.per_budget: false`; docs/method.md, \"Benchmark regime\").\n"),
              "**Chosen learning rate** (grid scale in brackets)\n", *head]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(_chosen_cell(points(method, b), chosen.get(method, {}).get(b))

@@ -329,20 +329,27 @@ def validation_counts(records: list[dict]) -> tuple[dict, dict]:
 
 
 def chosen_scales(config: dict, records: list[dict]) -> dict[str, dict[int, float]]:
-    """Per method and budget, the grid scale with the best pooled validation accuracy (ties: the smaller
-    scale). With a one-point grid that point. A method that learns its own learning rates keeps scale 1."""
+    """Per method, the grid scale with the best pooled validation accuracy (ties: the smaller scale): per budget
+    with ``selection.per_budget``, else one scale for all budgets, chosen on the validation rows of every budget
+    pooled (four times the data per decision at four budgets; docs/method.md, "Benchmark regime"). With a
+    one-point grid that point. A method that learns its own learning rates keeps scale 1."""
     grid = config["selection"]["grid"]
     correct, count = validation_counts(records)
+
+    def best(method: str, budgets: list[int]) -> float:
+        totals = [(sum(correct[(method, b, s)] for b in budgets), sum(count[(method, b, s)] for b in budgets), -i, s)
+                  for i, s in enumerate(grid)]
+        scored = [(right / seen, order, scale) for right, seen, order, scale in totals if seen]
+        return max(scored)[2] if scored else grid[0]
+
     chosen: dict[str, dict[int, float]] = {}
     for method in config["methods"]:
-        chosen[method] = {}
         if method_spec(method).lr_field is None:
             chosen[method] = dict.fromkeys(config["budgets"], 1.0)
-            continue
-        for budget in config["budgets"]:
-            scored = [(correct[(method, budget, s)] / count[(method, budget, s)], -i, s)
-                      for i, s in enumerate(grid) if count[(method, budget, s)]]
-            chosen[method][budget] = max(scored)[2] if scored else grid[0]
+        elif config["selection"]["per_budget"]:
+            chosen[method] = {budget: best(method, [budget]) for budget in config["budgets"]}
+        else:
+            chosen[method] = dict.fromkeys(config["budgets"], best(method, config["budgets"]))
     return chosen
 
 
@@ -358,7 +365,7 @@ def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: di
     metric = next((row.get("metric", "accuracy") for record in records for row in record["rows"]), "accuracy")
     payload = {"metric": metric, "grid": config["selection"]["grid"],
                "validation_fraction": config["selection"]["validation_fraction"],
-               "pool": config["selection"]["pool"],
+               "pool": config["selection"]["pool"], "per_budget": config["selection"]["per_budget"],
                "clients": sorted({record["client"] for record in records}), "results": results,
                "chosen": {m: {str(b): s for b, s in by_budget.items()} for m, by_budget in chosen.items()
                           if method_spec(m).lr_field is not None}}
