@@ -51,7 +51,9 @@ def section_defaults() -> dict[str, dict]:
     and each pFL algorithm's own settings (``core/pfl.py``)."""
     from fedp2eft.core.pfl import ALGORITHM_SETTINGS
 
-    private = {"privacy": {"dp": None}}  # user-level DP of a federated stage: {noise_multiplier, clipping_norm, delta}
+    # user-level DP of a federated stage ({noise_multiplier, clipping_norm, delta}) and its secure aggregation
+    # (SecAgg+ settings; {} takes the defaults)
+    private = {"privacy": {"dp": None, "secagg": None}}
     return {"base": {"algorithm": "fedavg", **copy.deepcopy(ALGORITHM_SETTINGS), **copy.deepcopy(private)},
             # reuse: a selection.json whose choice to apply instead of selecting; per_budget: one scale per method
             # and budget (true, how runs were made before the key existed) or one per method over all budgets
@@ -64,16 +66,39 @@ def with_optional_keys(config: dict) -> dict:
     """``config`` with every optional key present (a run saved before a key existed reads as its default)."""
     config = {**OPTIONAL_KEYS, **config}
     for section, defaults in section_defaults().items():
-        config[section] = {**defaults, **config.get(section, {})}
+        given = config.get(section, {})
+        config[section] = {**defaults, **given}
+        for key, default in defaults.items():  # one level deeper: privacy.secagg joined privacy.dp later
+            if isinstance(default, dict) and isinstance(given.get(key), dict):
+                config[section][key] = {**default, **given[key]}
     return config
 
 
+def stage_min_clients(clients_per_round: int) -> int:
+    """The fewest successful clients a federated stage's round accepts: half of its sample."""
+    return max(1, clients_per_round // 2)
+
+
 def check_privacy(config: dict) -> None:
-    """Every federated stage's ``privacy.dp`` is empty or valid DP settings."""
+    """Every federated stage's ``privacy.dp`` and ``privacy.secagg`` are empty or valid settings, which the stage's
+    sample can run with."""
     from fedp2eft.fl.privacy import DPConfig
+    from fedp2eft.fl.secure_aggregation import SecAggConfig
 
     for section in ("base", *(stage.name for stage in stages(config["methods"]))):
-        dp = config[section]["privacy"]["dp"]
+        dp, secagg = config[section]["privacy"]["dp"], config[section]["privacy"]["secagg"]
+        if secagg is not None:
+            if not isinstance(secagg, dict):
+                raise FedP2EFTError(f"{section}.privacy.secagg must be a mapping of SecAgg+ settings ({{}} for the "
+                                    f"defaults, e.g. {{clipping_range: 1.0}}), got {secagg!r}")
+            if dp is not None:
+                raise FedP2EFTError(f"{section}: privacy.dp and privacy.secagg cannot be combined yet (DP here clips "
+                                    "on the server, which needs the updates SecAgg+ hides); use one")
+            clients = config[section]["clients_per_round"]
+            try:
+                SecAggConfig.from_dict(secagg).check_sample(clients, stage_min_clients(clients))
+            except FedP2EFTError as error:
+                raise FedP2EFTError(f"{section}.{error}") from error
         if dp is not None:
             if not isinstance(dp, dict):
                 raise FedP2EFTError(f"{section}.privacy.dp must be a mapping such as {{noise_multiplier: 1.0, "

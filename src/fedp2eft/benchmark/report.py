@@ -1116,28 +1116,47 @@ def write_bases_report(config: dict, run_dir: Path, records_by_base: Mapping[str
 
 
 def privacy_spent(run_dir: Path) -> list[dict]:
-    """The privacy each federated stage trained with DP spent: its last round's ``privacy/*`` entries (ε at δ after
-    all its rounds, and the noise, clipping and sampling that gave it), from the stage's metrics.jsonl."""
+    """The privacy of every federated stage trained with DP or secure aggregation, from its metrics.jsonl: for DP
+    its last round's ``privacy/*`` entries (ε at δ after all its rounds, and the noise, clipping and sampling that
+    gave it); for SecAgg+ the shares and threshold, and the largest quantization error bound of a round."""
     entries = []
     for path in sorted(Path(run_dir).glob("base/metrics.jsonl")) + sorted(Path(run_dir).glob("seed*/*/metrics.jsonl")):
-        rows = [row for row in read_rounds(path) if "privacy/epsilon" in row]
-        if rows:
-            last = rows[-1]
-            entries.append({"stage": path.parent.relative_to(run_dir).as_posix(), "rounds": last["round"],
-                            **{key.removeprefix("privacy/"): value for key, value in last.items()
-                               if key.startswith("privacy/")}})
+        rows = read_rounds(path)
+        private, secure = [row for row in rows if "privacy/epsilon" in row], [row for row in rows if "secagg/shares" in row]
+        entry = {"stage": path.parent.relative_to(run_dir).as_posix(), "rounds": rows[-1]["round"] if rows else 0}
+        if private:
+            entry.update({key.removeprefix("privacy/"): value for key, value in private[-1].items()
+                          if key.startswith("privacy/")})
+        if secure:
+            entry["secagg"] = {"shares": secure[-1]["secagg/shares"], "threshold": secure[-1]["secagg/threshold"],
+                               "error_bound": max(row["secagg/error_bound"] for row in secure)}
+        if private or secure:
+            entries.append(entry)
     return entries
 
 
 def privacy_markdown(entries: list[dict]) -> str:
-    """One row per DP-trained stage: user-level (ε, δ) after its rounds."""
-    lines = ["User-level differential privacy of the federated stages trained with it (DP-FedAvg: each client's "
-             "update clipped to norm C, equal weights, Gaussian noise z·C on the sum; ε from an RDP accountant for "
-             "fixed-size sampling without replacement; docs/federation.md, \"Differential privacy\"). Stages "
-             "not listed were trained without DP.\n",
-             "| stage | rounds | ε | δ | noise multiplier z | clipping norm C | sampling rate |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {e['stage']} | {e['rounds']} | {e['epsilon']:.3g} | {e['delta']:g} | {e['noise_multiplier']:g} | "
-              f"{e['clipping_norm']:g} | {e['sampling_rate']:.3g} |" for e in entries]
+    """One table per kind of protection: user-level (ε, δ) of each DP-trained stage after its rounds, and the
+    SecAgg+ settings of each securely aggregated stage."""
+    private, secure = [e for e in entries if "epsilon" in e], [e for e in entries if "secagg" in e]
+    lines = []
+    if private:
+        lines += ["User-level differential privacy of the federated stages trained with it (DP-FedAvg: each client's "
+                  "update clipped to norm C, equal weights, Gaussian noise z·C on the sum; ε from an RDP accountant "
+                  "for fixed-size sampling without replacement; docs/federation.md, \"Differential privacy\"). "
+                  "Stages not listed were trained without DP.\n",
+                  "| stage | rounds | ε | δ | noise multiplier z | clipping norm C | sampling rate |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {e['stage']} | {e['rounds']} | {e['epsilon']:.3g} | {e['delta']:g} | {e['noise_multiplier']:g} "
+                  f"| {e['clipping_norm']:g} | {e['sampling_rate']:.3g} |" for e in private]
+    if secure:
+        lines += [("\n" if lines else "") + "Stages aggregated with SecAgg+ (the server learned only the weighted "
+                  "average of each round's updates, and each client's example count and training metrics; "
+                  "docs/federation.md, \"Secure aggregation\"):\n",
+                  "| stage | rounds | shares | threshold | largest quantization error of an averaged entry |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {e['stage']} | {e['rounds']} | {e['secagg']['shares']} | {e['secagg']['threshold']} | "
+                  f"{e['secagg']['error_bound']:.2g} |" for e in secure]
     return "\n".join(lines)
 
 

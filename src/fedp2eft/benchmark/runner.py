@@ -29,7 +29,7 @@ import torch
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedp2eft.benchmark.config import OPTIONAL_KEYS, with_optional_keys
+from fedp2eft.benchmark.config import OPTIONAL_KEYS, stage_min_clients, with_optional_keys
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, Personalized, Stage, method_lr, method_spec, \
     personalize, stage_named, stages
 from fedp2eft.core.personalization import validation_split
@@ -81,8 +81,8 @@ def federated(name: str, config: dict, section: dict, model: str, training: dict
     job = task_config(config, model, training)
     if state is None or state.round < section["rounds"]:
         run_federated(name, job, section["rounds"], section["clients_per_round"], output_dir=output, seed=seed,
-                      resume=state is not None, min_clients=max(1, section["clients_per_round"] // 2),
-                      dp=section["privacy"]["dp"])
+                      resume=state is not None, min_clients=stage_min_clients(section["clients_per_round"]),
+                      dp=section["privacy"]["dp"], secagg=section["privacy"]["secagg"])
     return export_final(name, job, output)
 
 

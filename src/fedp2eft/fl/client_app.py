@@ -4,6 +4,9 @@ Building a task loads a model, so each process keeps the last built task and reu
 the (task, config) pair stays the same. Any exception propagates: Flower turns it into an
 error reply, which the server counts as a failed client.
 
+Under secure aggregation the training message comes in Flower's legacy format through the SecAgg+ client mod,
+and the reply is the client's update, checked and then masked (``secure_aggregation.py``).
+
 A ``StatefulTask``'s client keeps its own state in Flower's ``Context.state`` between rounds and, as the
 run's checkpoint on the client side, in files under the node's ``state-dir`` (``core/client_state.py``); the
 reply carries only the weights that are averaged.
@@ -22,11 +25,12 @@ from fedp2eft.core.client_state import ClientStateStore
 from fedp2eft.core.federation import FederatedTask
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl import protocol as P
+from fedp2eft.fl.secure_aggregation import decode_instructions, encode_update, is_secure, secure_aggregation_mod
 from fedp2eft.fl.tasks import build_task
 from fedp2eft.fl.weights import Weights, from_record, to_record
 from fedp2eft.logs import quiet_third_party
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod])
 
 _cached: tuple[tuple[str, str], FederatedTask] | None = None
 
@@ -60,20 +64,19 @@ def report_partition(msg: Message, context: Context) -> Message:
     return Message(RecordDict({P.CONFIG: ConfigRecord({P.PARTITION_ID: partition_id(context)})}), reply_to=msg)
 
 
-def addressed_task(msg: Message, context: Context) -> tuple[FederatedTask, bool, int, ConfigRecord]:
-    """The task a message names, whether this process had built it already, and the client index the message is
-    for (which must be this node's partition)."""
-    config = msg.content.config_records[P.CONFIG]
+def addressed_task(config: ConfigRecord, context: Context) -> tuple[FederatedTask, bool, int]:
+    """The task a message's config names, whether this process had built it already, and the client index the
+    message is for (which must be this node's partition)."""
     client_index = int(config[P.CLIENT_INDEX])
     if client_index != partition_id(context):
         raise FedP2EFTError(f"message for client {client_index} reached node of partition {partition_id(context)}")
-    return *cached_task(str(config[P.TASK]), str(config[P.TASK_CONFIG])), client_index, config
+    return *cached_task(str(config[P.TASK]), str(config[P.TASK_CONFIG])), client_index
 
 
 @app.query("statistics")
 def report_statistics(msg: Message, context: Context) -> Message:
     """This client's terms of the sums a task starts from (``StatisticsTask``), once before round 1."""
-    task, _, client_index, _ = addressed_task(msg, context)
+    task, _, client_index = addressed_task(msg.content.config_records[P.CONFIG], context)
     return Message(RecordDict({P.STATISTICS: to_record(task.client_statistics(client_index))}), reply_to=msg)
 
 
@@ -109,8 +112,12 @@ def keep_state(context: Context, store: ClientStateStore, client_index: int, ser
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    task, reused, client_index, config = addressed_task(msg, context)
-    weights = from_record(msg.content.array_records[P.WEIGHTS])
+    secure = is_secure(msg.content)
+    if secure:
+        weights, config = decode_instructions(msg.content)
+    else:
+        weights, config = from_record(msg.content.array_records[P.WEIGHTS]), msg.content.config_records[P.CONFIG]
+    task, reused, client_index = addressed_task(config, context)
     server_round = int(config[P.SERVER_ROUND])
     start = time.perf_counter()
     if getattr(task, "keeps_client_state", False):
@@ -127,5 +134,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics[P.NUM_EXAMPLES] = int(update.num_examples)
     metrics[P.CLIENT_TIME] = elapsed
     metrics[P.TASK_REUSED] = float(reused)
+    if secure:
+        return Message(encode_update(weights, update.weights, update.num_examples, metrics, config), reply_to=msg)
     content = RecordDict({P.WEIGHTS: to_record(update.weights), P.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)

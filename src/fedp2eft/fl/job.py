@@ -16,11 +16,12 @@ from fedp2eft.errors import FedP2EFTError
 
 if TYPE_CHECKING:
     from fedp2eft.fl.privacy import DPConfig
+    from fedp2eft.fl.secure_aggregation import SecAggConfig
 
 RUN_CONFIG_KEY = "job"
 
 # Fields whose change alters the training trajectory; a resumed run must keep them.
-TRAJECTORY_FIELDS = ("task", "task_config", "clients_per_round", "min_clients", "seed", "strategy", "dp")
+TRAJECTORY_FIELDS = ("task", "task_config", "clients_per_round", "min_clients", "seed", "strategy", "dp", "secagg")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Job:
     strategy: str = "fedavg"  # the Flower strategy that aggregates (``aggregation.py``)
     client_state_dir: str = ""  # where clients of a stateful task keep their state when their node names none
     dp: dict[str, float] | None = None  # user-level DP: {noise_multiplier, clipping_norm, delta} (``privacy.py``)
+    secagg: dict[str, float] | None = None  # SecAgg+ settings (``secure_aggregation.py``); {} takes the defaults
 
     def __post_init__(self) -> None:
         if not self.task:
@@ -66,6 +68,11 @@ class Job:
 
         if self.dp is not None:
             DPConfig.from_dict(dict(self.dp))
+        if self.secagg is not None:
+            if self.dp is not None:
+                raise FedP2EFTError("privacy.dp and privacy.secagg cannot be combined yet: DP here clips and noises "
+                                    "on the server, which needs each client's update that SecAgg+ hides; use one")
+            self.secure.check_sample(self.clients_per_round, self.min_clients)
         if self.strategy not in STRATEGIES:
             raise FedP2EFTError(f"job.strategy {self.strategy!r} is unknown; use one of {sorted(STRATEGIES)}")
         if not isinstance(self.task_config, dict):
@@ -84,6 +91,12 @@ class Job:
         from fedp2eft.fl.privacy import DPConfig
 
         return None if self.dp is None else DPConfig.from_dict(dict(self.dp))
+
+    @property
+    def secure(self) -> SecAggConfig | None:
+        from fedp2eft.fl.secure_aggregation import SecAggConfig
+
+        return None if self.secagg is None else SecAggConfig.from_dict(dict(self.secagg))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -24,6 +24,10 @@ SERVER_ROUND = "server-round"
 CLIENT_INDEX = "client-index"
 STATE_ROUND = "state-round"  # the last round whose update the server accepted from this client (0: none yet)
 STATE_DIR = "state-dir"  # where clients keep their own state when the node names none (simulation)
+# Secure rounds only (``secure_aggregation.py``): the weights' names and dtypes, and the bounds a client checks.
+WEIGHT_SPEC = "weight-spec"
+SECAGG_CLIPPING = "secagg-clipping-range"
+SECAGG_MAX_WEIGHT = "secagg-max-weight"
 
 # Node config / reply keys.
 PARTITION_ID = "partition-id"

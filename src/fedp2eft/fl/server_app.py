@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -30,6 +30,7 @@ from fedp2eft.fl.checkpoint import RunState, check_resumable, checkpoint_name, i
 from fedp2eft.fl.job import Job
 from fedp2eft.fl.privacy import epsilon_spent
 from fedp2eft.fl.report import RoundReporter
+from fedp2eft.fl.secure_aggregation import secure_round
 from fedp2eft.fl.tasks import build_task
 from fedp2eft.fl.weights import Weights, from_record, to_record, update_problem
 
@@ -99,11 +100,12 @@ def payload_bytes(content: RecordDict) -> int:
 
 @dataclass
 class RoundOutcome:
-    """The replies of one round, split into usable updates (client, reply holding only what is aggregated,
-    example count, client metrics) and logged failures, plus the bytes each client's replies carried (every
-    reply that arrived counts, a refused one too: its bytes were moved all the same)."""
+    """The replies of one round, split into usable updates (client, reply holding only what is aggregated or
+    None under secure aggregation, where the server never holds one, example count, client metrics) and logged
+    failures, plus the bytes each client's replies carried (every reply that arrived counts, a refused one too:
+    its bytes were moved all the same)."""
 
-    updates: list[tuple[int, Message, int, dict[str, float]]] = field(default_factory=list)
+    updates: list[tuple[int, Message | None, int, dict[str, float]]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     received: dict[int, int] = field(default_factory=dict)
     details: dict[int, str] = field(default_factory=dict)  # a failed client's full reason (a remote traceback)
@@ -246,23 +248,69 @@ def last_accepted_round(history: list[dict[str, Any]], client: int) -> int:
     return max((row["round"] for row in history if client in row["clients"]), default=0)
 
 
+def round_config(job: Job, server_round: int, client: int, history: list[dict[str, Any]]) -> ConfigRecord:
+    """What one sampled client is told besides the global weights."""
+    return ConfigRecord({P.TASK: job.task, P.TASK_CONFIG: json.dumps(job.task_config, sort_keys=True),
+                         P.SERVER_ROUND: server_round, P.CLIENT_INDEX: client,
+                         P.STATE_ROUND: last_accepted_round(history, client), P.STATE_DIR: job.client_state_dir})
+
+
+Exchange = tuple[RoundOutcome, dict[int, int], Callable[[], Weights]]
+
+
+def plain_exchange(grid: Grid, job: Job, strategy: Strategy, weights: Weights, server_round: int,
+                   nodes: dict[int, int], configs: dict[int, ConfigRecord]) -> Exchange:
+    """Send the global weights, vet every reply, and aggregate the vetted ones with the strategy."""
+    record = to_record(weights)
+    messages = [Message(RecordDict({P.WEIGHTS: record, P.CONFIG: config}), dst_node_id=nodes[client],
+                        message_type=P.TRAIN, group_id=str(server_round)) for client, config in configs.items()]
+    sent = {client: payload_bytes(message.content) for client, message in zip(configs, messages)}
+    replies = list(grid.send_and_receive(messages, timeout=job.round_timeout_s))
+    outcome = collect(replies, {nodes[c]: c for c in configs}, weights, server_round)
+
+    def aggregated() -> Weights:
+        for _, reply, num_examples, _ in outcome.updates:
+            strip_to_aggregate(reply, num_examples, strategy)
+        return aggregate(strategy, server_round, weights, [reply for _, reply, _, _ in outcome.updates])
+
+    return outcome, sent, aggregated
+
+
+def secure_exchange(grid: Grid, job: Job, weights: Weights, server_round: int, nodes: dict[int, int],
+                    configs: dict[int, ConfigRecord]) -> Exchange:
+    """The round under SecAgg+: the clients vet their own updates (nobody can after masking) and the server gets
+    only their weighted average, plus each survivor's example count and metrics."""
+    clients = {nodes[c]: c for c in configs}
+    result = secure_round(grid, job.secure, server_round, weights, {nodes[c]: config for c, config in configs.items()},
+                          job.round_timeout_s)
+    outcome = RoundOutcome(received={clients[node]: size for node, size in result.received.items()})
+    for node, (num_examples, metrics) in sorted(result.results.items(), key=lambda item: clients[item[0]]):
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        outcome.updates.append((clients[node], None, num_examples, scalars))
+    for node, reason in sorted(result.errors.items(), key=lambda item: clients[item[0]]):
+        outcome.fail(clients[node], f"client raised: {reason}", server_round)
+
+    def aggregated() -> Weights:
+        if result.weights is None:
+            raise FedP2EFTError(f"round {server_round}: secure aggregation halted before unmasking (too few clients "
+                                f"reached its last stage); the checkpoint of round {server_round - 1} in "
+                                f"{job.output_dir} is intact; rerun with resume")
+        problem = update_problem(weights, result.weights)
+        if problem:
+            raise FedP2EFTError(f"round {server_round}: the securely aggregated update is unusable ({problem})")
+        return result.weights
+
+    return outcome, {clients[node]: size for node, size in result.sent.items()}, aggregated
+
+
 def run_round(grid: Grid, job: Job, strategy: Strategy, weights: Weights, server_round: int,
               clients: dict[int, int], history: list[dict[str, Any]]) -> tuple[Weights, dict[str, Any]]:
     start = time.perf_counter()
     sampled = sample_clients(sorted(clients), job.clients_per_round, job.seed, server_round)
-    record = to_record(weights)
-    task_config = json.dumps(job.task_config, sort_keys=True)
-    messages = []
-    for client in sampled:
-        config = ConfigRecord({P.TASK: job.task, P.TASK_CONFIG: task_config, P.SERVER_ROUND: server_round,
-                               P.CLIENT_INDEX: client, P.STATE_ROUND: last_accepted_round(history, client),
-                               P.STATE_DIR: job.client_state_dir})
-        content = RecordDict({P.WEIGHTS: record, P.CONFIG: config})
-        messages.append(Message(content, dst_node_id=clients[client], message_type=P.TRAIN,
-                                group_id=str(server_round)))
-    sent = {client: payload_bytes(message.content) for client, message in zip(sampled, messages)}
-    replies = list(grid.send_and_receive(messages, timeout=job.round_timeout_s))
-    outcome = collect(replies, {clients[c]: c for c in sampled}, weights, server_round)
+    configs = {client: round_config(job, server_round, client, history) for client in sampled}
+    outcome, sent, aggregated = (
+        plain_exchange(grid, job, strategy, weights, server_round, clients, configs) if job.secagg is None
+        else secure_exchange(grid, job, weights, server_round, clients, configs))
     keep_details(job.output_path, server_round, outcome.details)
     row = round_metrics(server_round, sampled, outcome, time.perf_counter() - start,
                         traffic(sent, outcome.received, history))
@@ -277,11 +325,13 @@ def run_round(grid: Grid, job: Job, strategy: Strategy, weights: Weights, server
             f"the checkpoint of round {server_round - 1} in {job.output_dir} is intact; fix the clients and "
             "rerun with resume"
         )
-    for _, reply, num_examples, _ in outcome.updates:
-        strip_to_aggregate(reply, num_examples, strategy)
     if job.dp is not None:
         row.update(privacy_row(job, server_round, len(clients)))
-    return aggregate(strategy, server_round, weights, [reply for _, reply, _, _ in outcome.updates]), row
+    if job.secure is not None:
+        shares, threshold = job.secure.shares_and_threshold(len(sampled))
+        row.update({"secagg/shares": shares, "secagg/threshold": threshold,
+                    "secagg/error_bound": job.secure.error_bound([n for _, _, n, _ in outcome.updates])})
+    return aggregated(), row
 
 
 def privacy_row(job: Job, server_round: int, population: int) -> dict[str, float]:

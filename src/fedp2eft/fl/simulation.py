@@ -88,6 +88,7 @@ def run_federated(
     verbose: bool = False,
     strategy: str = "fedavg",
     dp: dict[str, float] | None = None,
+    secagg: dict[str, float] | None = None,
 ) -> Path:
     """Train ``task_name`` for ``rounds`` FedAvg rounds in simulation; return the final checkpoint path.
 
@@ -97,12 +98,13 @@ def run_federated(
     ``num_cpus_per_client`` cores and ``num_gpus_per_client`` GPUs (default: 0 without a GPU, a share of the
     GPUs otherwise; see :func:`backend_settings`). Clients of a stateful task keep their state under
     ``output_dir/clients`` (one folder per virtual node: ``core/client_state.py``). ``dp`` ({noise_multiplier,
-    clipping_norm, delta}) trains with user-level differential privacy (``privacy.py``).
+    clipping_norm, delta}) trains with user-level differential privacy (``privacy.py``); ``secagg`` (SecAgg+
+    settings, ``{}`` for the defaults) aggregates with secure aggregation (``secure_aggregation.py``).
     """
     job = Job(task=task_name, task_config=dict(task_config), rounds=rounds, clients_per_round=clients_per_round,
               min_clients=min_clients, seed=seed, output_dir=str(Path(output_dir).resolve()),
               round_timeout_s=round_timeout_s, startup_timeout_s=startup_timeout_s, resume=resume,
-              strategy=strategy, dp=dp, client_state_dir=str(Path(output_dir).resolve() / CLIENT_STATE_FOLDER))
+              strategy=strategy, dp=dp, secagg=secagg, client_state_dir=str(Path(output_dir).resolve() / CLIENT_STATE_FOLDER))
     settings = backend_settings(num_cpus_per_client, backend_config, num_gpus_per_client, clients_per_round)
     task = build_task(job.task, job.task_config)
     finished: list[Path] = []
