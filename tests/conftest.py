@@ -1,5 +1,6 @@
 """Shared fixtures: tiny randomly initialised BERT-like and Llama-like models, a word-level tokenizer built
-offline, small learnable toy tasks, and a finished toy Flower simulation reused by the Flower tests."""
+offline, small learnable toy tasks, a finished toy Flower simulation reused by the Flower tests, and one finished run of the
+quick benchmark profile shared by every test that needs a run folder (it is the suite's most expensive fixture)."""
 
 from __future__ import annotations
 
@@ -143,3 +144,13 @@ def environment_per_test():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory) -> Path:
+    """``fedp2eft benchmark --config quick`` on the embedded model and data, once per test session."""
+    from fedp2eft.cli import main
+
+    results = tmp_path_factory.mktemp("results")
+    assert main(["benchmark", "--config", "quick", "--results", str(results)]) == 0
+    return results / "quick"

@@ -12,13 +12,6 @@ from fedp2eft.data.registry import load_dataset
 from fedp2eft.experiment import make_stage_task
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    assert main(["benchmark", "--config", "quick", "--results", str(results)]) == 0
-    return results / "quick"
-
-
 def test_quick_profile_writes_the_full_report(quick_run):
     config = resolve("quick", [])
     for name in ["report.md", "results.json", "results.csv", "config.yaml", "figures/accuracy_vs_budget.png",

@@ -63,13 +63,17 @@ def test_each_client_continues_from_its_own_state_and_never_sends_it(stateful_ru
 def test_a_killed_run_resumes_with_the_same_weights_and_client_states(stateful_run: Path, tmp_path: Path) -> None:
     run_federated("toy", STATEFUL, ROUNDS - 1, PER_ROUND, output_dir=tmp_path, min_clients=1, seed=SEED)
     run_federated("toy", STATEFUL, ROUNDS, PER_ROUND, output_dir=tmp_path, min_clients=1, seed=SEED, resume=True)
+    # to float tolerance, not bit for bit: the two runs' clients compute in different Ray worker processes, whose
+    # BLAS kernels need not round alike (seen once in CI); a resume from a wrong state misses by far more
     full, resumed = final(stateful_run), final(tmp_path)
-    assert all(torch.equal(full[name], resumed[name]) for name in full)
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0)
     for client in range(STATEFUL["num_clients"]):
         ours, theirs = ClientStateStore(tmp_path / "clients", client), ClientStateStore(stateful_run / "clients", client)
         assert ours.rounds() == theirs.rounds()
         for server_round in ours.rounds():
-            assert torch.equal(ours.load(server_round)["offset"], theirs.load(server_round)["offset"])
+            torch.testing.assert_close(ours.load(server_round)["offset"], theirs.load(server_round)["offset"],
+                                       atol=1e-6, rtol=0)
 
 
 def test_a_resume_without_a_clients_state_fails_that_client_with_what_is_missing(stateful_run: Path,

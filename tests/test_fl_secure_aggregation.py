@@ -11,20 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message
-from flwr.common import bytes_to_ndarray
+from flwr.app import ConfigRecord, Context, Message
+from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.serverapp import Grid, ServerApp
+from flwr.compat.common import recorddict_compat as compat
 from flwr.simulation import run_simulation
 from safetensors.torch import load_file
 
 from conftest import TOY_CONFIG
 from fedp2eft.benchmark.config import resolve
 from fedp2eft.errors import FedP2EFTError
+from fedp2eft.fl import protocol as P
 from fedp2eft.fl.client_app import app as client_app
 from fedp2eft.fl.job import Job
+from fedp2eft.fl.secure_aggregation import encode_update
 from fedp2eft.fl.server_app import sample_clients, serve
-from fedp2eft.fl.simulation import backend_settings, run_federated
+from fedp2eft.fl.simulation import backend_settings
 from fedp2eft.fl.toy_task import make_task
 
 ROUNDS, PER_ROUND, SEED = 2, 3, 4
@@ -103,11 +106,24 @@ def test_the_server_never_receives_an_update_only_masked_vectors(secure_run) -> 
     assert all(row["bytes_received"] > row["bytes_sent"] / 2 for row in history)  # keys, shares and vectors counted
 
 
-def test_a_client_whose_update_leaves_the_range_fails_instead_of_being_clipped(tmp_path: Path) -> None:
-    with pytest.raises(FedP2EFTError, match="only 0 of 3 sampled clients succeeded"):
-        run_federated("toy", TOY_CONFIG, 1, PER_ROUND, output_dir=tmp_path, min_clients=2, seed=SEED,
-                      secagg={"clipping_range": 1e-6})
-    assert "beyond privacy.secagg.clipping_range=1e-06" in (tmp_path / "client_errors.log").read_text()
+def test_a_client_checks_its_update_before_masking_it() -> None:
+    """After masking nobody can vet an update, so the client refuses to send one that would be clipped silently,
+    one with NaN, or a weight the masked sum cannot hold; a good one goes out as its difference to the global
+    weights."""
+    reference = {"w": torch.zeros(3), "steps": torch.tensor([4])}
+    config = ConfigRecord({P.SECAGG_CLIPPING: 0.5, P.SECAGG_MAX_WEIGHT: 100.0})
+    with pytest.raises(FedP2EFTError, match=r"moved by 0.75, beyond privacy.secagg.clipping_range=0.5"):
+        encode_update(reference, {"w": torch.tensor([0.1, -0.75, 0.0]), "steps": torch.tensor([5])}, 10, {}, config)
+    with pytest.raises(FedP2EFTError, match="NaN or Inf"):
+        encode_update(reference, {"w": torch.tensor([0.1, float("nan"), 0.0]), "steps": torch.tensor([5])}, 10, {},
+                      config)
+    with pytest.raises(FedP2EFTError, match="more than privacy.secagg.max_weight=100"):
+        encode_update(reference, {"w": torch.zeros(3), "steps": torch.tensor([5])}, 101, {}, config)
+    fitres = compat.recorddict_to_fitres(encode_update(
+        reference, {"w": torch.tensor([0.1, -0.25, 0.0]), "steps": torch.tensor([5])}, 10, {"loss": 0.5}, config), True)
+    delta, steps = parameters_to_ndarrays(fitres.parameters)
+    assert np.allclose(delta, [0.1, -0.25, 0.0]) and not steps.any()  # counters are not averaged
+    assert (fitres.num_examples, fitres.metrics) == (10, {"loss": 0.5})
 
 
 @pytest.mark.parametrize("settings, per_round, min_clients, message", [
