@@ -39,7 +39,7 @@ from flwr.serverapp import Grid
 
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl import protocol as P
-from fedp2eft.fl.weights import Weights
+from fedp2eft.fl.weights import Weights, update_problem
 
 FITINS_CONFIG = "fitins.config"  # the legacy record a secure round's training instructions travel in
 
@@ -302,17 +302,15 @@ def encode_update(reference: Weights, update: Weights, num_examples: int, metric
     if num_examples > max_weight:
         raise FedP2EFTError(f"this client trained on {num_examples} examples, more than privacy.secagg.max_weight="
                             f"{max_weight:g}; raise max_weight to at least the largest client's example count")
+    problem = update_problem(reference, update)  # the server's own check of a plain reply, run here instead
+    if problem:
+        raise FedP2EFTError(f"this client's update cannot enter a secure sum: {problem}")
     deltas = []
     for name, ref in reference.items():
-        got = update[name]
-        if got.shape != ref.shape:
-            raise FedP2EFTError(f"update tensor {name!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
         if not ref.is_floating_point():
             deltas.append(np.zeros(tuple(ref.shape), dtype=np.float32))
             continue
-        delta = (got.detach().cpu().float() - ref.float()).numpy()
-        if not np.isfinite(delta).all():
-            raise FedP2EFTError(f"update tensor {name!r} holds NaN or Inf; it cannot enter a secure sum")
+        delta = (update[name].detach().cpu().float() - ref.float()).numpy()
         largest = float(np.abs(delta).max(initial=0.0))
         if largest > clipping:
             raise FedP2EFTError(f"update tensor {name!r} moved by {largest:.3g}, beyond privacy.secagg.clipping_range="

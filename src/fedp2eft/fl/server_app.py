@@ -248,9 +248,10 @@ def last_accepted_round(history: list[dict[str, Any]], client: int) -> int:
     return max((row["round"] for row in history if client in row["clients"]), default=0)
 
 
-def round_config(job: Job, server_round: int, client: int, history: list[dict[str, Any]]) -> ConfigRecord:
-    """What one sampled client is told besides the global weights."""
-    return ConfigRecord({P.TASK: job.task, P.TASK_CONFIG: json.dumps(job.task_config, sort_keys=True),
+def round_config(job: Job, task_config: str, server_round: int, client: int,
+                 history: list[dict[str, Any]]) -> ConfigRecord:
+    """What one sampled client is told besides the global weights (``task_config``: the job's, as JSON)."""
+    return ConfigRecord({P.TASK: job.task, P.TASK_CONFIG: task_config,
                          P.SERVER_ROUND: server_round, P.CLIENT_INDEX: client,
                          P.STATE_ROUND: last_accepted_round(history, client), P.STATE_DIR: job.client_state_dir})
 
@@ -307,7 +308,8 @@ def run_round(grid: Grid, job: Job, strategy: Strategy, weights: Weights, server
               clients: dict[int, int], history: list[dict[str, Any]]) -> tuple[Weights, dict[str, Any]]:
     start = time.perf_counter()
     sampled = sample_clients(sorted(clients), job.clients_per_round, job.seed, server_round)
-    configs = {client: round_config(job, server_round, client, history) for client in sampled}
+    task_config = json.dumps(job.task_config, sort_keys=True)
+    configs = {client: round_config(job, task_config, server_round, client, history) for client in sampled}
     outcome, sent, aggregated = (
         plain_exchange(grid, job, strategy, weights, server_round, clients, configs) if job.secagg is None
         else secure_exchange(grid, job, weights, server_round, clients, configs))
