@@ -47,6 +47,10 @@ def configure(quiet: bool = False, verbose: bool = False) -> None:
         shown = "default" if verbose else "ignore"  # deprecation notices of Flower, Ray, transformers, ...
         warnings.simplefilter(shown)
         os.environ["PYTHONWARNINGS"] = shown  # the same in every process started from here
+    if "flwr.supercore.logger" in sys.modules:  # Flower read FLWR_LOG_LEVEL when imported (e.g. by --help texts)
+        from flwr.common.logger import update_console_handler
+
+        update_console_handler(level=logging.INFO if verbose else logging.ERROR)
     if verbose:
         return
     os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")  # Flower's deprecation notices are log records, not warnings
