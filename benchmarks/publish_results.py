@@ -2,8 +2,11 @@
 files under ``docs/results/<run>/``.
 
     python benchmarks/publish_results.py results/default docs
+    python benchmarks/publish_results.py results/pfl docs --page results-pfl.md
 
-Nothing is typed by hand: the page is the run's own ``report.md`` with figure links pointing at the copies."""
+A run over several base models (``base.algorithm`` a list) keeps one full run per base in a sub-folder; each is
+published under ``docs/results/<run>/<base>/`` and the top page's links follow it.
+Nothing is typed by hand: the page is the run's own ``report.md`` with links pointing at the copies."""
 
 from __future__ import annotations
 
@@ -11,27 +14,42 @@ import argparse
 import shutil
 from pathlib import Path
 
+RAW_FILES = ("config.yaml", "personalize.jsonl", "results.csv", "results.json", "selection.json", "timings.json")
+
+
+def publish(run_dir: Path, target: Path, prefix: str) -> str:
+    """Copy ``run_dir``'s figures, raw files, generator curves and base sub-runs to ``target``; returns its
+    report with every link to those files rewritten to start with ``prefix`` (their path from the page)."""
+    target.mkdir(parents=True, exist_ok=True)
+    report = (run_dir / "report.md").read_text()
+    if (run_dir / "figures").is_dir():
+        shutil.copytree(run_dir / "figures", target / "figures")
+        report = report.replace("](figures/", f"]({prefix}figures/")
+    for name in RAW_FILES:
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, target / name)
+            report = report.replace(f"]({name})", f"]({prefix}{name})")
+    for metrics in sorted(run_dir.glob("seed*/*/metrics.jsonl")):  # training curves of every federated stage
+        copy = target / metrics.relative_to(run_dir)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(metrics, copy)
+    for part in sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / "report.md").is_file()):
+        (target / part.name / "report.md").parent.mkdir(parents=True, exist_ok=True)
+        # a base's own report links relative to its folder, which the copy keeps
+        (target / part.name / "report.md").write_text(publish(part, target / part.name, ""))
+        report = report.replace(f"]({part.name}/report.md)", f"]({prefix}{part.name}/report.md)")
+    return report
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("docs_dir", type=Path)
     parser.add_argument("--page", default="results.md", help="file name of the page in docs_dir")
     args = parser.parse_args()
     target = args.docs_dir / "results" / args.run_dir.name
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(args.run_dir / "figures", target / "figures")
-    report = (args.run_dir / "report.md").read_text()
-    prefix = f"results/{args.run_dir.name}/"
-    report = report.replace("](figures/", f"]({prefix}figures/")
-    for name in ("config.yaml", "personalize.jsonl", "results.csv", "results.json", "selection.json", "timings.json"):
-        if (args.run_dir / name).exists():
-            shutil.copy2(args.run_dir / name, target / name)
-            report = report.replace(f"]({name})", f"]({prefix}{name})")
-    for metrics in sorted(args.run_dir.glob("seed*/psg/metrics.jsonl")):  # the generator's training curves
-        copy = target / metrics.relative_to(args.run_dir)
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(metrics, copy)
+    report = publish(args.run_dir, target, f"results/{args.run_dir.name}/")
     (args.docs_dir / args.page).write_text(report)
     print(f"wrote {args.docs_dir / args.page} and {target}")
 

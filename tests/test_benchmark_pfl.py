@@ -5,6 +5,10 @@ runner path (a personal base is an overlay, ``core/pfl.py``); its own overlay is
 a third base here would add a quarter of the suite's longest fixture."""
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +57,22 @@ def test_personalized_bases_keep_client_state_and_reuse_fedavgs_learning_rates(b
     losses = {base: [row["train_loss_last_epoch"] for line in (bases_run / base / "personalize.jsonl").read_text()
                      .splitlines() for row in json.loads(line)["rows"] if row["method"] == "lora"] for base in BASES}
     assert len({tuple(v) for v in losses.values()}) == len(BASES)
+
+
+def test_publishing_a_multi_base_run_keeps_every_link_working(bases_run, tmp_path):
+    """benchmarks/publish_results.py on a run with one sub-run per base: the page and every base's copied report
+    link only to files that were copied."""
+    script = Path(__file__).parents[1] / "benchmarks" / "publish_results.py"
+    subprocess.run([sys.executable, str(script), str(bases_run), str(tmp_path), "--page", "results-bases.md"],
+                   check=True, capture_output=True)
+    pages = [tmp_path / "results-bases.md"] + [tmp_path / "results" / "bases" / base / "report.md" for base in BASES]
+    checked = 0
+    for page in pages:
+        for link in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
+            if not link.startswith("http"):
+                assert (page.parent / link).is_file(), f"{page.name} links to missing {link}"
+                checked += 1
+    assert checked > len(BASES)  # the base reports and their figures, not only the top page's links
 
 
 @pytest.mark.parametrize("overrides, message", [
