@@ -21,7 +21,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -248,20 +248,42 @@ def personalize_cell(context: ClientContext, test: list[dict], method: str, budg
     return row, result
 
 
-def run_jobs(config: dict, base_model: str, function: Callable, jobs: list[tuple], sink: Path,
-             label: str) -> list[dict]:
-    """``function(config, *job)`` for every job in a pool of worker processes; each record is appended to the
+class WorkerPool:
+    """The run's worker processes, started when a stage first needs one and kept for every later stage: each loads
+    the base model once per run instead of once per stage (seconds each time; the quick profile has four such
+    stages). Workers stay idle, holding their model, while a federated stage runs."""
+
+    def __init__(self, config: dict, base_model: str) -> None:
+        self.config, self.base_model = config, base_model
+        self._executor: ProcessPoolExecutor | None = None
+
+    def submit(self, function: Callable, *job) -> Future:
+        """``function(config, *job)`` in a worker; processes are started on demand, up to ``workers`` and the core
+        count."""
+        if self._executor is None:
+            size = max(1, min(int(self.config["workers"]), os.cpu_count() or 1))
+            self._executor = ProcessPoolExecutor(size, mp_context=get_context("spawn"), initializer=_init_worker,
+                                                 initargs=(self.config, self.base_model))
+        return self._executor.submit(function, self.config, *job)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+
+
+def run_jobs(pool: WorkerPool, function: Callable, jobs: list[tuple], sink: Path, label: str) -> list[dict]:
+    """``function(config, *job)`` for every job in the run's worker processes; each record is appended to the
     JSONL file ``sink`` as soon as it is done, so a killed run keeps its finished work."""
     if not jobs:
         return []
-    workers = max(1, min(int(config["workers"]), os.cpu_count() or 1, len(jobs)))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     records = []
-    with Progress(*columns, console=console) as progress, sink.open("a") as out, ProcessPoolExecutor(
-        workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(config, base_model),
-    ) as executor:
+    with Progress(*columns, console=console) as progress, sink.open("a") as out:
         bar = progress.add_task(label, total=len(jobs))
-        futures = [executor.submit(function, config, *job) for job in jobs]
+        futures = [pool.submit(function, *job) for job in jobs]
         for future in as_completed(futures):
             record = future.result()
             out.write(json.dumps(record) + "\n")
@@ -299,7 +321,7 @@ def validation_clients(config: dict, setup: Setup) -> list[int]:
     return chosen
 
 
-def stage_select(config: dict, run_dir: Path, base_model: str, methods: list[str],
+def stage_select(config: dict, run_dir: Path, pool: WorkerPool, methods: list[str],
                  artifacts: dict[str, Path]) -> list[dict]:
     """Validation scores of ``methods`` over the whole grid (skipped for a one-point grid)."""
     sink = run_dir / "selection.jsonl"
@@ -307,14 +329,14 @@ def stage_select(config: dict, run_dir: Path, base_model: str, methods: list[str
     if len(config["selection"]["grid"]) == 1 or not methods:
         return done
     finished = {(record["client"], tuple(record["methods"])) for record in done}
-    setup = Setup.from_config(task_config(config, base_model, {}))
+    setup = Setup.from_config(task_config(config, pool.base_model, {}))
     clients = setup.data.pool(config["selection"]["pool"])
     paths = {name: str(path) for name, path in artifacts.items()}
     jobs = [(index, methods, paths) for index in validation_clients(config, setup)
             if (clients[index].client_id, tuple(methods)) not in finished]
     if jobs:
         console.rule(f"[bold]Stage 2/5: learning-rate selection on validation data: {', '.join(methods)}")
-    return done + run_jobs(config, base_model, validate_client, jobs, sink, "validation clients")
+    return done + run_jobs(pool, validate_client, jobs, sink, "validation clients")
 
 
 def validation_counts(records: list[dict]) -> tuple[dict, dict]:
@@ -421,18 +443,18 @@ def stage_lr_scale(config: dict, stage: Stage, chosen: dict[str, dict[int, float
     return min(votes, key=lambda scale: (-votes[scale], scale))
 
 
-def stage_personalize(config: dict, run_dir: Path, base_model: str, artifacts: dict[int, dict[str, Path]],
+def stage_personalize(config: dict, run_dir: Path, pool: WorkerPool, artifacts: dict[int, dict[str, Path]],
                       scales: dict[str, dict[int, float]]) -> list[dict]:
     results_file = run_dir / "personalize.jsonl"
     done = read_jsonl(results_file)
     finished = {(r["seed"], r["pool"], r["client"]) for r in done}
-    setup = Setup.from_config(task_config(config, base_model, {}))
-    jobs = [(seed, pool, index, scales, {name: str(path) for name, path in artifacts[seed].items()})
-            for seed in config["seeds"] for pool in config["pools"]
-            for index, client in enumerate(setup.data.pool(pool)) if (seed, pool, client.client_id) not in finished]
+    setup = Setup.from_config(task_config(config, pool.base_model, {}))
+    jobs = [(seed, name, index, scales, {stage: str(path) for stage, path in artifacts[seed].items()})
+            for seed in config["seeds"] for name in config["pools"]
+            for index, client in enumerate(setup.data.pool(name)) if (seed, name, client.client_id) not in finished]
     if jobs:
         console.rule(f"[bold]Stage 4/5: personalize every client ({' and '.join(config['pools'])}), every seed")
-    return done + run_jobs(config, base_model, personalize_client, jobs, results_file, "clients")
+    return done + run_jobs(pool, personalize_client, jobs, results_file, "clients")
 
 
 class StageClock:
@@ -477,24 +499,26 @@ def run(config: dict, results_root: Path = Path("results"), command: str = "") -
     clock = StageClock(run_dir / "timings.json")
     base_model = clock.time("base", stage_base, config, run_dir)
     reused = config["selection"].get("reuse")
-    plain = [m for m in config["methods"] if method_spec(m).stage is None and method_spec(m).lr_field is not None]
-    records = [] if reused else clock.time("select", stage_select, config, run_dir, base_model, plain, {})
-    scales = reused_scales(config, Path(reused), run_dir) if reused else chosen_scales(config, records)
-    artifacts: dict[int, dict[str, Path]] = {seed: {} for seed in config["seeds"]}
-    for stage in stages(config["methods"]):
-        lr_scale = stage_lr_scale(config, stage, scales)
-        for seed in config["seeds"]:
-            artifacts[seed][stage.name] = clock.time(stage.name, stage_artifact, config, run_dir, base_model, stage,
-                                                     seed, lr_scale)
-        if reused:
-            continue
-        users = [m for m in config["methods"] if method_spec(m).stage is stage and method_spec(m).lr_field is not None]
-        records = clock.time("select", stage_select, config, run_dir, base_model, users,
-                             {stage.name: artifacts[config["seeds"][0]][stage.name]})
-        scales = chosen_scales(config, records)
-    if not reused:
-        write_selection(config, run_dir, records, scales)
-    results = clock.time("personalize", stage_personalize, config, run_dir, base_model, artifacts, scales)
+    with WorkerPool(config, base_model) as pool:
+        plain = [m for m in config["methods"] if method_spec(m).stage is None and method_spec(m).lr_field is not None]
+        records = [] if reused else clock.time("select", stage_select, config, run_dir, pool, plain, {})
+        scales = reused_scales(config, Path(reused), run_dir) if reused else chosen_scales(config, records)
+        artifacts: dict[int, dict[str, Path]] = {seed: {} for seed in config["seeds"]}
+        for stage in stages(config["methods"]):
+            lr_scale = stage_lr_scale(config, stage, scales)
+            for seed in config["seeds"]:
+                artifacts[seed][stage.name] = clock.time(stage.name, stage_artifact, config, run_dir, base_model,
+                                                         stage, seed, lr_scale)
+            if reused:
+                continue
+            users = [m for m in config["methods"]
+                     if method_spec(m).stage is stage and method_spec(m).lr_field is not None]
+            records = clock.time("select", stage_select, config, run_dir, pool, users,
+                                 {stage.name: artifacts[config["seeds"][0]][stage.name]})
+            scales = chosen_scales(config, records)
+        if not reused:
+            write_selection(config, run_dir, records, scales)
+        results = clock.time("personalize", stage_personalize, config, run_dir, pool, artifacts, scales)
     console.rule("[bold]Stage 5/5: report")
     write_report(config, run_dir, results, clock.seconds, command, base_model=resolve_model(base_model))
     return run_dir
