@@ -26,9 +26,10 @@ Everything runs in one process with one thread count (``torch.set_num_threads``)
 
     Embeddings cost nothing; attention scores/softmax, layer norms, activations, the classifier head (once per
     sequence), the BT-LoRA gates and priors, AdaLoRA's orthogonality term and the optimizer count as not useful.
-(d) Cost growth: the same stage for 1, 2 and 4 personalization runs of one client (fedp2eft at budgets 2, 4, 8,
-    16, in that order, each on a fresh client context so shared work is paid in every point), the least-squares
-    slope per run and each point's deviation from the line.
+(d) Cost growth: the stage for several clients x budgets x methods (GROWTH_SIZES; every method set holds btlora,
+    so each client pays the same shared work: base evaluation, features, generator output, BayesTune search),
+    each client on a fresh context as in the benchmark; least squares of seconds = per_client * clients +
+    slope * runs, and each size's deviation from that line.
 (e) What the training time is made of below the phase level: torch.profiler self time of one lora r=8 run,
     grouped by operator kind, and the matmul rate at the shapes of a training step (base layer vs. LoRA).
 """
@@ -58,6 +59,13 @@ BUDGETS = (2, 4, 8, 16)
 CALLERS = (personalization, lora, adalora, btlora, fedp2eft, btlora_module)  # the modules whose lookups are timed
 CONFIG = methods.PersonalizeConfig(lora_lr=1e-3, scale_lr=0.1, adalora_lr=1e-2)
 TRAIN_SIGNATURE = inspect.signature(plain_train)
+# (clients, budgets, methods) of the cost-growth table (d): 2 to 48 personalization runs
+GROWTH_SIZES = (
+    (1, (2, 8), ("btlora",)),
+    (2, (2, 8), ("btlora", "lora")),
+    (2, (2, 8), METHOD_ORDER),
+    (3, BUDGETS, METHOD_ORDER),
+)
 
 
 # --- (a) peak --------------------------------------------------------------------------------------------------
@@ -280,7 +288,7 @@ OPERATOR_KINDS = (
 )
 
 
-def operator_breakdown(base, task, client, tokens_per_step: int, peak: float) -> None:
+def operator_breakdown(base, task, client, tokens_per_call: int, peak: float) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as trace:
@@ -302,8 +310,8 @@ def operator_breakdown(base, task, client, tokens_per_step: int, peak: float) ->
         if keys[0] == "aten::mm":
             print(f"  {'  of which LoRA matmuls (a side of 8)':<44}{lora_us / total:>7.1%}")
     print(f"  {'other (elementwise, copies, views, AdamW)':<44}{rest / total:>7.1%}")
-    rows = max(1, tokens_per_step)
-    print(f"  matmul rate at a training step's shape ({rows} padded tokens):")
+    rows = max(1, tokens_per_call)
+    print(f"  matmul rate at a training call's shape ({rows} padded tokens, one length group):")
     for label, (k, n) in (("base 384->384", (384, 384)), ("base 384->1536", (384, 1536)),
                           ("LoRA A 384->8", (384, 8)), ("LoRA B 8->384", (8, 384))):
         a, w = torch.randn(rows, k), torch.randn(k, n)
@@ -344,6 +352,14 @@ def print_phase_table(seconds: dict[str, float], total: float, runs: int) -> Non
     print(f"{'total (wall)':<44}{total:>9.2f}{1:>8.1%}{total / runs:>9.3f}")
 
 
+def least_squares(rows: list[tuple[float, float]], targets: list[float]) -> tuple[float, float]:
+    """(a, b) minimising the squared error of a*x + b*y against the targets, no intercept: a stage with no clients
+    costs nothing."""
+    solution = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
+                                  torch.tensor(targets, dtype=torch.float64).unsqueeze(1)).solution
+    return float(solution[0]), float(solution[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -359,7 +375,7 @@ def main() -> None:
 
     setup = Setup.from_config({"model": MODEL, "dataset": "intents", "dataset_options": {}, "max_length": 64})
     load = time.perf_counter()
-    base = setup.load_base_model()
+    base = setup.load_base_model(new_head_seed=0)  # an untrained head: only the time is measured
     task = setup.task
     client = setup.data.seen[args.client]
     print(f"base model load: {time.perf_counter() - load:.1f} s (not part of the stage)")
@@ -407,22 +423,22 @@ def main() -> None:
     print(f"    counting padding tokens as work too: {padded:.1f} GFLOP/s = {padded / peak:.1%} of peak "
           f"(so {1 - profiler.flops / profiler.padded_flops:.0%} of the matmul work is spent on padding)")
 
-    print("\n(d) cost growth: fedp2eft runs (budgets 2, 4, 8, 16 in order) for one client, fresh context each")
-    sizes, times = (1, 2, 4), []
-    for count in sizes:
-        growth_runs = [("fedp2eft", budget) for budget in BUDGETS[:count]]
-        times.append(run_stage(base, task, client, generator, growth_runs, Clock()))
-    mean_x, mean_y = sum(sizes) / len(sizes), sum(times) / len(times)
-    slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes, times))
-             / sum((x - mean_x) ** 2 for x in sizes))
-    intercept = mean_y - slope * mean_x
-    print(f"{'runs':>6}{'seconds':>10}{'line':>10}{'deviation':>11}")
-    for x, y in zip(sizes, times):
-        line = intercept + slope * x
-        print(f"{x:>6}{y:>10.2f}{line:>10.2f}{(y - line) / line:>+11.1%}")
-    print(f"slope {slope:.2f} s per personalization run; intercept {intercept:.2f} s "
-          f"(per-client work paid once: base evaluation, features, generator)")
-    operator_breakdown(base, task, client, profiler.padded_tokens // max(1, profiler.steps), peak)
+    print("\n(d) cost growth: clients x budgets x methods, each client on a fresh context")
+    growth = []
+    for clients, budgets, names in GROWTH_SIZES:
+        runs = [(method, budget) for method in names for budget in budgets]
+        seconds = sum(run_stage(base, task, setup.data.seen[args.client + i], generator, runs, Clock())
+                      for i in range(clients))
+        growth.append((clients, len(budgets), len(names), clients * len(runs), seconds))
+    per_client, slope = least_squares([(c, r) for c, _, _, r, _ in growth], [t for *_, t in growth])
+    print(f"{'clients':>8}{'budgets':>8}{'methods':>8}{'runs':>6}{'seconds':>9}{'line':>9}{'deviation':>11}")
+    for clients, budgets, names, runs, seconds in growth:
+        line = per_client * clients + slope * runs
+        deviation = (seconds - line) / line
+        print(f"{clients:>8}{budgets:>8}{names:>8}{runs:>6}{seconds:>9.2f}{line:>9.2f}{deviation:>+11.1%}")
+    print(f"slope {slope:.2f} s per personalization run; {per_client:.2f} s per client paid once (base evaluation, "
+          f"features, generator output, BayesTune search)")
+    operator_breakdown(base, task, client, profiler.padded_tokens // max(1, profiler.forward_calls), peak)
     print(f"\nscript wall time: {time.perf_counter() - wall:.0f} s")
 
 
