@@ -6,9 +6,9 @@ it can tell clients apart. This script trains the generator of a benchmark profi
 seed and client sample: on the raw features (the method as published) and on features standardized with the
 mean and standard deviation over the *seen* clients (``psg.training.standardize_features``: the engine gets them
 in one round of sums of x and x^2 before round 1; the script sums the same client statistics directly). It prints
-the training curve and, for the final generators, how much the rank maps of two clients overlap within one language and across
-languages, for seen and unseen clients, next to the overlap of local BT-LoRA searches of the same clients. Only
-training data are used; nothing is evaluated on test data.
+the training curve and, for the final generators, how much the rank maps of two clients overlap within one
+language and across languages, for seen and unseen clients, next to the overlap of local BT-LoRA searches of the
+same clients. Only training data are used; nothing is evaluated on test data.
 
     python benchmarks/generator_structure.py --base results/default/base/model [--rounds 40] [--budgets 2 8]
     python benchmarks/generator_structure.py --base results/default/base/model --local-epochs 2 10 --local-only

@@ -34,8 +34,7 @@ def publish(run_dir: Path, target: Path, prefix: str) -> str:
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(metrics, copy)
     for part in sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / "report.md").is_file()):
-        (target / part.name / "report.md").parent.mkdir(parents=True, exist_ok=True)
-        # a base's own report links relative to its folder, which the copy keeps
+        # a base's own report links relative to its folder, which the copy keeps (publish creates the folder)
         (target / part.name / "report.md").write_text(publish(part, target / part.name, ""))
         report = report.replace(f"]({part.name}/report.md)", f"]({prefix}{part.name}/report.md)")
     return report
