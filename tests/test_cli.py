@@ -50,6 +50,14 @@ def test_version_is_the_package_version(capsys):
     assert capsys.readouterr().out.strip() == f"fedp2eft {version('fedp2eft')}"
 
 
+def test_version_answers_without_importing_torch():
+    """`fedp2eft --version` must not pay for the command tree (torch, PEFT: seconds)."""
+    script = ("import sys\nfrom fedp2eft.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n"
+              "    print(sorted({'torch', 'peft', 'transformers'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == [f"fedp2eft {version('fedp2eft')}", "[]"], done.stderr
+
+
 def test_output_flags_are_accepted_before_and_after_every_command():
     parser = build_parser()
     commands = list(leaf_commands(parser))

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:  # answered before the command tree is built, which imports torch and PEFT (seconds)
+        print(f"fedp2eft {package_version()}")
+        sys.exit(0)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet and args.verbose:
