@@ -35,7 +35,7 @@ Flower's per-round overhead as measured on the CPU machine (docs/federation.md).
 actor's model load, once per federated run.
 
     python benchmarks/device_time.py [--setting paper|default] [--device auto] [--methods ...] [--repeats 3]
-                                     [--baseline-cpu] [--processes 1 4 8] [--estimate]
+                                     [--baseline-cpu] [--processes 1 4 8] [--threads N] [--estimate]
 """
 
 from __future__ import annotations
