@@ -217,8 +217,9 @@ def estimate(cell: float, selection_cell: float, updates: dict[str, float], spee
     selection_clients = len(default["dataset_options"]["languages"]) * select["clients_per_language"]
 
     def speedup(count: int) -> float:
+        """The measured speed-up of the largest process count that ``count`` clients can fill."""
         measured = [k for k in speedups if k <= count]
-        return speedups[max(measured)] * min(count, max(measured)) / max(measured) if measured else 1.0
+        return speedups[max(measured)] if measured else 1.0
 
     def federated(stage: str, runs: int) -> float:
         section = default[stage]
