@@ -18,7 +18,9 @@ Reads a finished benchmark run (``--run``, default results/default) and changes 
     bootstrap over clients (seeds pooled, stratified by language), as in the report. The first client's uniform
     LoRA cell is recomputed and must equal the run's row.
 
-    python benchmarks/allocation_probe.py [--run results/default] [--workers 2] [--fill 0.9]
+    python benchmarks/allocation_probe.py [--run results/default] [--fill 0.9]
+
+Part (3) runs in the benchmark's own worker pool (the run's ``workers`` setting).
 """
 
 from __future__ import annotations
@@ -26,23 +28,23 @@ from __future__ import annotations
 import argparse
 import re
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from fedp2eft.benchmark.report import client_units, paired_bootstrap
-from fedp2eft.benchmark.runner import (finished_artifact, finished_base, personalize_cell, read_chosen_scales,
-                                       read_jsonl, run_config, seeded_personalize_config, task_config)
+from fedp2eft.benchmark.runner import (WorkerPool, finished_artifact, finished_base, personalize_cell,
+                                       read_chosen_scales, read_jsonl, run_config, seeded_personalize_config,
+                                       task_config, worker_artifacts, worker_model)
 from fedp2eft.core.btlora import resolve_target_modules
-from fedp2eft.core.methods import ClientContext, method_spec, stage_named
+from fedp2eft.core.methods import ClientContext, stage_named
+from fedp2eft.core.pfl import apply_overlay
 from fedp2eft.core.personalization import features_for
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
 
 BLOCK = re.compile(r"layer\.\d+\.(.+)$")
-_WORKER: dict = {}
 
 
 def module_type(name: str) -> str:
@@ -62,37 +64,19 @@ def type_shares(records: list[dict]) -> dict[tuple[str, int], dict[str, float]]:
             for key, by_type in totals.items()}
 
 
-def _init(config: dict, base_model: str, run: Path) -> None:
-    torch.set_num_threads(1)
-    quiet_third_party()
-    setup = Setup.from_config(task_config(config, base_model, {}))
-    _WORKER.update(setup=setup, base=setup.load_base_model(config["device"]), config=config, run=run,
-                   base_model=base_model, artifacts={})
-
-
-def _artifacts(method: str, seed: int) -> dict:
-    """The stage artifact ``method`` personalizes with (the run's own, of ``seed``), loaded once per worker."""
-    stage = method_spec(method).stage
-    if stage is None:
-        return {}
-    if (stage.name, seed) not in _WORKER["artifacts"]:
-        path = finished_artifact(_WORKER["config"], _WORKER["run"], stage, seed)
-        _WORKER["artifacts"][stage.name, seed] = stage.load(
-            path, _WORKER["base"], seeded_personalize_config(_WORKER["config"], seed), _WORKER["base_model"])
-    return {stage.name: _WORKER["artifacts"][stage.name, seed]}
-
-
-def _cell(seed: int, pool: str, index: int, method: str, rank: int, kind: str | None, scale: float, label: str,
-          budget: int) -> dict:
-    """The run's cell of ``method`` for one client at rank budget ``rank`` and learning-rate scale ``scale``, its
-    LoRA only in the modules of type ``kind`` (all when None); reported as ``label`` at ``budget``."""
-    setup, base, config = _WORKER["setup"], _WORKER["base"], _WORKER["config"]
+def _cell(config: dict, seed: int, pool: str, index: int, method: str, rank: int, kind: str | None, scale: float,
+          label: str, budget: int, artifacts: dict[str, str]) -> dict:
+    """The run's cell of ``method`` for one client (in a benchmark worker, as the run computes its cells) at rank
+    budget ``rank`` and learning-rate scale ``scale``, its LoRA only in the modules of type ``kind`` (all when
+    None); reported as ``label`` at ``budget``."""
+    setup, base = worker_model()
     client = setup.data.pool(pool)[index]
     personal = seeded_personalize_config(config, seed)
     if kind is not None:
         personal = replace(personal, target_modules=[rf"layer\.\d+\.{re.escape(kind)}"])
-    context = ClientContext(base, setup.task, client.train, _artifacts(method, seed))
-    row, _ = personalize_cell(context, client.test, method, rank, personal, scale)
+    context = ClientContext(base, setup.task, client.train, worker_artifacts(artifacts))
+    with apply_overlay(base, setup.personal_overlay(base, pool, index)):
+        row, _ = personalize_cell(context, client.test, method, rank, personal, scale)
     return {"seed": seed, "pool": pool, "client": client.client_id, "language": client.language,
             "rows": [{**row, "method": label, "budget": budget}]}
 
@@ -100,7 +84,6 @@ def _cell(seed: int, pool: str, index: int, method: str, rank: int, kind: str | 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, default=Path("results/default"))
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--fill", type=float, default=0.9, help="share of one module type that triggers part (3)")
     args = parser.parse_args()
     quiet_third_party()
@@ -125,10 +108,11 @@ def main() -> None:
 
     print("\n(2) the generator's mean lambda per module type (all entries, every client), per seed")
     psg = stage_named("psg")
+    generator_paths = {seed: finished_artifact(config, args.run, psg, seed) for seed in config["seeds"]}
     personal = seeded_personalize_config(config, config["seeds"][0])
     clients = setup.data.seen + setup.data.unseen
     for seed in config["seeds"]:
-        generator = psg.load(finished_artifact(config, args.run, psg, seed), base, personal, base_model)
+        generator = psg.load(generator_paths[seed], base, personal, base_model)
         sums = defaultdict(float)
         for client in clients:
             with torch.no_grad():
@@ -146,16 +130,16 @@ def main() -> None:
         for r in records:
             client = (r["seed"], r["pool"], index_of[r["pool"], r["client"]])
             jobs.append((*client, "lora", budget * len(modules) // count[kind], kind, scales[budget], f"lora-{kind}",
-                         budget))
+                         budget, {}))
             jobs.append((*client, "fedp2eft-structure", budget, None, scales[budget], "structure-at-lora-scale",
-                         budget))
+                         budget, {psg.name: str(generator_paths[r["seed"]])}))
     first = records[0]
     check = (first["seed"], first["pool"], index_of[first["pool"], first["client"]], "lora", probes[0][0], None,
-             scales[probes[0][0]], "lora", probes[0][0]) if probes else None
+             scales[probes[0][0]], "lora", probes[0][0], {}) if probes else None
     print(f"\n(3) LoRA restricted to one module type at the same total ranks, and FedP²EFT's rank map (lambda 1) at "
           f"LoRA's learning-rate scale: {len(jobs)} cells")
-    with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(config, base_model, args.run)) as pool:
-        extra = list(pool.map(_cell, *zip(*jobs))) if jobs else []
+    with WorkerPool(config, base_model) as pool:
+        extra = [future.result() for future in [pool.submit(_cell, *job) for job in jobs]]
         recomputed = pool.submit(_cell, *check).result() if check else None
     if recomputed:
         published = next(row for row in first["rows"] if (row["method"], row["budget"]) == ("lora", probes[0][0]))

@@ -168,7 +168,12 @@ def _init_worker(config: dict, base_model: str) -> None:
                    config=PersonalizeConfig.from_dict(config["personalize"]))
 
 
-def _artifacts(paths: dict[str, str]) -> dict[str, object]:
+def worker_model() -> tuple[Setup, torch.nn.Module]:
+    """This worker's setup (data, task) and base model, for a job function submitted to a ``WorkerPool``."""
+    return _WORKER["setup"], _WORKER["base"]
+
+
+def worker_artifacts(paths: dict[str, str]) -> dict[str, object]:
     """The stage artifacts at ``paths`` (stage name -> path), each loaded once per worker and checked against the
     base model by its stage."""
     for name, path in paths.items():
@@ -190,11 +195,11 @@ def _scores(metrics: dict) -> dict:
 def validate_client(config: dict, index: int, methods: list[str], artifacts: dict[str, str]) -> dict:
     """Every method x budget x learning-rate scale of the grid, trained on the inner split of one client's
     training data and scored on its validation split (that client's test data are never touched)."""
-    setup, base = _WORKER["setup"], _WORKER["base"]
+    setup, base = worker_model()
     section = config["selection"]
     client = setup.data.pool(section["pool"])[index]
     inner, held_out = validation_split(client.train, section["validation_fraction"], client.client_id)
-    context = ClientContext(base, setup.task, inner, _artifacts(artifacts))
+    context = ClientContext(base, setup.task, inner, worker_artifacts(artifacts))
     personal = seeded_personalize_config(config, config["seeds"][0])
     rows = []
     with apply_overlay(base, setup.personal_overlay(base, section["pool"], index)):
@@ -213,10 +218,10 @@ def personalize_client(config: dict, seed: int, pool: str, index: int, scales: d
     also the un-personalized base model. The client's features, generator output and BayesTune search are
     computed once for all budgets. Rows carry what each method declares it reports (ranks, lambdas, ...). On a
     personalized-FL base everything, the base row included, starts from the client's own personal base."""
-    setup, base = _WORKER["setup"], _WORKER["base"]
+    setup, base = worker_model()
     client = setup.data.pool(pool)[index]
     personal = seeded_personalize_config(config, seed)
-    context = ClientContext(base, setup.task, client.train, _artifacts(artifacts))
+    context = ClientContext(base, setup.task, client.train, worker_artifacts(artifacts))
     with apply_overlay(base, setup.personal_overlay(base, pool, index)):
         start = time.perf_counter()
         rows = [{"method": "base", "budget": 0, **_scores(setup.task.evaluate(base, client.test)),
