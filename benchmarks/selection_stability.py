@@ -67,26 +67,27 @@ def held_out(config: dict, records: list[dict], by_language: dict[str, list[str]
     """Part (2): per method and budget, held-out accuracy of the pooled and the per-budget rule's choices, and the
     difference over everything with a bootstrap over the held-out clients (stratified by language)."""
     right = {rule: defaultdict(float) for rule in (False, True)}
-    seen = defaultdict(float)  # a client scores the same held-out sentences at every scale, so both rules see these
+    seen = defaultdict(float)  # held-out sentences per method and budget: the same at every scale, so for both rules
     per_client = {rule: defaultdict(float) for rule in (False, True)}
     for fold in range(folds):
         out = {sorted(clients)[fold] for clients in by_language.values()}
         train = [record for record in records if record["client"] not in out]
+        held = [record for record in records if record["client"] in out]
+        for row in (row for record in held for row in record["rows"] if row["scale"] == config["selection"]["grid"][0]):
+            seen[row["method"], row["budget"]] += row["count"]
         for per_budget in (False, True):
             chosen = choices(config, train, per_budget)
-            for record in (record for record in records if record["client"] in out):
+            for record in held:
                 for row in record["rows"]:
-                    key = (row["method"], row["budget"])
                     if chosen[row["method"]][row["budget"]] == row["scale"]:
-                        right[per_budget][key] += row["correct"]
+                        right[per_budget][row["method"], row["budget"]] += row["correct"]
                         per_client[per_budget][record["language"], record["client"]] += row["correct"]
-                        seen[key] += row["count"] if per_budget else 0
     print(f"\nheld-out validation accuracy of each rule's choice ({folds} folds, one client per language held out "
           f"in each), pooled / per budget, at budgets {config['budgets']}:")
     for method in [method for method in config["methods"] if (method, config["budgets"][0]) in seen]:
-        print(f"  {method:<20}" + "   ".join(
-            f"{100 * right[False][method, b] / seen[method, b]:.1f} / {100 * right[True][method, b] / seen[method, b]:.1f}"
-            for b in config["budgets"]))
+        shares = [(100 * right[False][method, b] / seen[method, b], 100 * right[True][method, b] / seen[method, b])
+                  for b in config["budgets"]]
+        print(f"  {method:<20}" + "   ".join(f"{pooled:.1f} / {per:.1f}" for pooled, per in shares))
     clients = sorted(per_client[False])
     difference = np.array([per_client[True][c] - per_client[False][c] for c in clients])
     total = sum(seen.values())
