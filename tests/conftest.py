@@ -60,6 +60,24 @@ def llama_config(vocab_size: int) -> LlamaConfig:
                        pad_token_id=0, eos_token_id=4, bos_token_id=2, initializer_range=0.3)
 
 
+# Float32's relative rounding (2^-23 ~ 1.2e-7) times a cancellation allowance of ~8,000: a gradient summed in
+# another order (length groups, a batched pass) differs from itself by eps x (sum of |terms| / |sum|), and for a
+# weight whose gradient nearly cancels that ratio is large.
+ROUNDING_DIRECTION = 1e-3
+
+
+def adam_rounding_tolerance(lr: float, steps: int) -> float:
+    """Largest per-weight difference that float rounding alone may leave between two Adam(W) trainings of the same
+    weights whose gradients were summed in a different order.
+
+    Adam divides the first moment by the root of the second, so every update is about ``lr`` in size whatever the
+    gradient's scale; rounding does not shrink it, it tilts its direction, by the gradient's relative rounding
+    error (``ROUNDING_DIRECTION``). Over ``steps`` updates that adds up to at most ``lr * steps * 1e-3``: 25x the
+    largest difference seen on any CPU (1.65e-5 for AdaLoRA at lr 5e-2 over 8 steps on an AMD EPYC), while a
+    wrong gradient moves weights by a sizeable share of ``lr`` per step."""
+    return lr * steps * ROUNDING_DIRECTION
+
+
 def classification_examples(count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     examples = []
