@@ -21,6 +21,7 @@ from torch import nn
 
 from fedp2eft.errors import FedP2EFTError
 
+LORA_SCALING = 2.0  # alpha = 2 * rank, as in the paper
 SCALE_MIN = 1e-4
 SCALE_MAX = 1000.0
 

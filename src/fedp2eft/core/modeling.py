@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,3 +146,11 @@ def load_causal_lm(directory: str | Path) -> nn.Module:
             "datasets need a causal language model (e.g. model gemma-3-270m, or a Hugging Face decoder such as "
             "Llama); use a classification dataset with this model")
     return AutoModelForCausalLM.from_pretrained(directory)
+
+
+def frozen_copy(base_model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares the base model's parameters instead of duplicating them.
+
+    PEFT swaps modules in the copy's tree only and freezes the (shared) base weights, so many personalized
+    models can live side by side at the cost of their LoRA weights, not of the whole model."""
+    return copy.deepcopy(base_model, memo={id(p): p for p in base_model.parameters()})

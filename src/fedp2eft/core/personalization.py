@@ -8,7 +8,6 @@ of ``core/training.py``; the base model's weights are never modified."""
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
@@ -19,17 +18,15 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from fedp2eft.core.btlora import BTLoRAModel, PriorConfig, attach_lora, resolve_target_modules
+from fedp2eft.core.btlora import LORA_SCALING, SCALE_MIN, BTLoRAModel, PriorConfig, attach_lora, resolve_target_modules
 from fedp2eft.core.budget import Selection
 from fedp2eft.core.features import client_features, feature_layer_names
 from fedp2eft.core.generator import GeneratorSpec
-from fedp2eft.core.modeling import adapter_carried_modules
+from fedp2eft.core.modeling import adapter_carried_modules, frozen_copy
+from fedp2eft.core.multi_lora import LoRARun, MultiLoRAModel
 from fedp2eft.core.tasks import Task, iterate_batches
 from fedp2eft.core.training import TrainResult, train
 from fedp2eft.errors import FedP2EFTError, config_from_mapping
-
-LORA_SCALING = 2.0  # alpha = 2 * rank, as in the paper
-
 
 @dataclass
 class PersonalizeConfig:
@@ -70,23 +67,19 @@ class Personalized:
     ranks: dict[str, int]
     metrics: dict[str, float]
     report: dict[str, Any] = field(default_factory=dict)
+    run: int | None = None  # this result's run in ``model`` when it is a MultiLoRAModel that trained several
 
     def export(self, directory: str | Path) -> None:
         """Save as a standard PEFT adapter (per-module ranks, lambda folded into B) whose config names its base
         model (the checkpoint folder or hub id the base was loaded from)."""
-        peft_model = self.model.fold_scales() if isinstance(self.model, BTLoRAModel) else self.model
+        if self.run is not None:
+            peft_model = self.model.export(self.run)
+        else:
+            peft_model = self.model.fold_scales() if isinstance(self.model, BTLoRAModel) else self.model
         base_name = getattr(peft_model.get_base_model().config, "_name_or_path", "") or None
         for adapter in peft_model.peft_config.values():
             adapter.base_model_name_or_path = adapter.base_model_name_or_path or base_name
         peft_model.save_pretrained(str(directory))
-
-
-def frozen_copy(base_model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares the base model's parameters instead of duplicating them.
-
-    PEFT swaps modules in the copy's tree only and freezes the (shared) base weights, so many personalized
-    models can live side by side at the cost of their LoRA weights, not of the whole model."""
-    return copy.deepcopy(base_model, memo={id(p): p for p in base_model.parameters()})
 
 
 def personal_lora(base_model: nn.Module, ranks: dict[str, int], seed: int) -> PeftModel:
@@ -140,6 +133,9 @@ class ClientContext:
         self.artifacts = dict(artifacts or {})
         self._shared: dict[Hashable, Any] = {}
 
+    def has(self, key: Hashable) -> bool:
+        return key in self._shared
+
     def shared(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()`` the first time ``key`` is asked for, the kept value afterwards."""
         if key not in self._shared:
@@ -185,12 +181,83 @@ def finetune_selection(context: ClientContext, selection: Selection, config: Per
                        unit_scales: bool = False) -> Personalized:
     """docs/method.md, personalization steps 3-4: a fresh LoRA with the kept ranks and the kept lambdas as fixed
     multipliers (all 1 with ``unit_scales``: the rank structure alone), fine-tuned on the client's data."""
-    values = {name: torch.ones_like(v) for name, v in selection.values.items()} if unit_scales else selection.values
-    model = BTLoRAModel(frozen_copy(context.base_model), selection.ranks, LORA_SCALING, init_scales=values,
+    plan = selection_plan(selection, config, unit_scales)
+    model = BTLoRAModel(frozen_copy(context.base_model), selection.ranks, LORA_SCALING, init_scales=plan.run.scales,
                         trainable_scales=False, lora_seed=config.seed,
                         carry=adapter_carried_modules(context.base_model))
     optimizer = torch.optim.AdamW(model.lora_parameters(), lr=config.lora_lr, weight_decay=0.0)
     result = train(model, context.task, context.examples, optimizer, config.epochs, config.batch_size,
                    seed=config.seed)
+    return Personalized(model, selection.ranks, train_metrics(result, model), plan.report)
+
+
+@dataclass
+class RunPlan:
+    """A LoRA-shaped personalization run described rather than trained, so that a client's runs can train together
+    in one pass (``train_plans``): the run, its epochs and what its result reports besides the training metrics."""
+
+    run: LoRARun
+    epochs: int
+    batch_size: int
+    report: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def lora_plan(ranks: dict[str, int], config: PersonalizeConfig) -> RunPlan:
+    """A plain LoRA with ``ranks`` fine-tuned at ``config.lora_lr``."""
+    return RunPlan(LoRARun(ranks, config.lora_lr, config.seed), config.epochs, config.batch_size)
+
+
+def selection_plan(selection: Selection, config: PersonalizeConfig, unit_scales: bool = False) -> RunPlan:
+    """``finetune_selection`` as a plan: the kept ranks with the kept lambdas (or all 1) as fixed multipliers."""
+    values = {name: torch.ones_like(v) for name, v in selection.values.items()} if unit_scales else selection.values
     kept = {name: [round(float(v), 6) for v in values[name]] for name in selection.ranks}
-    return Personalized(model, selection.ranks, train_metrics(result, model), {"lambdas": kept})
+    return RunPlan(LoRARun(selection.ranks, config.lora_lr, config.seed, scales=values), config.epochs,
+                   config.batch_size, {"lambdas": kept})
+
+
+def search_plan(context: ClientContext, config: PersonalizeConfig) -> RunPlan:
+    """BayesTune's search (``new_btlora`` + ``train_btlora``) as a plan: rank R everywhere, lambda from 1e-4
+    trained at ``config.scale_lr`` under the priors."""
+    targets = resolve_target_modules(context.base_model, config.target_modules)
+    scales = {name: torch.full((config.max_rank,), SCALE_MIN) for name in targets}
+    run = LoRARun({name: config.max_rank for name in targets}, config.lora_lr, config.seed, scales=scales,
+                  scale_lr=config.scale_lr, priors=config.priors)
+    return RunPlan(run, config.bayestune_epochs, config.batch_size)
+
+
+# Tokens one pass over the base model may hold, and logits it may hold (floats): a pass of K runs holds K copies of
+# a batch, and its activations for the backward pass grow with them (about 0.3 MB per token on
+# multilingual-e5-small; docs/method.md, "Many adapters in one pass"). 6,144 tokens keep a worker near 2 GB.
+PASS_TOKENS = 6144
+PASS_LOGITS = 2**28
+
+
+def runs_per_pass(context: ClientContext, batch_size: int) -> int:
+    """How many runs of ``context``'s client one pass takes: as many copies of an average batch as fit in
+    ``PASS_TOKENS`` and ``PASS_LOGITS`` (a causal LM's logits hold its whole vocabulary per token)."""
+    lengths = context.shared("mean_length", lambda: float(
+        context.task.collate(context.examples)["attention_mask"].sum(1).float().mean()))
+    tokens = batch_size * max(lengths, 1.0)
+    width = context.base_model.config.vocab_size if context.task.kind == "instruction" else len(context.task.labels)
+    return max(1, min(int(PASS_TOKENS // tokens), int(PASS_LOGITS // (tokens * width))))
+
+
+def train_plans(context: ClientContext, plans: list[RunPlan]) -> list[Personalized]:
+    """Train ``plans`` (one seed, epochs and batch size) together in one pass per step over the base model; each
+    result equals what training its plan alone gives, to float rounding."""
+    first = plans[0]
+    model = MultiLoRAModel(context.base_model, context.task, [plan.run for plan in plans],
+                           carry=adapter_carried_modules(context.base_model))
+    searches = any(plan.run.searches for plan in plans)
+    torch.manual_seed(first.run.seed)  # the stream a separate run starts from (dropout masks)
+    result = train(model, context.task, context.examples, model.optimizer(), first.epochs, first.batch_size,
+                   seed=first.run.seed,
+                   extra_loss=(lambda: model.prior_loss(len(context.examples))) if searches else None)
+    outcomes = []
+    for index, plan in enumerate(plans):
+        own = result.run(index)
+        metrics = {"train_loss_first_epoch": own.epoch_losses[0], "train_loss_last_epoch": own.epoch_losses[-1],
+                   "steps": own.steps, "trainable_parameters": model.trainable_count(index), **plan.metrics}
+        outcomes.append(Personalized(model, dict(plan.run.ranks), metrics, dict(plan.report), run=index))
+    return outcomes

@@ -59,20 +59,33 @@ class ClassificationTask:
         """How much of the batch's mean loss each row carries: one example each."""
         return torch.ones(len(batch["labels"]))
 
+    @staticmethod
+    def run_losses(logits: torch.Tensor, labels: torch.Tensor, runs: int) -> torch.Tensor:
+        """Each run's mean loss over ``labels``, from the logits of ``runs`` copies of the batch (run-major rows)."""
+        losses = nn.functional.cross_entropy(logits, labels.repeat(runs), reduction="none")
+        return losses.view(runs, -1).mean(1)
+
     def evaluate(self, model: nn.Module, examples: list[dict], batch_size: int = 32) -> dict[str, float]:
         """Accuracy and mean loss; batches go to the model's device (bf16 autocast on a CUDA GPU that has it)."""
+        return self.evaluate_runs(model, examples, batch_size)[0]
+
+    def evaluate_runs(self, model: nn.Module, examples: list[dict], batch_size: int = 32) -> list[dict]:
+        """``evaluate`` for every run of a model that holds several (``core/multi_lora.py``) in one pass."""
         model.eval()
         device = model_device(model)
-        correct, loss_sum = 0, 0.0
+        runs = run_count(model)
+        correct, loss_sum = torch.zeros(runs, dtype=torch.long), torch.zeros(runs, dtype=torch.float64)
         with _evaluation(device):
             for batch in iterate_batches(examples, self.collate, batch_size):
                 for part, _ in length_groups(batch, self.loss_units, device):
                     part = to_device(part, device)
                     output = model(**part)
-                    correct += int((output.logits.argmax(-1) == part["labels"]).sum())
-                    loss_sum += float(output.loss) * len(part["labels"])
-        return {"accuracy": correct / len(examples), "loss": loss_sum / len(examples),
-                "correct": correct, "count": len(examples), "scores": {"accuracy": (correct, len(examples))}}
+                    predicted = output.logits.argmax(-1).view(runs, -1).cpu()
+                    correct += (predicted == part["labels"].cpu()).sum(1)
+                    loss_sum += output.loss.double().cpu().reshape(runs) * len(part["labels"])
+        return [{"accuracy": int(right) / len(examples), "loss": float(lost) / len(examples), "correct": int(right),
+                 "count": len(examples), "scores": {"accuracy": (int(right), len(examples))}}
+                for right, lost in zip(correct, loss_sum)]
 
 
 @dataclass
@@ -138,40 +151,65 @@ class InstructionTask:
         return _right_pad([self.prompt_ids(example["instruction"])[: self.max_length] for example in examples],
                           self.pad_id)
 
+    @staticmethod
+    def run_losses(logits: torch.Tensor, labels: torch.Tensor, runs: int) -> torch.Tensor:
+        """Each run's mean next-token loss over the response tokens of ``labels``, from the logits of ``runs`` copies
+        of the batch (run-major rows)."""
+        target = labels[:, 1:].repeat(runs, 1)
+        losses = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="none",
+                                             ignore_index=IGNORE_INDEX)
+        return losses.view(runs, -1).sum(1) / (labels[:, 1:] != IGNORE_INDEX).sum()
+
     def evaluate(self, model: nn.Module, examples: list[dict], batch_size: int = 16) -> dict[str, float]:
         """Token-level loss and next-token accuracy over response tokens, pooled over the whole set; with
         ``generation_tokens`` also the greedy generations' ROUGE-L F1 and exact match.
 
         ``scores`` holds every metric as (sum, count) so that a report can pool it over clients like accuracy; the
         first one is the task's main metric (ROUGE-L when generations are scored, else next-token accuracy)."""
+        return self.evaluate_runs(model, examples, batch_size)[0]
+
+    def evaluate_runs(self, model: nn.Module, examples: list[dict], batch_size: int = 16) -> list[dict]:
+        """``evaluate`` for every run of a model that holds several (``core/multi_lora.py``) in one pass; greedy
+        generation decodes one model at a time, so a model of several runs cannot score generations."""
         model.eval()
         device = model_device(model)
-        loss_sum, correct, count = 0.0, 0, 0
+        runs = run_count(model)
+        if runs > 1 and self.generation_tokens > 0:
+            raise FedP2EFTError("generations are decoded one model at a time; export each run (MultiLoRAModel.export) "
+                                "and evaluate it alone")
+        loss_sum, correct = torch.zeros(runs, dtype=torch.float64), torch.zeros(runs, dtype=torch.long)
+        count = 0
         with _evaluation(device):
             for batch in iterate_batches(examples, self.collate, batch_size):
                 for part, _ in length_groups(batch, self.loss_units, device):
                     part = to_device(part, device)
                     logits = model(**part).logits[:, :-1]
+                    logits = logits.reshape(runs, -1, *logits.shape[1:])
                     target = part["labels"][:, 1:]
                     keep = target != IGNORE_INDEX
-                    loss_sum += float(nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
-                    correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
+                    for run in range(runs):
+                        loss_sum[run] += float(nn.functional.cross_entropy(logits[run][keep], target[keep],
+                                                                           reduction="sum"))
+                        correct[run] += int((logits[run].argmax(-1)[keep] == target[keep]).sum())
                     count += int(keep.sum())
-        metrics = {"loss": loss_sum / count, "perplexity": math.exp(min(loss_sum / count, 50.0)),
-                   "token_accuracy": correct / count, "correct": correct, "count": count,
-                   "scores": {"token_accuracy": (correct, count)}}
-        if self.generation_tokens > 0:
-            rouge, exact = 0.0, 0
-            for example in examples:
-                generated = self.generate(model, example["instruction"])
-                reference = self.tokenizer(example["response"], add_special_tokens=False)["input_ids"]
-                rouge += rouge_l(generated, reference)
-                exact += int(_normalized(self.tokenizer.decode(generated, skip_special_tokens=True))
-                             == _normalized(example["response"]))
-            metrics.update(rouge_l=rouge / len(examples), exact_match=exact / len(examples))
-            metrics["scores"] = {"rouge_l": (rouge, len(examples)), "exact_match": (exact, len(examples)),
-                                 **metrics["scores"]}
-        return metrics
+        results = []
+        for lost, right in zip(loss_sum.tolist(), correct.tolist()):
+            metrics = {"loss": lost / count, "perplexity": math.exp(min(lost / count, 50.0)),
+                       "token_accuracy": right / count, "correct": right, "count": count,
+                       "scores": {"token_accuracy": (right, count)}}
+            if self.generation_tokens > 0:
+                rouge, exact = 0.0, 0
+                for example in examples:
+                    generated = self.generate(model, example["instruction"])
+                    reference = self.tokenizer(example["response"], add_special_tokens=False)["input_ids"]
+                    rouge += rouge_l(generated, reference)
+                    exact += int(_normalized(self.tokenizer.decode(generated, skip_special_tokens=True))
+                                 == _normalized(example["response"]))
+                metrics.update(rouge_l=rouge / len(examples), exact_match=exact / len(examples))
+                metrics["scores"] = {"rouge_l": (rouge, len(examples)), "exact_match": (exact, len(examples)),
+                                     **metrics["scores"]}
+            results.append(metrics)
+        return results
 
     def generate(self, model: nn.Module, instruction: str, use_cache: bool = True) -> list[int]:
         """Greedy decoding through the model's plain forward (works for every wrapper: PEFT, BT-LoRA), until EOS or
@@ -193,6 +231,11 @@ class InstructionTask:
                     break
                 ids.append(token)
         return ids[prompt_length:]
+
+
+def run_count(model: nn.Module) -> int:
+    """How many runs a model holds: K for a ``MultiLoRAModel``, 1 for any other."""
+    return getattr(model, "run_count", 1)
 
 
 def _normalized(text: str) -> str:

@@ -14,14 +14,18 @@ from fedp2eft.core.tasks import Task, iterate_batches, length_groups
 
 @dataclass
 class TrainResult:
-    """Per-step losses (task loss, without priors) and per-epoch means."""
+    """Per-step losses (task loss, without priors) and per-epoch means; for a model that trains several runs at
+    once (``core/multi_lora.py``) each entry is a list with one loss per run, and ``run(k)`` is run k's result."""
 
-    step_losses: list[float] = field(default_factory=list)
-    epoch_losses: list[float] = field(default_factory=list)
+    step_losses: list = field(default_factory=list)
+    epoch_losses: list = field(default_factory=list)
 
     @property
     def steps(self) -> int:
         return len(self.step_losses)
+
+    def run(self, index: int) -> TrainResult:
+        return TrainResult([step[index] for step in self.step_losses], [epoch[index] for epoch in self.epoch_losses])
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -46,7 +50,9 @@ def train(
 
     A batch runs as length groups whose gradients add up to the batch's (``tasks.length_groups``; on the CPU this
     skips most padding). Batches go to the model's device (that of its first parameter); on a CUDA GPU with
-    bfloat16 support the forward passes and the extra loss run under bf16 autocast, on the CPU in plain float32."""
+    bfloat16 support the forward passes and the extra loss run under bf16 autocast, on the CPU in plain float32.
+    A model whose loss is a vector (one per run of a ``MultiLoRAModel``) is trained on the sum, whose gradient for
+    each run's disjoint parameters is that run's own."""
     result = TrainResult()
     device = model_device(model)
     model.train()
@@ -58,8 +64,8 @@ def train(
             for part, share in length_groups(batch, task.loss_units, device):
                 with autocast_for(device):
                     part_loss = model(**to_device(part, device)).loss * share
-                part_loss.backward()
-                loss += part_loss.detach()
+                part_loss.sum().backward()
+                loss = loss + part_loss.detach()
             if extra_loss is not None:
                 with autocast_for(device):
                     prior = extra_loss()
@@ -68,9 +74,16 @@ def train(
             if after_step is not None:
                 after_step(step)
             optimizer.zero_grad(set_to_none=True)
-            epoch_losses.append(float(loss))
+            epoch_losses.append(loss.tolist())  # a float, or one per run
             step += 1
         result.step_losses += epoch_losses
-        result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
+        result.epoch_losses.append(_mean(epoch_losses))
     model.eval()
     return result
+
+
+def _mean(losses: list) -> float | list[float]:
+    """The mean of per-step losses: floats, or per-run lists averaged run by run."""
+    if isinstance(losses[0], list):
+        return [sum(run) / len(run) for run in zip(*losses)]
+    return sum(losses) / len(losses)

@@ -14,8 +14,9 @@ from torch import nn
 
 from fedp2eft.core.budget import check_budget
 from fedp2eft.core.methods import adalora, btlora, fedl2p, fedp2eft, lora
-from fedp2eft.core.personalization import LORA_SCALING, ClientContext, PersonalizeConfig, Personalized, \
-    features_for, finetune_selection, frozen_copy, generator_spec, new_btlora, train_btlora
+from fedp2eft.core.personalization import LORA_SCALING, ClientContext, PersonalizeConfig, Personalized, RunPlan, \
+    features_for, finetune_selection, frozen_copy, generator_spec, new_btlora, runs_per_pass, train_btlora, \
+    train_plans
 from fedp2eft.core.methods.registry import MethodSpec, Stage
 from fedp2eft.core.tasks import Task
 from fedp2eft.errors import FedP2EFTError
@@ -74,6 +75,36 @@ def personalize(method: str, base_model: nn.Module | ClientContext, task: Task |
     return spec.personalize(context, budget, config)
 
 
+def personalize_many(context: ClientContext, cells: list[tuple[str, int, PersonalizeConfig]]) -> list[Personalized]:
+    """``personalize`` for every (method, budget, config) cell of one client, the LoRA-shaped ones (a ``plan``)
+    trained together: one pass over the base model per step for each group of runs that share a seed, epochs and
+    batch size, as many runs per pass as ``runs_per_pass`` allows. Each result equals the cell's ``personalize`` to
+    float rounding; results come back in the order of ``cells``."""
+    for method, budget, config in cells:
+        check_budget(budget, config.max_rank)
+    for method in dict.fromkeys(method for method, _, _ in cells):
+        spec = method_spec(method)
+        if spec.prepare is not None:
+            spec.prepare(context, [config for name, _, config in cells if name == method])
+    results: list[Personalized | None] = [None] * len(cells)
+    groups: dict[tuple, list[tuple[int, RunPlan]]] = {}
+    for index, (method, budget, config) in enumerate(cells):
+        spec = method_spec(method)
+        if spec.plan is None:
+            torch.manual_seed(config.seed)
+            results[index] = spec.personalize(context, budget, config)
+            continue
+        plan = spec.plan(context, budget, config)
+        groups.setdefault((plan.run.seed, plan.epochs, plan.batch_size), []).append((index, plan))
+    for (_, _, batch_size), planned in groups.items():
+        size = runs_per_pass(context, batch_size)
+        for start in range(0, len(planned), size):
+            chunk = planned[start : start + size]
+            for (index, _), result in zip(chunk, train_plans(context, [plan for _, plan in chunk])):
+                results[index] = result
+    return results
+
+
 __all__ = ["LORA_SCALING", "METHODS", "STAGES", "ClientContext", "MethodSpec", "PersonalizeConfig", "Personalized",
            "Stage", "features_for", "finetune_selection", "frozen_copy", "generator_spec", "method_lr", "method_spec",
-           "new_btlora", "personalize", "stage_named", "stages", "train_btlora"]
+           "new_btlora", "personalize", "personalize_many", "stage_named", "stages", "train_btlora"]

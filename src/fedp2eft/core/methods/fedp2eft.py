@@ -14,8 +14,8 @@ from fedp2eft.core.budget import Selection, select_top_ranks
 from fedp2eft.core.device import model_device
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
-from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, finetune_selection, \
-    generator_spec
+from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, RunPlan, \
+    finetune_selection, generator_spec, selection_plan
 from fedp2eft.core.methods.registry import MethodSpec, Stage
 from fedp2eft.core.tasks import Task
 from fedp2eft.data.types import ClientData
@@ -70,5 +70,15 @@ def personalize_fedp2eft_structure(context: ClientContext, budget: int, config: 
     return finetune_selection(context, generator_selection(context, budget, config), config, unit_scales=True)
 
 
-METHOD = MethodSpec("fedp2eft", personalize_fedp2eft, reports=("ranks", "lambdas"), stage=PSG_STAGE)
-STRUCTURE = MethodSpec("fedp2eft-structure", personalize_fedp2eft_structure, reports=("ranks",), stage=PSG_STAGE)
+def plan_fedp2eft(context: ClientContext, budget: int, config: PersonalizeConfig) -> RunPlan:
+    return selection_plan(generator_selection(context, budget, config), config)
+
+
+def plan_fedp2eft_structure(context: ClientContext, budget: int, config: PersonalizeConfig) -> RunPlan:
+    return selection_plan(generator_selection(context, budget, config), config, unit_scales=True)
+
+
+METHOD = MethodSpec("fedp2eft", personalize_fedp2eft, reports=("ranks", "lambdas"), stage=PSG_STAGE,
+                    plan=plan_fedp2eft)
+STRUCTURE = MethodSpec("fedp2eft-structure", personalize_fedp2eft_structure, reports=("ranks",), stage=PSG_STAGE,
+                       plan=plan_fedp2eft_structure)

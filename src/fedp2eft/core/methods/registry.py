@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from fedp2eft.core.federation import FederatedTask
-from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized
+from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, RunPlan
 from fedp2eft.core.tasks import Task
 from fedp2eft.data.types import ClientData
 
@@ -55,10 +55,16 @@ class MethodSpec:
     """One personalization method: ``personalize(context, budget, config)``; ``lr_field`` names its learning rate
     in ``PersonalizeConfig`` (None for a method that learns its own: learning-rate selection skips it);
     ``reports`` lists per-run fields for the results (``ranks`` and keys of
-    ``Personalized.report``)."""
+    ``Personalized.report``).
+
+    A LoRA-shaped method also gives ``plan(context, budget, config)``: the same run described, not trained, so
+    that a client's runs train together in one pass (``core/multi_lora.py``); ``prepare(context, configs)`` does
+    the work its plans share for several configs at once (BT-LoRA's searches)."""
 
     name: str
     personalize: Callable[[ClientContext, int, PersonalizeConfig], Personalized]
     lr_field: str | None = "lora_lr"
     reports: tuple[str, ...] = ()
     stage: Stage | None = None
+    plan: Callable[[ClientContext, int, PersonalizeConfig], RunPlan] | None = None
+    prepare: Callable[[ClientContext, list[PersonalizeConfig]], None] | None = None

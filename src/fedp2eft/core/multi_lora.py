@@ -1,0 +1,218 @@
+"""Many LoRA runs of one client trained and evaluated in one pass over one frozen base model (docs/method.md,
+"Many adapters in one pass").
+
+A client's personalization runs (methods x budgets x learning-rate scales) share the frozen base model, the
+client's data and, within a seed, the order of its batches. PEFT trains one adapter per forward pass (it refuses a
+training batch that mixes adapters), so each run streams every frozen weight for ~100 tokens. Here K runs go through
+the base together: the batch is repeated once per run (run-major rows), every adapted linear applies its frozen
+weight once to all K copies (one large matmul) and each run's LoRA as two batched matmuls, and the loss is the sum of
+the runs' losses. Parameters are disjoint, so each run's gradient is its own loss's gradient and the result equals K
+separate runs to float rounding.
+
+Each run keeps its own ranks per module (padded to the module's largest rank, padded ranks gated to exactly 0), its
+own per-rank multipliers lambda (fixed, or trainable under BayesTune's priors for a search), its own learning rates
+and optimizer state (AdamW, one parameter group per run), and starts from the LoRA init PEFT draws for its ranks and
+seed. The base model's dropout draws one mask per batch and shares it among the runs, so every run sees the masks
+a separate run with the same seed would see. A trained run exports to a standard PEFT adapter (``export``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import nn
+from torch.nn.functional import dropout, pad
+
+from fedp2eft.core.btlora import LORA_SCALING, PriorConfig, attach_lora, clamp_ste
+from fedp2eft.core.modeling import ClassifierOutput, frozen_copy
+
+
+@dataclass
+class LoRARun:
+    """One run: ``ranks`` per module (modules not named get no LoRA), the fixed per-rank multipliers ``scales`` of
+    the kept ranks (None: all 1, plain LoRA), LoRA's learning rate ``lr`` and the ``seed`` of its init. With
+    ``scale_lr`` the multipliers are trained at that rate under BayesTune's ``priors`` (a search)."""
+
+    ranks: dict[str, int]
+    lr: float
+    seed: int
+    scales: dict[str, torch.Tensor] | None = None
+    scale_lr: float | None = None
+    priors: PriorConfig | None = None
+
+    @property
+    def searches(self) -> bool:
+        return self.scale_lr is not None
+
+
+class StackedLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus K LoRA runs: ``base(x) + scaling * B_k diag(lambda_k) A_k x_k`` for the k-th
+    block of rows of ``x``. Run k's tensors are its own parameters (``a[k]``, ``b[k]``, ``scale[k]``) so that an
+    optimizer gives each run its own learning rate; a run without LoRA here has rank 0."""
+
+    def __init__(self, base: nn.Linear, factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]],
+                 scaling: float) -> None:
+        super().__init__()
+        self.base = base
+        self.scaling = scaling
+        self.a, self.b, self.scale = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
+        for a, b, scale, trainable_scale in factors:
+            rank = a.shape[0]
+            self.a.append(nn.Parameter(a.detach().clone(), requires_grad=rank > 0))
+            self.b.append(nn.Parameter(b.detach().clone(), requires_grad=rank > 0))
+            self.scale.append(nn.Parameter(scale.detach().clone().float(), requires_grad=trainable_scale and rank > 0))
+        self.rank = max(a.shape[0] for a, _, _, _ in factors)
+        self.register_buffer("b0", torch.stack([pad(b.detach(), (0, self.rank - b.shape[1])) for b in self.b]),
+                             persistent=False)
+
+    def gates(self) -> torch.Tensor:
+        """K x rank: each run's clamped multipliers times the LoRA scaling, 0 on padded ranks."""
+        return torch.stack([pad(clamp_ste(s) * self.scaling, (0, self.rank - s.shape[0])) for s in self.scale])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        runs = len(self.a)
+        a = torch.stack([pad(a, (0, 0, 0, self.rank - a.shape[0])) for a in self.a])
+        b = torch.stack([pad(b, (0, self.rank - b.shape[1])) for b in self.b])
+        hidden = torch.bmm(x.reshape(runs, -1, x.shape[-1]), a.transpose(1, 2)) * self.gates()[:, None]
+        return result + torch.bmm(hidden, b.transpose(1, 2)).reshape(result.shape)
+
+    def prior_terms(self, run: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``run``'s BayesTune sums in this module: sum_i ||B[:,i] - B0[:,i]||_1 / lambda_i and
+        sum_i (log lambda_i, lambda_i) (docs/method.md, "BT-LoRA")."""
+        scales = clamp_ste(self.scale[run])
+        b = self.b[run]
+        change = (b - self.b0[run, :, : b.shape[1]]).abs().sum(0)
+        return (change / scales).sum(), torch.stack([scales.log().sum(), scales.sum()])
+
+
+class TiledDropout(nn.Module):
+    """Dropout that draws one mask for the rows of one run and applies it to every run's copy of the batch: each
+    run sees the mask a separate run would draw, from the same random stream."""
+
+    def __init__(self, p: float, runs: int) -> None:
+        super().__init__()
+        self.p, self.runs = p, runs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        mask = dropout(torch.ones_like(x[: len(x) // self.runs]), self.p, True)
+        return x * mask.repeat(self.runs, *[1] * (x.dim() - 1))
+
+
+def peft_init(base_model: nn.Module, ranks: dict[str, int], seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) of every module as PEFT initialises a LoRA with ``ranks`` from ``seed`` (the library's own init, so a
+    batched run starts where a separate one does)."""
+    peft_model = attach_lora(frozen_copy(base_model), ranks, LORA_SCALING, seed=seed)
+    modules = dict(peft_model.base_model.model.named_modules())
+    return {name: (modules[name].lora_A["default"].weight.detach(), modules[name].lora_B["default"].weight.detach())
+            for name in ranks}
+
+
+class MultiLoRAModel(nn.Module):
+    """K LoRA runs on one shared, frozen copy of ``base_model``; ``forward`` takes one batch and returns every
+    run's loss (a vector of K) and the logits of all K copies (run-major rows). ``task`` supplies the per-run loss;
+    ``carry`` names the modules a run's exported adapter carries (a classifier's head)."""
+
+    def __init__(self, base_model: nn.Module, task, runs: list[LoRARun], carry: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.task, self.runs, self.carry = task, list(runs), list(carry)
+        self.__dict__["base_model"] = base_model  # not a submodule: train()/eval() here must not switch its mode
+        self.model = frozen_copy(base_model).requires_grad_(False)
+        inits: dict[tuple, dict] = {}
+        for run in runs:
+            key = (tuple(sorted(run.ranks.items())), run.seed)
+            if key not in inits:
+                inits[key] = peft_init(base_model, {n: r for n, r in run.ranks.items() if r > 0}, run.seed)
+        adapted = [name for name, module in self.model.named_modules()
+                   if isinstance(module, nn.Linear) and any(run.ranks.get(name, 0) for run in runs)]
+        self.layers: dict[str, StackedLoRALinear] = {}
+        for name in adapted:
+            base = self.model.get_submodule(name)
+            factors = [self._factors(base, name, run, inits[(tuple(sorted(run.ranks.items())), run.seed)])
+                       for run in runs]
+            self.layers[name] = StackedLoRALinear(base, factors, LORA_SCALING)
+            parent, _, attribute = name.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, attribute, self.layers[name])
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, nn.Dropout):
+                parent, _, attribute = name.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, attribute,
+                        TiledDropout(module.p, len(runs)))
+
+    @staticmethod
+    def _factors(base: nn.Linear, name: str, run: LoRARun, init: dict) -> tuple:
+        rank = run.ranks.get(name, 0)
+        if rank == 0:
+            return (base.weight.new_zeros(0, base.in_features), base.weight.new_zeros(base.out_features, 0),
+                    base.weight.new_zeros(0), False)
+        a, b = init[name]
+        scales = run.scales[name] if run.scales is not None else torch.ones(rank)
+        return a, b, scales.to(a.device), run.searches
+
+    @property
+    def run_count(self) -> int:
+        return len(self.runs)
+
+    def forward(self, labels: torch.Tensor | None = None, **inputs: torch.Tensor) -> ClassifierOutput:
+        tiled = {key: value.repeat(self.run_count, *[1] * (value.dim() - 1)) for key, value in inputs.items()}
+        logits = self.model(**tiled).logits
+        loss = None if labels is None else self.task.run_losses(logits, labels, self.run_count)
+        return ClassifierOutput(loss=loss, logits=logits)
+
+    def run_parameters(self, run: int, scales: bool = False) -> list[nn.Parameter]:
+        """Run ``run``'s trainable LoRA factors (or, with ``scales``, its trainable multipliers)."""
+        if scales:
+            return [layer.scale[run] for layer in self.layers.values() if layer.scale[run].requires_grad]
+        return [p for layer in self.layers.values() for p in (layer.a[run], layer.b[run]) if p.requires_grad]
+
+    def optimizer(self) -> torch.optim.AdamW:
+        """AdamW (weight decay 0) with each run's own learning rates: one group for its LoRA, one for its
+        multipliers when it searches."""
+        groups = []
+        for index, run in enumerate(self.runs):
+            groups.append({"params": self.run_parameters(index), "lr": run.lr})
+            if run.searches:
+                groups.append({"params": self.run_parameters(index, scales=True), "lr": run.scale_lr})
+        return torch.optim.AdamW(groups, weight_decay=0.0)
+
+    def prior_loss(self, num_examples: int) -> torch.Tensor:
+        """The sum over searching runs of BayesTune's prior (each run with its own weights)."""
+        total = torch.zeros(())
+        for index, run in enumerate(self.runs):
+            if not run.searches:
+                continue
+            priors = run.priors or PriorConfig()
+            significance, sparsity = torch.zeros(()), torch.zeros(2)
+            for layer in self.layers.values():
+                if layer.scale[index].numel():
+                    change, logs_and_sums = layer.prior_terms(index)
+                    significance, sparsity = significance + change, sparsity + logs_and_sums
+            total = total + (priors.significance_weight * significance + priors.sparsity_weight
+                             * (sparsity[0] + priors.gamma_rate * sparsity[1])) / num_examples
+        return total
+
+    def scales(self, run: int) -> torch.Tensor:
+        """Run ``run``'s Lambda: its clamped multipliers of every module it adapts, concatenated in module order."""
+        return torch.cat([clamp_ste(layer.scale[run]) for layer in self.layers.values() if layer.scale[run].numel()])
+
+    def trainable_count(self, run: int) -> int:
+        return sum(p.numel() for p in self.run_parameters(run) + self.run_parameters(run, scales=True))
+
+    def export(self, run: int) -> PeftModel:
+        """Run ``run`` as a standard PEFT LoRA on a copy of the base model (its multipliers folded into B), which
+        saves with ``save_pretrained`` and computes what the run computes."""
+        ranks = {name: rank for name, rank in self.runs[run].ranks.items() if rank > 0}
+        peft_model = attach_lora(frozen_copy(self.base_model), ranks, LORA_SCALING, seed=self.runs[run].seed,
+                                 carry=self.carry)
+        modules = dict(peft_model.base_model.model.named_modules())
+        with torch.no_grad():
+            for name in ranks:
+                layer = self.layers[name]
+                modules[name].lora_A["default"].weight.copy_(layer.a[run])
+                modules[name].lora_B["default"].weight.copy_(layer.b[run] * clamp_ste(layer.scale[run]))
+        return peft_model.eval()

@@ -1,0 +1,116 @@
+"""Many runs of a client in one pass (core/multi_lora.py) equal the same runs trained one at a time, and a run
+exports to a standard PEFT adapter that reproduces its predictions. The tiny models have no dropout, so the two
+paths may differ by float rounding only."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import adam_rounding_tolerance
+from fedp2eft.core.methods import ClientContext, PersonalizeConfig, method_lr, personalize, personalize_many
+from fedp2eft.core.methods.btlora import bayestune_scales, search_key
+from fedp2eft.core.multi_lora import LoRARun, MultiLoRAModel
+from fedp2eft.core.personalization import frozen_copy
+from test_core_methods import trained_like_generator
+
+CONFIG = PersonalizeConfig(max_rank=8, epochs=2, batch_size=8, lora_lr=1e-2, scale_lr=5e-2, bayestune_epochs=2)
+# every LoRA-shaped method, two budgets, two learning-rate scales: runs of different ranks per module, fixed or
+# unit multipliers, and two BayesTune searches (one per scale) that train lambda under the priors
+CELLS = [(method, budget, CONFIG.with_lr_scale(scale)) for method in ("lora", "btlora", "fedp2eft", "fedp2eft-structure")
+         for budget in (2, 4) for scale in (1.0, 3.0)]
+
+
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    """A PEFT model's LoRA tensors by name (multipliers folded into B)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+
+
+def separate(base, task, train, method, budget, config, generator):
+    result = personalize(method, base, task, train, budget=budget, config=config, artifact=generator)
+    peft_model = result.model.fold_scales() if hasattr(result.model, "fold_scales") else result.model
+    return result, lora_weights(peft_model)
+
+
+def test_a_batch_of_runs_equals_the_runs_one_at_a_time(setup):
+    base, task, train, test = setup
+    generator = trained_like_generator(base)
+    context = ClientContext(base, task, train, {"psg": generator})
+    batched = personalize_many(context, CELLS)
+    assert len({id(result.model) for result in batched}) == 1  # every cell trained in the same pass
+    scores = task.evaluate_runs(batched[0].model, test)
+    for (method, budget, config), result in zip(CELLS, batched):
+        alone, weights = separate(base, task, train, method, budget, config, generator)
+        assert result.ranks == alone.ranks, method
+        assert result.report.keys() == alone.report.keys()
+        # btlora's multipliers come out of a search whose lambda trains at scale_lr (then rounded to 6 digits)
+        search = adam_rounding_tolerance(config.scale_lr, config.bayestune_epochs * -(-len(train) // config.batch_size)) + 1e-6
+        for name, values in alone.report.get("lambdas", {}).items():
+            assert result.report["lambdas"][name] == pytest.approx(values, abs=search), (method, name)
+        assert result.metrics["steps"] == alone.metrics["steps"]
+        assert result.metrics["trainable_parameters"] == alone.metrics["trainable_parameters"]
+        # a mean of per-token losses: float32 rounding of sums of a few hundred terms, far below 1e-4 relative
+        assert result.metrics["train_loss_last_epoch"] == pytest.approx(alone.metrics["train_loss_last_epoch"],
+                                                                         rel=1e-4)
+        exported = lora_weights(result.model.export(result.run))
+        assert exported.keys() == weights.keys() and weights, method
+        tolerance = adam_rounding_tolerance(method_lr(config, method), result.metrics["steps"])
+        fold = max([1.0] + [v for values in result.report.get("lambdas", {}).values() for v in values])
+        for name in weights:  # lambda is fixed while fine-tuning; folded into B it scales B's tolerance
+            torch.testing.assert_close(exported[name], weights[name], atol=tolerance * fold, rtol=0,
+                                       msg=f"{method} r={budget} {name}")
+        evaluated = task.evaluate(alone.model, test)
+        assert scores[result.run]["loss"] == pytest.approx(evaluated["loss"], rel=1e-3, abs=1e-4), method
+        assert scores[result.run]["count"] == evaluated["count"]
+
+
+def test_batched_bayestune_searches_equal_separate_searches(setup):
+    base, task, train, _ = setup
+    configs = [CONFIG, CONFIG.with_lr_scale(3.0)]
+    batched_context = ClientContext(base, task, train)
+    personalize_many(batched_context, [("btlora", 2, config) for config in configs])
+    for config in configs:
+        batched_scales, batched_names, batched_loss = batched_context.shared(search_key(config), None)
+        scales, names, loss = bayestune_scales(ClientContext(base, task, train), config)
+        assert batched_names == names
+        assert batched_loss == pytest.approx(loss, rel=1e-4)
+        steps = config.bayestune_epochs * -(-len(train) // config.batch_size)
+        torch.testing.assert_close(batched_scales, scales, rtol=0,
+                                   atol=adam_rounding_tolerance(config.scale_lr, steps))
+
+
+def test_an_exported_run_reproduces_its_predictions_as_a_saved_peft_adapter(setup, tmp_path):
+    base, task, train, test = setup
+    generator = trained_like_generator(base)
+    context = ClientContext(base, task, train, {"psg": generator})
+    results = personalize_many(context, [("fedp2eft", 2, CONFIG), ("lora", 4, CONFIG)])
+    model = results[0].model
+    batch = task.collate(test[:6])
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with torch.no_grad():
+        logits = model(**inputs).logits.view(model.run_count, len(test[:6]), *model(**inputs).logits.shape[1:])
+    for result in results:
+        result.export(tmp_path / f"run{result.run}")
+        loaded = PeftModel.from_pretrained(frozen_copy(base), str(tmp_path / f"run{result.run}")).eval()
+        with torch.no_grad():
+            reloaded = loaded(**inputs).logits
+        # the same function computed in another order of float operations: rounding of ~1e-6 of the logits' size
+        torch.testing.assert_close(reloaded, logits[result.run], rtol=1e-4, atol=1e-5 * float(logits.abs().max()))
+    assert not torch.allclose(logits[0], logits[1])  # two different runs, not one copied
+
+
+def test_runs_with_different_ranks_per_module_pad_without_leaking(setup):
+    """A run with no LoRA in a module, next to one with LoRA there, computes exactly the base model's output
+    there: padded ranks are gated to 0 and get no gradient."""
+    base, task, train, _ = setup
+    names = [name for name, module in base.named_modules() if isinstance(module, torch.nn.Linear)
+             and name in trained_like_generator(base).spec.module_names]
+    runs = [LoRARun({names[0]: 4}, lr=1e-2, seed=0), LoRARun({names[1]: 2}, lr=1e-2, seed=0)]
+    model = MultiLoRAModel(base, task, runs)
+    layer = model.layers[names[0]]
+    assert layer.a[1].shape[0] == 0 and not layer.a[1].requires_grad
+    with torch.no_grad():
+        layer.b[0].normal_()
+    x = torch.randn(2 * 3, 5, layer.base.in_features)
+    out = layer(x)
+    torch.testing.assert_close(out[3:], layer.base(x[3:]), rtol=0, atol=0)
+    assert not torch.allclose(out[:3], layer.base(x[:3]))
