@@ -114,3 +114,27 @@ def test_runs_with_different_ranks_per_module_pad_without_leaking(setup):
     out = layer(x)
     torch.testing.assert_close(out[3:], layer.base(x[3:]), rtol=0, atol=0)
     assert not torch.allclose(out[:3], layer.base(x[:3]))
+
+
+def test_runs_with_dropout_see_the_masks_a_separate_run_draws(tokenizer):
+    """With hidden and attention dropout on, each run of a batch draws the masks its separate run draws (one
+    mask per batch, shared by the runs), so batched and separate training still agree to rounding."""
+    from conftest import LABELS, bert_config, classification_examples
+    from fedp2eft.core.modeling import classifier_from_config
+    from fedp2eft.core.tasks import ClassificationTask
+
+    config = bert_config(len(tokenizer))
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.3
+    base = classifier_from_config(config, LABELS)
+    task = ClassificationTask(tokenizer, LABELS, max_length=32)
+    train = classification_examples(32, seed=1)
+    cells = [("lora", 2, CONFIG), ("lora", 4, CONFIG.with_lr_scale(3.0))]
+    batched = personalize_many(ClientContext(base, task, train), cells)
+    for (method, budget, config), result in zip(cells, batched):
+        alone, weights = separate(base, task, train, method, budget, config, None)
+        assert result.metrics["train_loss_last_epoch"] == pytest.approx(alone.metrics["train_loss_last_epoch"],
+                                                                         rel=1e-4)
+        exported = lora_weights(result.model.export(result.run))
+        tolerance = adam_rounding_tolerance(config.lora_lr, result.metrics["steps"])
+        for name in weights:
+            torch.testing.assert_close(exported[name], weights[name], atol=tolerance, rtol=0, msg=name)

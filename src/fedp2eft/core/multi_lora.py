@@ -12,17 +12,21 @@ separate runs to float rounding.
 Each run keeps its own ranks per module (padded to the module's largest rank, padded ranks gated to exactly 0), its
 own per-rank multipliers lambda (fixed, or trainable under BayesTune's priors for a search), its own learning rates
 and optimizer state (AdamW, one parameter group per run), and starts from the LoRA init PEFT draws for its ranks and
-seed. The base model's dropout draws one mask per batch and shares it among the runs, so every run sees the masks
-a separate run with the same seed would see. A trained run exports to a standard PEFT adapter (``export``).
+seed. The base model's dropout (hidden and attention probabilities) draws one mask per batch and shares it among the
+runs, so every run sees the masks a separate run with the same seed draws on the CPU. A trained run exports to a standard PEFT adapter (``export``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from peft import PeftModel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from torch import nn
 from torch.nn.functional import dropout, pad
 
@@ -104,6 +108,43 @@ class TiledDropout(nn.Module):
         return x * mask.repeat(self.runs, *[1] * (x.dim() - 1))
 
 
+def tiled_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, *,
+                    runs: int, **kwargs) -> tuple[torch.Tensor, None]:
+    """Transformers' attention for K copies of a batch whose probability dropout draws one mask for one run's rows
+    and shares it (what ``sdpa`` computes otherwise): a separate run draws that mask from the same stream."""
+    if dropout == 0.0 or not module.training:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scores = query @ key.transpose(-2, -1) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if attention_mask is not None:
+        scores = (scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min) if attention_mask.dtype == torch.bool
+                  else scores + attention_mask)
+    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    mask = torch.nn.functional.dropout(torch.ones_like(probabilities[: len(probabilities) // runs]), dropout, True)
+    output = (probabilities * mask.repeat(runs, 1, 1, 1)) @ value
+    return output.transpose(1, 2).contiguous(), None
+
+
+def share_dropout_masks(model: nn.Module, runs: int) -> None:
+    """Make every dropout of ``model`` (a copy that will see ``runs`` copies of each batch) draw one run's mask and
+    share it: ``nn.Dropout`` modules become ``TiledDropout``, and attention-probability dropout goes through
+    ``tiled_attention`` (registered with transformers' attention and mask interfaces under its own name)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Dropout):
+            parent, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attribute, TiledDropout(module.p, runs))
+    implementation = f"fedp2eft-tiled-{runs}"
+    AttentionInterface.register(implementation, partial(tiled_attention, runs=runs))
+    AttentionMaskInterface.register(implementation, sdpa_mask)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) in ("sdpa", "eager"):
+            config._attn_implementation = implementation
+
+
 def peft_init(base_model: nn.Module, ranks: dict[str, int], seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(A, B) of every module as PEFT initialises a LoRA with ``ranks`` from ``seed`` (the library's own init, so a
     batched run starts where a separate one does)."""
@@ -138,11 +179,7 @@ class MultiLoRAModel(nn.Module):
             self.layers[name] = StackedLoRALinear(base, factors, LORA_SCALING)
             parent, _, attribute = name.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, attribute, self.layers[name])
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, nn.Dropout):
-                parent, _, attribute = name.rpartition(".")
-                setattr(self.model.get_submodule(parent) if parent else self.model, attribute,
-                        TiledDropout(module.p, len(runs)))
+        share_dropout_masks(self.model, len(runs))
 
     @staticmethod
     def _factors(base: nn.Linear, name: str, run: LoRARun, init: dict) -> tuple:
