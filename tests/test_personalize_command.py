@@ -45,8 +45,15 @@ def test_the_command_reproduces_the_runs_row(quick_run, tmp_path, capsys, method
     report = personalize(capsys, "--run", str(quick_run), "--client", client, "--method", method,
                          "--budget", str(BUDGET), "--export", str(tmp_path / "adapter"))
     assert (report["score"], report["correct"], report["count"]) == (row["score"], row["correct"], row["count"])
-    # the same computation to the last bit: the training loss, learning rate, ranks and lambdas too
-    assert without_time({key: report[key] for key in row}) == without_time(row) and report["pool"] == pool
+    # the same computation to float rounding (the run trained the cell together with the client's other cells in one
+    # pass, core/multi_lora.py): learning rate and ranks exactly; the training loss (a mean of a few hundred float32
+    # terms) and the kept lambdas (6 digits) to rounding
+    rounded = ("train_loss_last_epoch", "lambdas")
+    assert without_time({key: report[key] for key in row if key not in rounded}) == \
+        without_time({key: value for key, value in row.items() if key not in rounded}) and report["pool"] == pool
+    assert report["train_loss_last_epoch"] == pytest.approx(row["train_loss_last_epoch"], rel=1e-5)
+    for name, values in row.get("lambdas", {}).items():
+        assert report["lambdas"][name] == pytest.approx(values, abs=2e-6)
     # the exported adapter (it carries the head), loaded onto the run's plain base model, scores the run's row
     setup = Setup.from_config(task_config(run_config(quick_run), str(quick_run / "base" / "model"), {}))
     test = next(c for c in setup.data.pool(pool) if c.client_id == client).test

@@ -30,8 +30,8 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedp2eft.benchmark.config import OPTIONAL_KEYS, stage_min_clients, with_optional_keys
-from fedp2eft.core.methods import ClientContext, PersonalizeConfig, Personalized, Stage, method_lr, method_spec, \
-    personalize, stage_named, stages
+from fedp2eft.core.methods import ClientContext, PersonalizeConfig, Personalized, Stage, evaluate_many, method_lr, \
+    method_spec, personalize, personalize_many, stage_named, stages
 from fedp2eft.core.personalization import validation_split
 from fedp2eft.core.pfl import apply_overlay
 from fedp2eft.errors import FedP2EFTError
@@ -201,14 +201,12 @@ def validate_client(config: dict, index: int, methods: list[str], artifacts: dic
     inner, held_out = validation_split(client.train, section["validation_fraction"], client.client_id)
     context = ClientContext(base, setup.task, inner, worker_artifacts(artifacts))
     personal = seeded_personalize_config(config, config["seeds"][0])
-    rows = []
+    grid = [(method, scale, budget) for method in methods for scale in section["grid"] for budget in config["budgets"]]
     with apply_overlay(base, setup.personal_overlay(base, section["pool"], index)):
-        for method in methods:
-            for scale in section["grid"]:
-                for budget in config["budgets"]:
-                    result = personalize(method, context, budget=budget, config=personal.with_lr_scale(scale))
-                    rows.append({"method": method, "budget": budget, "scale": scale,
-                                 **_scores(setup.task.evaluate(result.model, held_out))})
+        results = personalize_many(context, [(m, b, personal.with_lr_scale(s)) for m, s, b in grid])
+        scores = evaluate_many(setup.task, results, held_out)
+    rows = [{"method": method, "budget": budget, "scale": scale, **_scores(score)}
+            for (method, scale, budget), score in zip(grid, scores)]
     return {"client": client.client_id, "language": client.language, "methods": methods, "rows": rows}
 
 
@@ -222,12 +220,17 @@ def personalize_client(config: dict, seed: int, pool: str, index: int, scales: d
     client = setup.data.pool(pool)[index]
     personal = seeded_personalize_config(config, seed)
     context = ClientContext(base, setup.task, client.train, worker_artifacts(artifacts))
+    cells = [(method, budget, scales[method][budget]) for method in config["methods"] for budget in config["budgets"]]
     with apply_overlay(base, setup.personal_overlay(base, pool, index)):
         start = time.perf_counter()
         rows = [{"method": "base", "budget": 0, **_scores(setup.task.evaluate(base, client.test)),
                  "seconds": time.perf_counter() - start}]
-        rows += [personalize_cell(context, client.test, method, budget, personal, scales[method][budget])[0]
-                 for method in config["methods"] for budget in config["budgets"]]
+        start = time.perf_counter()
+        results = personalize_many(context, [(m, b, personal.with_lr_scale(s)) for m, b, s in cells])
+        scores = evaluate_many(setup.task, results, client.test)
+        seconds = (time.perf_counter() - start) / len(cells)  # cells trained together share their pass's time
+    rows += [cell_row(method, budget, personal.with_lr_scale(scale), scale, result, score, seconds)
+             for (method, budget, scale), result, score in zip(cells, results, scores)]
     return {"seed": seed, "pool": pool, "client": client.client_id, "language": client.language, "rows": rows}
 
 
@@ -245,12 +248,18 @@ def personalize_cell(context: ClientContext, test: list[dict], method: str, budg
     start = time.perf_counter()
     tuned = personal.with_lr_scale(lr_scale)
     result = personalize(method, context, budget=budget, config=tuned)
-    row = {"method": method, "budget": budget, **_scores(context.task.evaluate(result.model, test)),
-           "seconds": time.perf_counter() - start, "lr_scale": lr_scale, "lr": method_lr(tuned, method),
-           "train_loss_last_epoch": result.metrics["train_loss_last_epoch"]}
+    score = context.task.evaluate(result.model, test)
+    return cell_row(method, budget, tuned, lr_scale, result, score, time.perf_counter() - start), result
+
+
+def cell_row(method: str, budget: int, tuned: PersonalizeConfig, lr_scale: float, result: Personalized, score: dict,
+             seconds: float) -> dict:
+    """The row ``personalize.jsonl`` keeps for one cell, with what its method declares it reports."""
+    row = {"method": method, "budget": budget, **_scores(score), "seconds": seconds, "lr_scale": lr_scale,
+           "lr": method_lr(tuned, method), "train_loss_last_epoch": result.metrics["train_loss_last_epoch"]}
     for field in method_spec(method).reports:
         row[field] = result.ranks if field == "ranks" else result.report[field]
-    return row, result
+    return row
 
 
 class WorkerPool:

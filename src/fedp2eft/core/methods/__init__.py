@@ -105,6 +105,25 @@ def personalize_many(context: ClientContext, cells: list[tuple[str, int, Persona
     return results
 
 
+def evaluate_many(task: Task, results: list[Personalized], examples: list[dict]) -> list[dict]:
+    """``task.evaluate`` of every result: the runs of one multi-run model in one pass over ``examples`` (for
+    generated text, which decodes one model at a time, each run exported and scored alone)."""
+    scores: list[dict | None] = [None] * len(results)
+    shared: dict[int, list[int]] = {}
+    for index, result in enumerate(results):
+        if result.run is None:
+            scores[index] = task.evaluate(result.model, examples)
+        elif getattr(task, "generation_tokens", 0) > 0:
+            scores[index] = task.evaluate(result.model.export(result.run), examples)
+        else:
+            shared.setdefault(id(result.model), []).append(index)
+    for indices in shared.values():
+        every_run = task.evaluate_runs(results[indices[0]].model, examples)
+        for index in indices:
+            scores[index] = every_run[results[index].run]
+    return scores
+
+
 __all__ = ["LORA_SCALING", "METHODS", "STAGES", "ClientContext", "MethodSpec", "PersonalizeConfig", "Personalized",
            "Stage", "features_for", "finetune_selection", "frozen_copy", "generator_spec", "method_lr", "method_spec",
-           "new_btlora", "personalize", "personalize_many", "stage_named", "stages", "train_btlora"]
+           "evaluate_many", "new_btlora", "personalize", "personalize_many", "stage_named", "stages", "train_btlora"]
