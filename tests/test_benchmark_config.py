@@ -6,11 +6,18 @@ from fedp2eft.benchmark.config import apply_overrides, load_profile, resolve, va
 from fedp2eft.errors import FedP2EFTError
 
 
-@pytest.mark.parametrize("profile", ["default", "quick", "paper", "paper-fedaya", "llm", "llm-quick"])
+@pytest.mark.parametrize("profile", ["default", "full", "quick", "paper", "paper-fedaya", "llm", "llm-quick", "pfl"])
 def test_profiles_load_and_share_one_schema(profile):
     config = load_profile(profile)
     assert set(config) == set(load_profile("default"))
     assert all(1 <= b <= config["personalize"]["max_rank"] for b in config["budgets"])
+
+
+def test_the_main_job_runs_one_seed_and_full_the_same_protocol_with_three():
+    default, full = load_profile("default"), load_profile("full")
+    assert default["seeds"] == [0] and full["seeds"] == [0, 1, 2]
+    assert {key: value for key, value in full.items() if key not in ("seeds", "name")} == \
+        {key: value for key, value in default.items() if key not in ("seeds", "name")}
 
 
 def test_overrides_parse_yaml_values():

@@ -1,0 +1,115 @@
+"""One client's personalization cells trained one at a time against all together (core/multi_lora.py), on the
+embedded model and data, in the benchmark's worker layout (one process, one thread per worker).
+
+    .venv/bin/python benchmarks/many_adapters.py [--client 0] [--threads 1] [--repeats 1]
+
+Both paths run in this process and this run, so their ratio is robust to a noisy machine:
+(a) the float32 matmul peak: best GFLOP/s of square matmuls (2 n^3 FLOPs each);
+(b) the default profile's LoRA-shaped cells of one unseen client of ``intents`` on ``multilingual-e5-small``: lora,
+    btlora (BayesTune search + fine-tune), fedp2eft-structure and fedp2eft (a generator whose outputs vary across
+    ranks, as a trained one's do) at budgets 2, 4, 8, 16, each trained and scored on the client's test set;
+    once with ``personalize`` + ``task.evaluate`` per cell (the old path, still the ``personalize`` command's) and
+    once with ``personalize_many`` + ``evaluate_many`` (the benchmark's path);
+(c) useful FLOP/s of each path: the matmul FLOPs of the real tokens (padding excluded) of training (search and
+    fine-tunes: frozen weight forward + input gradient 4*in*out, LoRA 6*r*(in+out) per token and module) and of
+    evaluation (2*in*out + 2*r*(in+out)), divided by the path's wall time, as a share of (a);
+(d) whether the two paths score the same (correct answers per cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from fedp2eft.core.btlora import default_target_modules
+from fedp2eft.core.generator import PSGenerator
+from fedp2eft.core.methods import ClientContext, PersonalizeConfig, evaluate_many, generator_spec, personalize, \
+    personalize_many
+from fedp2eft.experiment import Setup
+from fedp2eft.logs import quiet_third_party
+
+METHODS = ("lora", "btlora", "fedp2eft-structure", "fedp2eft")
+BUDGETS = (2, 4, 8, 16)
+CONFIG = PersonalizeConfig(lora_lr=1e-3, scale_lr=0.1, adalora_lr=1e-2)  # the paper's rates x10
+
+
+def matmul_peak(seconds: float = 2.0) -> float:
+    """Best float32 GFLOP/s over square matmuls of a few sizes."""
+    best = 0.0
+    for n in (256, 512, 1024):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            count += 1
+        best = max(best, 2 * n**3 * count / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def real_tokens(task, examples: list[dict]) -> int:
+    return int(task.collate(examples)["attention_mask"].sum())
+
+
+def useful_flops(base, task, train, test, results, config: PersonalizeConfig) -> float:
+    """Matmul FLOPs of the real tokens the cells' training and evaluation process (module docstring, (c))."""
+    shapes = {name: (module.in_features, module.out_features) for name, module in base.named_modules()
+              if name in set(default_target_modules(base))}
+    frozen = sum(i * o for i, o in shapes.values())
+    train_tokens, test_tokens = real_tokens(task, train), real_tokens(task, test)
+    searches = {result.metrics.get("search_loss_last_epoch") for result in results} - {None}
+    total = len(searches) * config.bayestune_epochs * train_tokens * sum(
+        4 * i * o + 6 * config.max_rank * (i + o) for i, o in shapes.values())
+    for result in results:
+        lora = sum(r * sum(shapes[name]) for name, r in result.ranks.items())
+        total += config.epochs * train_tokens * (4 * frozen + 6 * lora) + test_tokens * (2 * frozen + 2 * lora)
+    return float(total)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--client", type=int, default=0, help="index of the unseen client")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the benchmark's workers use 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    quiet_third_party()
+    setup = Setup.from_config({"model": "multilingual-e5-small", "dataset": "intents", "max_length": 64,
+                               "dataset_options": {"languages": ["en", "zh-CN", "hi", "cy"],
+                                                   "clients_per_language": 3, "test_size": 48},
+                               "budgets": list(BUDGETS), "device": "cpu", "training": {}})
+    base = setup.load_base_model("cpu", new_head_seed=0)  # timing only: an untrained head
+    client = setup.data.pool("unseen")[args.client]
+    torch.manual_seed(0)
+    generator = PSGenerator(generator_spec(base, CONFIG, "e5"))
+    with torch.no_grad():
+        generator.net[-1].bias.uniform_(0.2, 1.5)
+    cells = [(method, budget, CONFIG) for method in METHODS for budget in BUDGETS]
+    peak = matmul_peak()
+    print(f"(a) matmul peak, {args.threads} thread(s): {peak:.1f} GFLOP/s")
+    print(f"(b) client {client.client_id}: {len(client.train)} training, {len(client.test)} test sentences; "
+          f"{len(cells)} cells ({', '.join(METHODS)} x r={list(BUDGETS)})")
+
+    timings, scores = {}, {}
+    for path in ("one at a time", "all together"):
+        context = ClientContext(base, setup.task, client.train, {"psg": generator})
+        start = time.perf_counter()
+        if path == "one at a time":
+            results = [personalize(method, context, budget=budget, config=config) for method, budget, config in cells]
+            scored = [setup.task.evaluate(result.model, client.test) for result in results]
+        else:
+            results = personalize_many(context, cells)
+            scored = evaluate_many(setup.task, results, client.test)
+        timings[path] = time.perf_counter() - start
+        scores[path] = [score["correct"] for score in scored]
+        flops = useful_flops(base, setup.task, client.train, client.test, results, CONFIG)
+        print(f"    {path:>13}: {timings[path]:7.1f} s, {timings[path] / len(cells):5.2f} s per cell; "
+              f"(c) useful {flops / timings[path] / 1e9:5.1f} GFLOP/s = {flops / timings[path] / 1e9 / peak:.0%} "
+              f"of peak")
+    print(f"    speed-up per cell: {timings['one at a time'] / timings['all together']:.2f}x")
+    same = sum(a == b for a, b in zip(scores["one at a time"], scores["all together"]))
+    print(f"(d) cells with the same number of correct test answers: {same}/{len(cells)}")
+
+
+if __name__ == "__main__":
+    main()
