@@ -11,12 +11,13 @@ from fedp2eft.core.methods import ClientContext, PersonalizeConfig, method_lr, p
 from fedp2eft.core.methods.btlora import bayestune_scales, search_key
 from fedp2eft.core.multi_lora import LoRARun, MultiLoRAModel
 from fedp2eft.core.personalization import frozen_copy
-from test_core_methods import trained_like_generator
+from test_core_methods import artifact_for, trained_like_generator
 
 CONFIG = PersonalizeConfig(max_rank=8, epochs=2, batch_size=8, lora_lr=1e-2, scale_lr=5e-2, bayestune_epochs=2)
 # every LoRA-shaped method, two budgets, two learning-rate scales: runs of different ranks per module, fixed or
 # unit multipliers, and two BayesTune searches (one per scale) that train lambda under the priors
-CELLS = [(method, budget, CONFIG.with_lr_scale(scale)) for method in ("lora", "btlora", "fedp2eft", "fedp2eft-structure")
+CELLS = [(method, budget, CONFIG.with_lr_scale(scale))
+         for method in ("lora", "btlora", "fedp2eft", "fedp2eft-structure", "fedl2p")
          for budget in (2, 4) for scale in (1.0, 3.0)]
 
 
@@ -25,8 +26,8 @@ def lora_weights(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
 
 
-def separate(base, task, train, method, budget, config, generator):
-    result = personalize(method, base, task, train, budget=budget, config=config, artifact=generator)
+def separate(base, task, train, method, budget, config, artifact):
+    result = personalize(method, base, task, train, budget=budget, config=config, artifact=artifact)
     peft_model = result.model.fold_scales() if hasattr(result.model, "fold_scales") else result.model
     return result, lora_weights(peft_model)
 
@@ -34,12 +35,14 @@ def separate(base, task, train, method, budget, config, generator):
 def test_a_batch_of_runs_equals_the_runs_one_at_a_time(setup):
     base, task, train, test = setup
     generator = trained_like_generator(base)
-    context = ClientContext(base, task, train, {"psg": generator})
+    metanets = artifact_for("fedl2p", base)  # per-tensor learning rates
+    context = ClientContext(base, task, train, {"psg": generator, "fedl2p": metanets})
     batched = personalize_many(context, CELLS)
     assert len({id(result.model) for result in batched}) == 1  # every cell trained in the same pass
     scores = task.evaluate_runs(batched[0].model, test)
     for (method, budget, config), result in zip(CELLS, batched):
-        alone, weights = separate(base, task, train, method, budget, config, generator)
+        alone, weights = separate(base, task, train, method, budget, config,
+                                  metanets if method == "fedl2p" else generator)
         assert result.ranks == alone.ranks, method
         assert result.report.keys() == alone.report.keys()
         # btlora's multipliers come out of a search whose lambda trains at scale_lr (then rounded to 6 digits)
@@ -53,7 +56,9 @@ def test_a_batch_of_runs_equals_the_runs_one_at_a_time(setup):
                                                                          rel=1e-4)
         exported = lora_weights(result.model.export(result.run))
         assert exported.keys() == weights.keys() and weights, method
-        tolerance = adam_rounding_tolerance(method_lr(config, method), result.metrics["steps"])
+        rates = result.model.runs[result.run].tensor_lrs  # FedL2P: one learning rate per tensor, the largest bounds
+        lr = max(max(pair) for pair in rates.values()) if rates else method_lr(config, method)
+        tolerance = adam_rounding_tolerance(lr, result.metrics["steps"])
         fold = max([1.0] + [v for values in result.report.get("lambdas", {}).values() for v in values])
         for name in weights:  # lambda is fixed while fine-tuning; folded into B it scales B's tolerance
             torch.testing.assert_close(exported[name], weights[name], atol=tolerance * fold, rtol=0,

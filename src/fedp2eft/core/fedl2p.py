@@ -25,8 +25,8 @@ from fedp2eft.core.btlora import clamp_ste
 from fedp2eft.core.device import model_device, to_device
 from fedp2eft.core.federation import ClientUpdate
 from fedp2eft.core.generator import FeatureLayout
-from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, features_for, \
-    generator_spec, personal_lora, train_metrics, validation_split
+from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, RunPlan, features_for, \
+    generator_spec, lora_plan, personal_lora, train_metrics, validation_split
 from fedp2eft.core.tasks import Task, iterate_batches
 from fedp2eft.core.training import TrainResult, train
 from fedp2eft.errors import FedP2EFTError, config_from_mapping
@@ -429,16 +429,34 @@ class FedL2PTask:
 # --- personalization -----------------------------------------------------------------------------------------------
 
 
-def personalize_fedl2p(context: ClientContext, budget: int, config: PersonalizeConfig,
-                       metanet: LRMetaNet) -> Personalized:
-    """FedL2P's personalization: the client's features -> per-tensor learning rates from the meta-net of this
-    budget -> a fresh rank-r LoRA (alpha = 2r) fine-tuned with them for ``config.epochs``."""
+def client_rates(context: ClientContext, budget: int, config: PersonalizeConfig,
+                 metanet: LRMetaNet) -> tuple[MetaNetSpec, torch.Tensor]:
+    """The meta-net's layout for this base model and budget (a mismatch is an error) and the client's per-tensor
+    learning rates (for each module, A's then B's)."""
     expected = metanet_spec(context.base_model, config, metanet.spec.base_model, budget)
     if reason := metanet.spec.mismatch(expected):
         raise FedP2EFTError(f"the FedL2P meta-net does not fit this base model and budget ({reason}); use the "
                             f"meta-net trained for this model, target modules and budget")
     with torch.no_grad():
         rates = metanet.learning_rates(context.features(expected).to(model_device(metanet)))
+    return expected, rates
+
+
+def plan_fedl2p(context: ClientContext, budget: int, config: PersonalizeConfig, metanet: LRMetaNet) -> RunPlan:
+    """``personalize_fedl2p`` as a plan: the uniform-rank LoRA with one learning rate per tensor."""
+    expected, rates = client_rates(context, budget, config, metanet)
+    values = rates.detach().cpu().tolist()
+    plan = lora_plan({name: budget for name in expected.module_names}, config)
+    plan.run.tensor_lrs = {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(expected.module_names)}
+    plan.metrics["mean_lr"] = float(rates.mean())
+    return plan
+
+
+def personalize_fedl2p(context: ClientContext, budget: int, config: PersonalizeConfig,
+                       metanet: LRMetaNet) -> Personalized:
+    """FedL2P's personalization: the client's features -> per-tensor learning rates from the meta-net of this
+    budget -> a fresh rank-r LoRA (alpha = 2r) fine-tuned with them for ``config.epochs``."""
+    expected, rates = client_rates(context, budget, config, metanet)
     model = new_lora(context.base_model, expected, config.seed)
     result = finetune_with_rates(model, lora_tensors(model, expected.module_names), rates, context.task,
                                  context.examples, config)

@@ -38,7 +38,8 @@ from fedp2eft.core.modeling import ClassifierOutput, frozen_copy
 class LoRARun:
     """One run: ``ranks`` per module (modules not named get no LoRA), the fixed per-rank multipliers ``scales`` of
     the kept ranks (None: all 1, plain LoRA), LoRA's learning rate ``lr`` and the ``seed`` of its init. With
-    ``scale_lr`` the multipliers are trained at that rate under BayesTune's ``priors`` (a search)."""
+    ``scale_lr`` the multipliers are trained at that rate under BayesTune's ``priors`` (a search). ``tensor_lrs``
+    gives each module's A and B their own learning rates instead of ``lr`` (FedL2P)."""
 
     ranks: dict[str, int]
     lr: float
@@ -46,6 +47,7 @@ class LoRARun:
     scales: dict[str, torch.Tensor] | None = None
     scale_lr: float | None = None
     priors: PriorConfig | None = None
+    tensor_lrs: dict[str, tuple[float, float]] | None = None
 
     @property
     def searches(self) -> bool:
@@ -54,43 +56,61 @@ class LoRARun:
 
 class StackedLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus K LoRA runs: ``base(x) + scaling * B_k diag(lambda_k) A_k x_k`` for the k-th
-    block of rows of ``x``. Run k's tensors are its own parameters (``a[k]``, ``b[k]``, ``scale[k]``) so that an
-    optimizer gives each run its own learning rate; a run without LoRA here has rank 0."""
+    block of rows of ``x``.
+
+    The runs' factors live in stacked tensors (``a_all``: K x rank x in, ``b_all``: K x out x rank, ``scale_all``:
+    K x rank, rank = the largest of the runs', a run's padding zero and gated off), so a pass costs two batched
+    matmuls and no copies. Run k's own tensors (``a[k]``, ``b[k]``, ``scale[k]``; rank 0 where the run has no LoRA
+    here) are views of that storage: the optimizer updates them, with the run's own learning rate, in place, after
+    ``share_gradients`` has pointed their gradients at the stacked gradients' slices."""
 
     def __init__(self, base: nn.Linear, factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]],
                  scaling: float) -> None:
         super().__init__()
         self.base = base
-        self.scaling = scaling
+        rank = max(a.shape[0] for a, _, _, _ in factors)
+        self.a_all = nn.Parameter(torch.stack([pad(a.detach(), (0, 0, 0, rank - a.shape[0])) for a, _, _, _ in factors]))
+        self.b_all = nn.Parameter(torch.stack([pad(b.detach(), (0, rank - b.shape[1])) for _, b, _, _ in factors]))
+        self.scale_all = nn.Parameter(torch.stack([pad(s.detach().float(), (0, rank - s.shape[0]), value=1.0)
+                                                   for _, _, s, _ in factors]),
+                                      requires_grad=any(trainable for _, _, _, trainable in factors))
+        real = torch.stack([pad(torch.ones(a.shape[0]), (0, rank - a.shape[0])) for a, _, _, _ in factors])
+        self.register_buffer("gate_mask", (real * scaling).to(self.a_all.device), persistent=False)
+        self.register_buffer("b0", self.b_all.detach().clone(), persistent=False)
+        self.register_buffer("fixed_gates", clamp_ste(self.scale_all.detach()) * self.gate_mask, persistent=False)
         self.a, self.b, self.scale = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
-        for a, b, scale, trainable_scale in factors:
-            rank = a.shape[0]
-            self.a.append(nn.Parameter(a.detach().clone(), requires_grad=rank > 0))
-            self.b.append(nn.Parameter(b.detach().clone(), requires_grad=rank > 0))
-            self.scale.append(nn.Parameter(scale.detach().clone().float(), requires_grad=trainable_scale and rank > 0))
-        self.rank = max(a.shape[0] for a, _, _, _ in factors)
-        self.register_buffer("b0", torch.stack([pad(b.detach(), (0, self.rank - b.shape[1])) for b in self.b]),
-                             persistent=False)
+        for run, (a, _, _, trainable) in enumerate(factors):
+            width = a.shape[0]
+            self.a.append(nn.Parameter(self.a_all.data[run, :width], requires_grad=width > 0))
+            self.b.append(nn.Parameter(self.b_all.data[run, :, :width], requires_grad=width > 0))
+            self.scale.append(nn.Parameter(self.scale_all.data[run, :width], requires_grad=trainable and width > 0))
 
     def gates(self) -> torch.Tensor:
         """K x rank: each run's clamped multipliers times the LoRA scaling, 0 on padded ranks."""
-        return torch.stack([pad(clamp_ste(s) * self.scaling, (0, self.rank - s.shape[0])) for s in self.scale])
+        return clamp_ste(self.scale_all) * self.gate_mask if self.scale_all.requires_grad else self.fixed_gates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        runs = len(self.a)
-        a = torch.stack([pad(a, (0, 0, 0, self.rank - a.shape[0])) for a in self.a])
-        b = torch.stack([pad(b, (0, self.rank - b.shape[1])) for b in self.b])
-        hidden = torch.bmm(x.reshape(runs, -1, x.shape[-1]), a.transpose(1, 2)) * self.gates()[:, None]
-        return result + torch.bmm(hidden, b.transpose(1, 2)).reshape(result.shape)
+        hidden = torch.bmm(x.reshape(len(self.a_all), -1, x.shape[-1]), self.a_all.transpose(1, 2))
+        return result + torch.bmm(hidden * self.gates()[:, None], self.b_all.transpose(1, 2)).reshape(result.shape)
 
-    def prior_terms(self, run: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``run``'s BayesTune sums in this module: sum_i ||B[:,i] - B0[:,i]||_1 / lambda_i and
-        sum_i (log lambda_i, lambda_i) (docs/method.md, "BT-LoRA")."""
-        scales = clamp_ste(self.scale[run])
-        b = self.b[run]
-        change = (b - self.b0[run, :, : b.shape[1]]).abs().sum(0)
-        return (change / scales).sum(), torch.stack([scales.log().sum(), scales.sum()])
+    def share_gradients(self) -> None:
+        """Give every run's own tensors the slices of the stacked gradients that belong to them."""
+        for own, stacked in ((self.a, self.a_all), (self.b, self.b_all), (self.scale, self.scale_all)):
+            for run, parameter in enumerate(own):
+                if parameter.requires_grad and stacked.grad is not None:
+                    parameter.grad = stacked.grad[run][tuple(slice(0, n) for n in parameter.shape)]
+
+    def clear_gradients(self) -> None:
+        self.a_all.grad = self.b_all.grad = self.scale_all.grad = None
+
+    def prior_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per run, BayesTune's sums in this module (docs/method.md, "BT-LoRA"): sum_i ||B[:,i] - B0[:,i]||_1 /
+        lambda_i, sum_i log lambda_i and sum_i lambda_i over the run's real ranks."""
+        real = (self.gate_mask > 0).to(self.scale_all.dtype)
+        scales = clamp_ste(self.scale_all)
+        change = (self.b_all - self.b0).abs().sum(1)
+        return (change / scales * real).sum(1), (scales.log() * real).sum(1), (scales * real).sum(1)
 
 
 class TiledDropout(nn.Module):
@@ -208,30 +228,41 @@ class MultiLoRAModel(nn.Module):
         return [p for layer in self.layers.values() for p in (layer.a[run], layer.b[run]) if p.requires_grad]
 
     def optimizer(self) -> torch.optim.AdamW:
-        """AdamW (weight decay 0) with each run's own learning rates: one group for its LoRA, one for its
-        multipliers when it searches."""
+        """AdamW (weight decay 0) with each run's own learning rates: one group for its LoRA (or one per tensor),
+        one for its multipliers when it searches."""
         groups = []
         for index, run in enumerate(self.runs):
-            groups.append({"params": self.run_parameters(index), "lr": run.lr})
+            if run.tensor_lrs is not None:
+                groups += [{"params": [tensor], "lr": lr} for name, layer in self.layers.items() if run.ranks.get(name)
+                           for tensor, lr in zip((layer.a[index], layer.b[index]), run.tensor_lrs[name])]
+            else:
+                groups.append({"params": self.run_parameters(index), "lr": run.lr})
             if run.searches:
                 groups.append({"params": self.run_parameters(index, scales=True), "lr": run.scale_lr})
-        return torch.optim.AdamW(groups, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        optimizer.register_step_pre_hook(self._share_gradients)
+        optimizer.register_step_post_hook(self._clear_gradients)
+        return optimizer
+
+    def _share_gradients(self, *_) -> None:
+        for layer in self.layers.values():
+            layer.share_gradients()
+
+    def _clear_gradients(self, *_) -> None:
+        for layer in self.layers.values():
+            layer.clear_gradients()
 
     def prior_loss(self, num_examples: int) -> torch.Tensor:
-        """The sum over searching runs of BayesTune's prior (each run with its own weights)."""
-        total = torch.zeros(())
-        for index, run in enumerate(self.runs):
-            if not run.searches:
-                continue
-            priors = run.priors or PriorConfig()
-            significance, sparsity = torch.zeros(()), torch.zeros(2)
-            for layer in self.layers.values():
-                if layer.scale[index].numel():
-                    change, logs_and_sums = layer.prior_terms(index)
-                    significance, sparsity = significance + change, sparsity + logs_and_sums
-            total = total + (priors.significance_weight * significance + priors.sparsity_weight
-                             * (sparsity[0] + priors.gamma_rate * sparsity[1])) / num_examples
-        return total
+        """The sum over searching runs of BayesTune's prior, each run with its own weights (0 for the others)."""
+        weights = [(run.priors or PriorConfig()) if run.searches else PriorConfig(0.0, 0.0, 0.0) for run in self.runs]
+        significance_weight = torch.tensor([w.significance_weight for w in weights])
+        sparsity_weight = torch.tensor([w.sparsity_weight for w in weights])
+        rate = torch.tensor([w.gamma_rate for w in weights])
+        total = torch.zeros(len(self.runs))
+        for layer in self.layers.values():
+            change, logs, sums = layer.prior_terms()
+            total = total + significance_weight * change + sparsity_weight * (logs + rate * sums)
+        return total.sum() / num_examples
 
     def scales(self, run: int) -> torch.Tensor:
         """Run ``run``'s Lambda: its clamped multipliers of every module it adapts, concatenated in module order."""

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from torch import nn
 
-from fedp2eft.core.fedl2p import STAGE_NAME, FedL2PConfig, FedL2PTask, LRMetaNet, load_metanets, personalize_fedl2p
-from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized
+from fedp2eft.core.fedl2p import STAGE_NAME, FedL2PConfig, FedL2PTask, LRMetaNet, load_metanets, personalize_fedl2p, \
+    plan_fedl2p
+from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, RunPlan
 from fedp2eft.core.methods.registry import MethodSpec, Stage
 from fedp2eft.core.tasks import Task
 from fedp2eft.data.types import ClientData
@@ -34,16 +35,26 @@ STAGE = Stage(
 )
 
 
-def personalize(context: ClientContext, budget: int, config: PersonalizeConfig) -> Personalized:
+def metanet_for(context: ClientContext, budget: int) -> LRMetaNet:
     metanets = context.artifacts.get(STAGE_NAME)
     if metanets is None:
         raise FedP2EFTError(f"method 'fedl2p' needs trained FedL2P meta-nets: {STAGE.how_to_get}")
     if budget not in metanets:
         raise FedP2EFTError(f"no FedL2P meta-net for budget r={budget} (there are meta-nets for r in "
                             f"{sorted(metanets)}); train them with this budget among the budgets")
-    result = personalize_fedl2p(context, budget, config, metanets[budget])
+    return metanets[budget]
+
+
+def personalize(context: ClientContext, budget: int, config: PersonalizeConfig) -> Personalized:
+    result = personalize_fedl2p(context, budget, config, metanet_for(context, budget))
     result.report["mean_lr"] = result.metrics["mean_lr"]
     return result
 
 
-METHOD = MethodSpec("fedl2p", personalize, lr_field=None, reports=("mean_lr",), stage=STAGE)
+def plan(context: ClientContext, budget: int, config: PersonalizeConfig) -> RunPlan:
+    planned = plan_fedl2p(context, budget, config, metanet_for(context, budget))
+    planned.report["mean_lr"] = planned.metrics["mean_lr"]
+    return planned
+
+
+METHOD = MethodSpec("fedl2p", personalize, lr_field=None, reports=("mean_lr",), stage=STAGE, plan=plan)
