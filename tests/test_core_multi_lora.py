@@ -143,3 +143,24 @@ def test_runs_with_dropout_see_the_masks_a_separate_run_draws(tokenizer):
         tolerance = adam_rounding_tolerance(config.lora_lr, result.metrics["steps"])
         for name in weights:
             torch.testing.assert_close(exported[name], weights[name], atol=tolerance, rtol=0, msg=name)
+
+
+def test_a_pass_keeps_every_tensor_on_the_models_device_and_views_on_the_stacked_storage(setup):
+    """The GPU path without a GPU: on the meta device, which refuses to mix with CPU tensors, a step (forward,
+    BayesTune prior, backward, optimizer) creates nothing on the CPU; after a move or cast each run's tensors are
+    still views of the stacked storage, so the optimizer's updates reach the pass."""
+    base, task, _, _ = setup
+    names = trained_like_generator(base).spec.module_names
+    runs = [LoRARun(dict.fromkeys(names, 2), lr=1e-2, seed=0),
+            LoRARun({names[0]: 4}, lr=1e-2, seed=0, scales={names[0]: torch.full((4,), 1e-4)}, scale_lr=1e-2)]
+    model = MultiLoRAModel(base, task, runs)
+    optimizer = model.optimizer()
+    layer = model.layers[names[0]]
+    model.double()
+    assert layer.a[1].data_ptr() == layer.a_all[1].data_ptr() and layer.a[1].dtype == torch.float64
+    model.float().to("meta")
+    assert {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()} == {"meta"}
+    x = torch.randn(2 * 3, 5, layer.base.in_features, device="meta")
+    (layer(x).sum() + model.prior_loss(4)).backward()
+    optimizer.step()
+    assert layer.a[0].device.type == "meta" and layer.a_all.grad is None  # handed over, then cleared

@@ -79,11 +79,26 @@ class StackedLoRALinear(nn.Module):
         self.register_buffer("b0", self.b_all.detach().clone(), persistent=False)
         self.register_buffer("fixed_gates", clamp_ste(self.scale_all.detach()) * self.gate_mask, persistent=False)
         self.a, self.b, self.scale = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
-        for run, (a, _, _, trainable) in enumerate(factors):
+        for a, _, _, trainable in factors:
             width = a.shape[0]
-            self.a.append(nn.Parameter(self.a_all.data[run, :width], requires_grad=width > 0))
-            self.b.append(nn.Parameter(self.b_all.data[run, :, :width], requires_grad=width > 0))
-            self.scale.append(nn.Parameter(self.scale_all.data[run, :width], requires_grad=trainable and width > 0))
+            self.a.append(nn.Parameter(torch.empty(0), requires_grad=width > 0))
+            self.b.append(nn.Parameter(torch.empty(0), requires_grad=width > 0))
+            self.scale.append(nn.Parameter(torch.empty(0), requires_grad=trainable and width > 0))
+        self.widths = [a.shape[0] for a, _, _, _ in factors]
+        self._bind_views()
+
+    def _bind_views(self) -> None:
+        """Point every run's tensors at their slices of the stacked storage."""
+        for run, width in enumerate(self.widths):
+            self.a[run].data = self.a_all.data[run, :width]
+            self.b[run].data = self.b_all.data[run, :, :width]
+            self.scale[run].data = self.scale_all.data[run, :width]
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moving or casting the module (``.to``) makes new stacked tensors: bind the runs' views to them again."""
+        super()._apply(fn, recurse)
+        self._bind_views()
+        return self
 
     def gates(self) -> torch.Tensor:
         """K x rank: each run's clamped multipliers times the LoRA scaling, 0 on padded ranks."""
@@ -255,10 +270,11 @@ class MultiLoRAModel(nn.Module):
     def prior_loss(self, num_examples: int) -> torch.Tensor:
         """The sum over searching runs of BayesTune's prior, each run with its own weights (0 for the others)."""
         weights = [(run.priors or PriorConfig()) if run.searches else PriorConfig(0.0, 0.0, 0.0) for run in self.runs]
-        significance_weight = torch.tensor([w.significance_weight for w in weights])
-        sparsity_weight = torch.tensor([w.sparsity_weight for w in weights])
-        rate = torch.tensor([w.gamma_rate for w in weights])
-        total = torch.zeros(len(self.runs))
+        device = next(iter(self.layers.values())).a_all.device
+        significance_weight = torch.tensor([w.significance_weight for w in weights], device=device)
+        sparsity_weight = torch.tensor([w.sparsity_weight for w in weights], device=device)
+        rate = torch.tensor([w.gamma_rate for w in weights], device=device)
+        total = torch.zeros(len(self.runs), device=device)
         for layer in self.layers.values():
             change, logs, sums = layer.prior_terms()
             total = total + significance_weight * change + sparsity_weight * (logs + rate * sums)
