@@ -46,7 +46,8 @@ def test_a_batch_of_runs_equals_the_runs_one_at_a_time(setup):
         assert result.ranks == alone.ranks, method
         assert result.report.keys() == alone.report.keys()
         # btlora's multipliers come out of a search whose lambda trains at scale_lr (then rounded to 6 digits)
-        search = adam_rounding_tolerance(config.scale_lr, config.bayestune_epochs * -(-len(train) // config.batch_size)) + 1e-6
+        search_steps = config.bayestune_epochs * -(-len(train) // config.batch_size)
+        search = adam_rounding_tolerance(config.scale_lr, search_steps) + 1e-6
         for name, values in alone.report.get("lambdas", {}).items():
             assert result.report["lambdas"][name] == pytest.approx(values, abs=search), (method, name)
         assert result.metrics["steps"] == alone.metrics["steps"]

@@ -13,7 +13,8 @@ Each run keeps its own ranks per module (padded to the module's largest rank, pa
 own per-rank multipliers lambda (fixed, or trainable under BayesTune's priors for a search), its own learning rates
 and optimizer state (AdamW, one parameter group per run), and starts from the LoRA init PEFT draws for its ranks and
 seed. The base model's dropout (hidden and attention probabilities) draws one mask per batch and shares it among the
-runs, so every run sees the masks a separate run with the same seed draws on the CPU. A trained run exports to a standard PEFT adapter (``export``).
+runs, so every run sees the masks a separate run with the same seed draws on the CPU. A trained run exports to a
+standard PEFT adapter (``export``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class LoRARun:
     def searches(self) -> bool:
         return self.scale_lr is not None
 
+    @property
+    def init_key(self) -> tuple:
+        return tuple(sorted(self.ranks.items())), self.seed
+
 
 class StackedLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus K LoRA runs: ``base(x) + scaling * B_k diag(lambda_k) A_k x_k`` for the k-th
@@ -69,7 +74,8 @@ class StackedLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         rank = max(a.shape[0] for a, _, _, _ in factors)
-        self.a_all = nn.Parameter(torch.stack([pad(a.detach(), (0, 0, 0, rank - a.shape[0])) for a, _, _, _ in factors]))
+        self.a_all = nn.Parameter(torch.stack([pad(a.detach(), (0, 0, 0, rank - a.shape[0]))
+                                               for a, _, _, _ in factors]))
         self.b_all = nn.Parameter(torch.stack([pad(b.detach(), (0, rank - b.shape[1])) for _, b, _, _ in factors]))
         self.scale_all = nn.Parameter(torch.stack([pad(s.detach().float(), (0, rank - s.shape[0]), value=1.0)
                                                    for _, _, s, _ in factors]),
@@ -155,7 +161,8 @@ def tiled_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scores = query @ key.transpose(-2, -1) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
     if attention_mask is not None:
-        scores = (scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min) if attention_mask.dtype == torch.bool
+        blocked = torch.finfo(scores.dtype).min
+        scores = (scores.masked_fill(~attention_mask, blocked) if attention_mask.dtype == torch.bool
                   else scores + attention_mask)
     probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     mask = torch.nn.functional.dropout(torch.ones_like(probabilities[: len(probabilities) // runs]), dropout, True)
@@ -199,22 +206,21 @@ class MultiLoRAModel(nn.Module):
         self.task, self.runs, self.carry = task, list(runs), list(carry)
         self.__dict__["base_model"] = base_model  # not a submodule: train()/eval() here must not switch its mode
         self.model = frozen_copy(base_model).requires_grad_(False)
-        inits: dict[tuple, dict] = {}
+        inits: dict[tuple, dict] = {}  # runs with the same ranks and seed start from the same init
         for run in runs:
-            key = (tuple(sorted(run.ranks.items())), run.seed)
-            if key not in inits:
-                inits[key] = peft_init(base_model, {n: r for n, r in run.ranks.items() if r > 0}, run.seed)
+            if run.init_key not in inits:
+                inits[run.init_key] = peft_init(base_model, {n: r for n, r in run.ranks.items() if r > 0}, run.seed)
         adapted = [name for name, module in self.model.named_modules()
                    if isinstance(module, nn.Linear) and any(run.ranks.get(name, 0) for run in runs)]
         self.layers: dict[str, StackedLoRALinear] = {}
         for name in adapted:
             base = self.model.get_submodule(name)
-            factors = [self._factors(base, name, run, inits[(tuple(sorted(run.ranks.items())), run.seed)])
-                       for run in runs]
+            factors = [self._factors(base, name, run, inits[run.init_key]) for run in runs]
             self.layers[name] = StackedLoRALinear(base, factors, LORA_SCALING)
             parent, _, attribute = name.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, attribute, self.layers[name])
-        share_dropout_masks(self.model, len(runs))
+        if len(runs) > 1:
+            share_dropout_masks(self.model, len(runs))
 
     @staticmethod
     def _factors(base: nn.Linear, name: str, run: LoRARun, init: dict) -> tuple:
