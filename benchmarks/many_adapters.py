@@ -1,7 +1,7 @@
 """One client's personalization cells trained one at a time against all together (core/multi_lora.py), on the
 embedded model and data, in the benchmark's worker layout (one process, one thread per worker).
 
-    .venv/bin/python benchmarks/many_adapters.py [--client 0] [--threads 1] [--repeats 1]
+    .venv/bin/python benchmarks/many_adapters.py [--client 0] [--threads 1]
 
 Both paths run in this process and this run, so their ratio is robust to a noisy machine:
 (a) the float32 matmul peak: best GFLOP/s of square matmuls (2 n^3 FLOPs each);

@@ -388,3 +388,14 @@ def test_the_heatmap_shows_every_language_at_the_most_varied_budget():
     assert heatmap_budget(records, [2, 8]) == 2
     shown, modules, grid = mean_rank_grid(records, 2)
     assert shown == sorted(languages) and grid.shape == (10, len(MODULES)) and grid.std() > 0
+
+
+def test_per_language_differences_are_called_descriptive_with_few_clients_per_language():
+    from fedp2eft.benchmark.report import CLIENTS_FOR_LANGUAGE_CLAIMS, per_language_note
+
+    rng = np.random.default_rng(1)
+    few = {("seen", "lora", 2): _units(rng, clients=3), ("unseen", "lora", 2): _units(rng, clients=12)}
+    assert "as few as 3 client(s) per language" in per_language_note(few)
+    assert "descriptive" in per_language_note(few)
+    many = {("seen", "lora", 2): _units(rng, clients=CLIENTS_FOR_LANGUAGE_CLAIMS)}
+    assert per_language_note(many) == ""

@@ -586,6 +586,27 @@ def verdict(comparisons: list[dict]) -> str:
                    " It wins every comparison that has an interval.")
 
 
+# About how many clients per language a language's interval needs to be a few points wide (docs/method.md,
+# "Per-language intervals set the size": clients of one language differ by 4-5 points).
+CLIENTS_FOR_LANGUAGE_CLAIMS = 9
+
+
+def per_language_note(units: Mapping[Setting, Units]) -> str:
+    """What the per-language tables can carry: with few clients per language and pool, a language's interval
+    rests on those few clients, so its differences are descriptive; the pooled paired comparisons are the result."""
+    clients: dict[tuple[str, str], set] = {}
+    for (pool, _, _), per in units.items():
+        for (_, client), (language, _, _) in per.items():
+            clients.setdefault((pool, language), set()).add(client)
+    fewest = min((len(found) for found in clients.values()), default=0)
+    if fewest >= CLIENTS_FOR_LANGUAGE_CLAIMS:
+        return ""
+    return (f"\nWith as few as {fewest} client(s) per language and pool, a language's interval rests on those "
+            f"clients alone (about {CLIENTS_FOR_LANGUAGE_CLAIMS} are needed for a few points): the differences "
+            "below are descriptive. The pooled paired comparisons above, with clients as the replicates, are the "
+            "result.\n")
+
+
 def language_table_markdown(units: Mapping[Setting, Units], config: dict, budget: int,
                             label: str = "accuracy") -> str:
     """Rows = languages, columns = methods: each language's pooled metric (mean over seeds) ± half-width of
@@ -1012,7 +1033,7 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
         f"FedP²EFT minus each method in {facts['label']} points, with the 95% paired-bootstrap interval of the "
         "difference (positive = FedP²EFT better; `base` is compared at every budget).\n",
         comparison_markdown(comparisons, config, units), "\n" + verdict(comparisons) + "\n",
-        "## Per language", *(language_table_markdown(units, config, b, facts["label"])
+        "## Per language", per_language_note(units), *(language_table_markdown(units, config, b, facts["label"])
                              for b in facts["language_budgets"]),
     ]
     for name, extra in facts["secondary"].items():
