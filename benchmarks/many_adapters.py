@@ -1,7 +1,7 @@
 """One client's personalization cells trained one at a time against all together (core/multi_lora.py), on the
 embedded model and data, in the benchmark's worker layout (one process, one thread per worker).
 
-    .venv/bin/python benchmarks/many_adapters.py [--client 0] [--threads 1]
+    .venv/bin/python benchmarks/many_adapters.py [--client 0] [--threads 1] [--grid] [--pass-tokens N]
 
 Both paths run in this process and this run, so their ratio is robust to a noisy machine:
 (a) the float32 matmul peak: best GFLOP/s of square matmuls (2 n^3 FLOPs each);
@@ -13,16 +13,22 @@ Both paths run in this process and this run, so their ratio is robust to a noisy
 (c) useful FLOP/s of each path: the matmul FLOPs of the real tokens (padding excluded) of training (search and
     fine-tunes: frozen weight forward + input gradient 4*in*out, LoRA 6*r*(in+out) per token and module) and of
     evaluation (2*in*out + 2*r*(in+out)), divided by the path's wall time, as a share of (a);
-(d) whether the two paths score the same (correct answers per cell).
+(d) whether the two paths score the same (correct answers per cell), and the process's peak resident memory (the
+    batched path's: the one-at-a-time path holds one run).
+
+``--grid`` trains the cells of learning-rate selection instead (lora and btlora x five scales x four budgets: 40 runs,
+five BayesTune searches); ``--pass-tokens`` sets ``PASS_TOKENS``, the size of a pass (memory against speed).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import torch
 
+from fedp2eft.core import personalization
 from fedp2eft.core.btlora import default_target_modules
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, evaluate_many, generator_spec, personalize, \
@@ -32,6 +38,7 @@ from fedp2eft.logs import quiet_third_party
 
 METHODS = ("lora", "btlora", "fedp2eft-structure", "fedp2eft")
 BUDGETS = (2, 4, 8, 16)
+GRID = (1.0, 3.0, 10.0, 30.0, 100.0)  # the default profile's learning-rate scales
 CONFIG = PersonalizeConfig(lora_lr=1e-3, scale_lr=0.1, adalora_lr=1e-2)  # the paper's rates x10
 
 
@@ -71,8 +78,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--client", type=int, default=0, help="index of the unseen client")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the benchmark's workers use 1)")
+    parser.add_argument("--grid", action="store_true", help="the cells of learning-rate selection instead")
+    parser.add_argument("--pass-tokens", type=int, default=personalization.PASS_TOKENS,
+                        help="tokens one batched pass may hold (PASS_TOKENS)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    personalization.PASS_TOKENS = args.pass_tokens
     quiet_third_party()
     setup = Setup.from_config({"model": "multilingual-e5-small", "dataset": "intents", "max_length": 64,
                                "dataset_options": {"languages": ["en", "zh-CN", "hi", "cy"],
@@ -84,11 +95,15 @@ def main() -> None:
     generator = PSGenerator(generator_spec(base, CONFIG, "e5"))
     with torch.no_grad():
         generator.net[-1].bias.uniform_(0.2, 1.5)
-    cells = [(method, budget, CONFIG) for method in METHODS for budget in BUDGETS]
+    cells = ([(method, budget, CONFIG.with_lr_scale(scale)) for method in ("lora", "btlora")
+              for scale in GRID for budget in BUDGETS] if args.grid
+             else [(method, budget, CONFIG) for method in METHODS for budget in BUDGETS])
     peak = matmul_peak()
     print(f"(a) matmul peak, {args.threads} thread(s): {peak:.1f} GFLOP/s")
     print(f"(b) client {client.client_id}: {len(client.train)} training, {len(client.test)} test sentences; "
-          f"{len(cells)} cells ({', '.join(METHODS)} x r={list(BUDGETS)})")
+          f"{len(cells)} cells ({', '.join(sorted({m for m, _, _ in cells}))} x r={list(BUDGETS)}"
+          f"{f' x scales {GRID}' if args.grid else ''}); "
+          f"{personalization.runs_per_pass(ClientContext(base, setup.task, client.train), 16)} runs per pass")
 
     timings, scores = {}, {}
     for path in ("one at a time", "all together"):
@@ -108,7 +123,8 @@ def main() -> None:
               f"of peak")
     print(f"    speed-up per cell: {timings['one at a time'] / timings['all together']:.2f}x")
     same = sum(a == b for a, b in zip(scores["one at a time"], scores["all together"]))
-    print(f"(d) cells with the same number of correct test answers: {same}/{len(cells)}")
+    print(f"(d) cells with the same number of correct test answers: {same}/{len(cells)}; peak resident memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB")
 
 
 if __name__ == "__main__":

@@ -227,9 +227,10 @@ def search_plan(context: ClientContext, config: PersonalizeConfig) -> RunPlan:
 
 
 # Tokens one pass over the base model may hold, and logits it may hold (floats): a pass of K runs holds K copies of
-# a batch, and its activations for the backward pass grow with them (about 0.3 MB per token on
-# multilingual-e5-small; docs/method.md, "Many adapters in one pass"). 6,144 tokens keep a worker near 2 GB.
-PASS_TOKENS = 6144
+# a batch, and its activations for the backward pass grow with them (about 0.8 MB per token on
+# multilingual-e5-small). 2,048 tokens keep a worker near 2.5 GB and were no slower than larger passes
+# (docs/method.md, "Many adapters in one pass", `benchmarks/many_adapters.py --grid --pass-tokens N`).
+PASS_TOKENS = 2048
 PASS_LOGITS = 2**28
 
 
