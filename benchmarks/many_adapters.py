@@ -125,6 +125,9 @@ def main() -> None:
     same = sum(a == b for a, b in zip(scores["one at a time"], scores["all together"]))
     print(f"(d) cells with the same number of correct test answers: {same}/{len(cells)}; peak resident memory "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB")
+    for (method, budget, config), a, b in zip(cells, scores["one at a time"], scores["all together"]):
+        if a != b:
+            print(f"    differs: {method} r={budget} lr x{config.lora_lr / CONFIG.lora_lr:g}: {a} vs {b} correct")
 
 
 if __name__ == "__main__":
