@@ -171,8 +171,10 @@ def train_btlora(model: BTLoRAModel, task: Task, examples: list[dict], config: P
                  extra_loss=lambda: model.prior_loss(len(examples)))
 
 
-def train_metrics(result: TrainResult, model: nn.Module) -> dict[str, float]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+def train_metrics(result: TrainResult, model: nn.Module | int) -> dict[str, float]:
+    """The training metrics of a result: losses, steps and the trainable parameters of ``model`` (or their count,
+    for one run of a pass that trains several)."""
+    trainable = model if isinstance(model, int) else sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"train_loss_first_epoch": result.epoch_losses[0], "train_loss_last_epoch": result.epoch_losses[-1],
             "steps": result.steps, "trainable_parameters": trainable}
 
@@ -257,8 +259,6 @@ def train_plans(context: ClientContext, plans: list[RunPlan]) -> list[Personaliz
                    extra_loss=(lambda: model.prior_loss(len(context.examples))) if searches else None)
     outcomes = []
     for index, plan in enumerate(plans):
-        own = result.run(index)
-        metrics = {"train_loss_first_epoch": own.epoch_losses[0], "train_loss_last_epoch": own.epoch_losses[-1],
-                   "steps": own.steps, "trainable_parameters": model.trainable_count(index), **plan.metrics}
+        metrics = {**train_metrics(result.run(index), model.trainable_count(index)), **plan.metrics}
         outcomes.append(Personalized(model, dict(plan.run.ranks), metrics, dict(plan.report), run=index))
     return outcomes

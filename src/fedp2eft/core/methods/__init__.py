@@ -91,8 +91,7 @@ def personalize_many(context: ClientContext, cells: list[tuple[str, int, Persona
     for index, (method, budget, config) in enumerate(cells):
         spec = method_spec(method)
         if spec.plan is None:
-            torch.manual_seed(config.seed)
-            results[index] = spec.personalize(context, budget, config)
+            results[index] = personalize(method, context, budget=budget, config=config)
             continue
         plan = spec.plan(context, budget, config)
         groups.setdefault((plan.run.seed, plan.epochs, plan.batch_size), []).append((index, plan))
