@@ -18,6 +18,9 @@ Both paths run in this process and this run, so their ratio is robust to a noisy
 
 ``--grid`` trains the cells of learning-rate selection instead (lora and btlora x five scales x four budgets: 40 runs,
 five BayesTune searches); ``--pass-tokens`` sets ``PASS_TOKENS``, the size of a pass (memory against speed).
+``--fedl2p`` times one client update of FedL2P's federated stage instead (the default profile's meta-training
+settings, a fresh meta-net per budget): each budget's meta-net updated alone against all four in one pass per step,
+and how far their validation losses and hypergradient norms differ.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import torch
 
 from fedp2eft.core import personalization
 from fedp2eft.core.btlora import default_target_modules
+from fedp2eft.core.fedl2p import FedL2PConfig, LRMetaNet, meta_update, metanet_spec
 from fedp2eft.core.generator import PSGenerator
-from fedp2eft.core.methods import ClientContext, PersonalizeConfig, evaluate_many, generator_spec, personalize, \
-    personalize_many
+from fedp2eft.core.methods import ClientContext, PersonalizeConfig, evaluate_many, features_for, generator_spec, \
+    personalize, personalize_many
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
 
@@ -74,11 +78,39 @@ def useful_flops(base, task, train, test, results, config: PersonalizeConfig) ->
     return float(total)
 
 
+def fedl2p_update(base, task, train) -> None:
+    """(e): one FedL2P client update, the meta-nets of every budget alone and together (module docstring)."""
+    config = FedL2PConfig(personalize=CONFIG)  # outer steps, Neumann terms, meta rates: the default profile's
+    specs = [metanet_spec(base, CONFIG, "e5", budget) for budget in BUDGETS]
+    features = features_for(base, task, train, specs[0])
+
+    def fresh() -> list[LRMetaNet]:
+        torch.manual_seed(0)
+        return [LRMetaNet(spec, base_lr=CONFIG.lora_lr) for spec in specs]
+
+    def update(metanets: list[LRMetaNet]) -> list[dict]:
+        torch.manual_seed(1)  # the dropout masks' stream: each meta-net alone draws what the batch shares
+        return meta_update(metanets, base, task, train, features, config, seed=0)
+
+    start = time.perf_counter()
+    alone = [update([metanet])[0] for metanet in fresh()]
+    separate = time.perf_counter() - start
+    start = time.perf_counter()
+    together = update(fresh())
+    batched = time.perf_counter() - start
+    print(f"(e) FedL2P client update, meta-nets of r={list(BUDGETS)}: one at a time {separate:.1f} s, together "
+          f"{batched:.1f} s, speed-up {separate / batched:.2f}x")
+    differences = [abs(a[key] - b[key]) / abs(a[key]) for a, b in zip(alone, together)
+                   for key in ("val_loss_before", "val_loss_after", "hypergrad_norm")]
+    print(f"    largest relative difference of validation losses and hypergradient norms: {max(differences):.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--client", type=int, default=0, help="index of the unseen client")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the benchmark's workers use 1)")
     parser.add_argument("--grid", action="store_true", help="the cells of learning-rate selection instead")
+    parser.add_argument("--fedl2p", action="store_true", help="time a FedL2P client update instead")
     parser.add_argument("--pass-tokens", type=int, default=personalization.PASS_TOKENS,
                         help="tokens one batched pass may hold (PASS_TOKENS)")
     args = parser.parse_args()
@@ -91,6 +123,9 @@ def main() -> None:
                                "budgets": list(BUDGETS), "device": "cpu", "training": {}})
     base = setup.load_base_model("cpu", new_head_seed=0)  # timing only: an untrained head
     client = setup.data.pool("unseen")[args.client]
+    if args.fedl2p:
+        fedl2p_update(base, setup.task, client.train)
+        return
     torch.manual_seed(0)
     generator = PSGenerator(generator_spec(base, CONFIG, "e5"))
     with torch.no_grad():

@@ -25,8 +25,9 @@ from fedp2eft.core.btlora import clamp_ste
 from fedp2eft.core.device import model_device, to_device
 from fedp2eft.core.federation import ClientUpdate
 from fedp2eft.core.generator import FeatureLayout
+from fedp2eft.core.multi_lora import LoRARun, MultiLoRAModel
 from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, RunPlan, features_for, \
-    generator_spec, lora_plan, personal_lora, train_metrics, validation_split
+    generator_spec, lora_plan, personal_lora, runs_per_pass, train_metrics, validation_split
 from fedp2eft.core.tasks import Task, iterate_batches
 from fedp2eft.core.training import TrainResult, train
 from fedp2eft.errors import FedP2EFTError, config_from_mapping
@@ -218,25 +219,26 @@ def implicit_hypergradient(
     return [grad if grad is not None else torch.zeros_like(leaf) for grad, leaf in zip(grads, leaves)]
 
 
-def loss_and_gradient(model: nn.Module, task: Task, examples: list[dict], tensors: list[nn.Parameter],
-                      batch_size: int) -> tuple[float, list[torch.Tensor]]:
-    """The mean loss over all of ``examples`` (batches weighted by their loss units, so it equals the pooled mean)
-    and its gradient with respect to ``tensors``; float32, no autocast."""
+def loss_and_gradient(model: MultiLoRAModel, task: Task, examples: list[dict], tensors: list[torch.Tensor],
+                      batch_size: int) -> tuple[list[float], list[torch.Tensor]]:
+    """Each run's mean loss over all of ``examples`` (batches weighted by their loss units, so it equals the pooled
+    mean) and the gradient of their sum with respect to ``tensors`` (each run's slice is its own loss's gradient,
+    the runs' parameters being disjoint); float32, no autocast."""
     device = model_device(model)
     batches = list(iterate_batches(examples, task.collate, batch_size))
     units = [float(task.loss_units(batch).sum()) for batch in batches]
     total_units = sum(units)
-    loss_sum = 0.0
+    loss_sum = torch.zeros(model.run_count)
     grads = [torch.zeros_like(tensor) for tensor in tensors]
     for batch, weight in zip(batches, units):
         if weight == 0:
             continue
         loss = model(**to_device(batch, device)).loss * (weight / total_units)
-        for grad, part in zip(grads, torch.autograd.grad(loss, tensors, allow_unused=True)):
+        for grad, part in zip(grads, torch.autograd.grad(loss.sum(), tensors, allow_unused=True)):
             if part is not None:
                 grad += part
-        loss_sum += float(loss.detach())
-    return loss_sum, grads
+        loss_sum += loss.detach().cpu()
+    return loss_sum.tolist(), grads
 
 
 # --- one client's meta-training ------------------------------------------------------------------------------------
@@ -271,25 +273,43 @@ class FedL2PConfig:
         return config_from_mapping(cls, {**raw, "personalize": personalize}, "fedl2p.training")
 
 
-def sgd_step_map(model: nn.Module, batch: dict[str, torch.Tensor]
+def stacked_tensors(model: MultiLoRAModel, module_names: Sequence[str]) -> list[torch.Tensor]:
+    """Every run's LoRA factors in the meta-net's output order, stacked over runs: for each module, its A (K x rank x
+    in) then its B (K x out x rank); a run with a smaller rank is zero-padded there, and its padding gets no
+    gradient (``StackedLoRALinear``)."""
+    return [tensor for name in module_names for tensor in (model.layers[name].a_all, model.layers[name].b_all)]
+
+
+def sgd_step_map(model: MultiLoRAModel, batch: dict[str, torch.Tensor]
                  ) -> Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]:
-    """Phi(theta, lrs) = theta - lrs (.) grad_theta L(theta; batch): one SGD step with per-tensor learning rates
-    ``lrs`` (hparams[0], one entry per tensor), the update map ``implicit_hypergradient`` differentiates."""
+    """Phi(theta, lrs) = theta - lrs (.) grad_theta L(theta; batch) for every run of ``model`` at once: one SGD step
+    with per-tensor learning rates, the update map ``implicit_hypergradient`` differentiates. ``hparams[0]`` holds
+    run k's rates in row k (K x tensors); ``tensors`` are the stacked factors of ``stacked_tensors``. The loss is the
+    sum of the runs' losses, so the map is run k's own map on run k's slice: its Jacobian is block diagonal over
+    runs, and the hypergradient of every run comes out of one double backward."""
     device = model_device(model)
     batch = to_device(batch, device)
 
     def update(tensors: list[torch.Tensor], hparams: list[torch.Tensor]) -> list[torch.Tensor]:
         rates = hparams[0].to(device)
-        loss = model(**batch).loss
-        grads = torch.autograd.grad(loss, tensors, create_graph=True)
-        return [tensor - rates[i] * grad for i, (tensor, grad) in enumerate(zip(tensors, grads))]
+        grads = torch.autograd.grad(model(**batch).loss.sum(), tensors, create_graph=True)
+        return [tensor - rates[:, i].view(-1, 1, 1) * grad for i, (tensor, grad) in enumerate(zip(tensors, grads))]
 
     return update
 
 
-def meta_update(metanet: LRMetaNet, base_model: nn.Module, task: Task, train_examples: list[dict],
-                features: torch.Tensor, budget: int, config: FedL2PConfig, seed: int) -> dict[str, float]:
-    """One client's meta-training in one round (FedL2P, Lee et al. 2023), in place on ``metanet``.
+def rate_run(spec: MetaNetSpec, rates: torch.Tensor, seed: int) -> LoRARun:
+    """The fresh rank-r LoRA of ``spec`` (init drawn from ``seed``) with tensor i learning at ``rates[i]``."""
+    values = rates.detach().cpu().tolist()
+    return LoRARun({name: spec.budget for name in spec.module_names}, sum(values) / len(values), seed,
+                   tensor_lrs={name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(spec.module_names)})
+
+
+def meta_update(metanets: Sequence[LRMetaNet], base_model: nn.Module, task: Task, train_examples: list[dict],
+                features: torch.Tensor, config: FedL2PConfig, seed: int) -> list[dict[str, float]]:
+    """One client's meta-training in one round (FedL2P, Lee et al. 2023), in place on every meta-net of
+    ``metanets`` (one per budget, as the paper trains them), all of them together in one pass per step
+    (``MultiLoRAModel``; as many per pass as ``runs_per_pass`` allows).
 
     The client's training examples are split (seeded by ``seed``) into inner-train and validation. ``outer_steps``
     times: a fresh rank-r LoRA with the same init every time (``config.personalize.seed``) is fine-tuned on
@@ -299,45 +319,63 @@ def meta_update(metanet: LRMetaNet, base_model: nn.Module, task: Task, train_exa
     batch of inner-train, Phi(theta, lrs) = theta - lrs (.) grad L_train(theta) (``sgd_step_map``; AdamW's own step
     is not differentiated). It is chained through the learning rates into the meta-net and the base learning rates,
     the total gradient norm is clipped to ``max_grad_norm``, and one Adam step is taken (net at ``meta_lr``, base
-    learning rates at ``base_lr_lr``, fresh state per call); base learning rates are kept >= 0.
+    learning rates at ``base_lr_lr``, fresh state per call); base learning rates are kept >= 0. The meta-nets share
+    the batches and their order; their parameters are disjoint, so each is updated as it would be alone.
 
-    Returns the validation loss after fine-tuning at the first and at the last outer step (``val_loss_before``,
-    ``val_loss_after``: before any and after ``outer_steps - 1`` updates of this call), their mean over all outer
-    steps, and the mean multiplier and learning rate of the updated meta-net."""
-    if budget != metanet.spec.budget:
-        raise FedP2EFTError(f"this meta-net was built for budget r={metanet.spec.budget}, not r={budget}")
+    Returns, per meta-net, the validation loss after fine-tuning at the first and at the last outer step
+    (``val_loss_before``, ``val_loss_after``: before any and after ``outer_steps - 1`` updates of this call), their
+    mean over all outer steps, and the mean multiplier and learning rate of the updated meta-net."""
     settings = config.personalize
     inner, validation = validation_split(train_examples, config.validation_fraction, seed)
-    optimizer = torch.optim.Adam([{"params": metanet.net_parameters(), "lr": config.meta_lr},
-                                  {"params": [metanet.base_lrs], "lr": config.base_lr_lr}])
-    rng = random.Random(seed)
+    per_pass = runs_per_pass(ClientContext(base_model, task, inner), settings.batch_size)
+    results = []
+    for start in range(0, len(metanets), per_pass):
+        results += _meta_update_pass(list(metanets[start:start + per_pass]), base_model, task, inner, validation,
+                                     features, config, random.Random(seed))
+    return results
+
+
+def _meta_update_pass(metanets: list[LRMetaNet], base_model: nn.Module, task: Task, inner: list[dict],
+                      validation: list[dict], features: torch.Tensor, config: FedL2PConfig,
+                      rng: random.Random) -> list[dict[str, float]]:
+    """``meta_update`` for meta-nets that fit in one pass."""
+    settings = config.personalize
+    optimizers = [torch.optim.Adam([{"params": metanet.net_parameters(), "lr": config.meta_lr},
+                                    {"params": [metanet.base_lrs], "lr": config.base_lr_lr}]) for metanet in metanets]
     losses, norms = [], []
     for _ in range(config.outer_steps):
-        rates = metanet.learning_rates(features)
-        model = new_lora(base_model, metanet.spec, settings.seed)
-        tensors = lora_tensors(model, metanet.spec.module_names)
-        finetune_with_rates(model, tensors, rates, task, inner, settings)
-        model.eval()
+        rates = [metanet.learning_rates(features) for metanet in metanets]
+        runs = [rate_run(metanet.spec, rate, settings.seed) for metanet, rate in zip(metanets, rates)]
+        model = MultiLoRAModel(base_model, task, runs)
+        train(model, task, inner, model.optimizer(), settings.epochs, settings.batch_size, seed=settings.seed)
         batch = task.collate(rng.sample(inner, min(settings.batch_size, len(inner))))
+        tensors = stacked_tensors(model, metanets[0].spec.module_names)
         # The fused attention kernels have no double backward; the math kernel computes the same attention.
         with sdpa_kernel(SDPBackend.MATH):
             loss, val_grads = loss_and_gradient(model, task, validation, tensors, settings.batch_size)
-            (hypergrad,) = implicit_hypergradient(sgd_step_map(model, batch), tensors, [rates], val_grads,
-                                                  terms=config.neumann_terms, step=config.neumann_step)
+            (hypergrads,) = implicit_hypergradient(sgd_step_map(model, batch), tensors, [torch.stack(rates)],
+                                                   val_grads, terms=config.neumann_terms, step=config.neumann_step)
         losses.append(loss)
-        optimizer.zero_grad(set_to_none=True)
-        rates.backward(hypergrad.to(rates.device))
-        norms.append(float(nn.utils.clip_grad_norm_(list(metanet.parameters()), config.max_grad_norm)))
-        optimizer.step()
-        with torch.no_grad():
-            metanet.base_lrs.clamp_(min=0.0)
+        step_norms = []
+        for metanet, optimizer, rate, hypergrad in zip(metanets, optimizers, rates, hypergrads):
+            optimizer.zero_grad(set_to_none=True)
+            rate.backward(hypergrad.to(rate.device))
+            step_norms.append(float(nn.utils.clip_grad_norm_(list(metanet.parameters()), config.max_grad_norm)))
+            optimizer.step()
+            with torch.no_grad():
+                metanet.base_lrs.clamp_(min=0.0)
+        norms.append(step_norms)
         del model
-    with torch.no_grad():
-        multipliers = metanet(features)
-        final_rates = multipliers * metanet.base_lrs
-    return {"val_loss_before": losses[0], "val_loss_after": losses[-1], "val_loss": sum(losses) / len(losses),
-            "hypergrad_norm": sum(norms) / len(norms), "mean_multiplier": float(multipliers.mean()),
-            "mean_lr": float(final_rates.mean())}
+    results = []
+    for index, metanet in enumerate(metanets):
+        with torch.no_grad():
+            multipliers = metanet(features)
+            final_rates = multipliers * metanet.base_lrs
+        own = [step[index] for step in losses]
+        results.append({"val_loss_before": own[0], "val_loss_after": own[-1], "val_loss": sum(own) / len(own),
+                        "hypergrad_norm": sum(step[index] for step in norms) / len(norms),
+                        "mean_multiplier": float(multipliers.mean()), "mean_lr": float(final_rates.mean())})
+    return results
 
 
 # --- the federated job ---------------------------------------------------------------------------------------------
@@ -398,18 +436,19 @@ class FedL2PTask:
         return self._features[client_index]
 
     def client_update(self, weights: dict[str, torch.Tensor], client_index: int, server_round: int) -> ClientUpdate:
-        """``meta_update`` of every budget's meta-net on this client. The client's inner-train/validation split is
-        the same in every round (seeded by the config's seed and the client), as a client's held-out data would be."""
+        """``meta_update`` of every budget's meta-net on this client, all of them in one pass per step. The client's
+        inner-train/validation split is the same in every round (seeded by the config's seed and the client), as a
+        client's held-out data would be."""
         config = self.config
         torch.manual_seed(config.seed * 100_003 + server_round * 1_009 + client_index)
         client = self.clients[client_index]
         features = self.features(client_index)
         new_weights: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
-        for budget in self.specs:
-            metanet = self.metanet(weights, budget)
-            result = meta_update(metanet, self.base_model, self.task, client.train, features, budget, config,
-                                 seed=config.seed * 100_003 + client_index)
+        metanets = {budget: self.metanet(weights, budget) for budget in self.specs}
+        results = meta_update(list(metanets.values()), self.base_model, self.task, client.train, features, config,
+                              seed=config.seed * 100_003 + client_index)
+        for (budget, metanet), result in zip(metanets.items(), results):
             new_weights.update({self.prefix(budget) + key: value.detach().clone()
                                 for key, value in metanet.state_dict().items()})
             metrics.update({f"{key}_r{budget}": value for key, value in result.items()})
