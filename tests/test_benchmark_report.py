@@ -94,8 +94,11 @@ def _ranks(budget, language, index):
 
 
 def _records(methods=("lora", "fedp2eft", "fedp2eft-structure", "btlora"), budgets=(2, 8), seeds=(0, 1),
-             pools=("seen", "unseen"), languages=("en", "de"), clients=3, margin=None):
+             pools=("seen", "unseen"), languages=("en", "de"), clients=3, margin=None, budget_gain=None):
+    """Synthetic rows: every method ``margin[method]`` answers above LoRA, plus ``budget_gain[method]`` answers per
+    step up the budget list (none by default: the budget does not bind)."""
     rng = np.random.default_rng(3)
+    budget_gain = budget_gain or {}
     margin = margin or {"lora": 0, "fedp2eft": 6, "fedp2eft-structure": 3, "btlora": 1}
     records = []
     for seed in seeds:
@@ -107,7 +110,8 @@ def _records(methods=("lora", "fedp2eft", "fedp2eft-structure", "btlora"), budge
                              "seconds": 0.1}]
                     for budget in budgets:
                         for method in methods:
-                            correct = min(48, base + 8 + margin.get(method, 0) + int(rng.integers(0, 3)))
+                            correct = min(48, base + 8 + margin.get(method, 0) + int(rng.integers(0, 3))
+                                          + budget_gain.get(method, 0) * budgets.index(budget))
                             row = {"method": method, "budget": budget, "correct": correct, "count": 48,
                                    "score": correct / 48, "seconds": 1.0, "lr": 0.001, "train_loss_last_epoch": 0.5}
                             if method in ("fedp2eft", "fedp2eft-structure", "btlora"):
@@ -204,6 +208,8 @@ def test_write_report_end_to_end(tmp_path):
                  "fedp2eft-structure", "3 of 6 choices lie on an edge of the grid (x0.3: 0, x3: 3)"]:
         assert text in report, text
     assert " ± " in report and "] win" in report
+    # FedP²EFT (+6) against the best other method of each cell, fedp2eft-structure (+3)
+    assert "| FedP²EFT minus the best baseline |" in report and "(vs fedp2eft-structure)" in report
     assert "| lora | 0.003 (x3) | 0.001 (x1) |" in report  # chosen scale shown as the learning rate it gave
     assert "**0.003: 80.0**" in report and "**0.001: 60.0**" in report and "**0.0003" not in report
 
@@ -388,3 +394,48 @@ def test_per_language_differences_are_called_descriptive_with_few_clients_per_la
     assert "descriptive" in per_language_note(few)
     many = {("seen", "lora", 2): _units(rng, clients=CLIENTS_FOR_LANGUAGE_CLAIMS)}
     assert per_language_note(many) == ""
+
+
+def test_the_budget_diagnostic_says_whether_more_rank_buys_anything(tmp_path, capsys):
+    """Uniform LoRA's gain from the smallest to the largest budget, paired over clients, decides the sentence: a
+    user whose data does not reward rank is told to pick the cheapest budget, and where rank pays, a method that
+    does not gain from it is named."""
+    from fedp2eft.benchmark.report import budget_effects, budget_verdict
+
+    def effects(records):
+        units = client_units(records)
+        return budget_effects(units, summarize(records), ["seen", "unseen"], [2, 8],
+                              ["base", "lora", "fedp2eft", "btlora"])
+
+    flat = effects(_records(methods=("lora", "fedp2eft", "btlora")))
+    lora = {e["pool"]: e for e in flat if e["method"] == "lora"}
+    assert lora["seen"]["outcome"] == "tie" and (lora["seen"]["low"], lora["seen"]["high"]) == (2, 8)
+    assert {e["method"] for e in flat} == {"lora", "fedp2eft", "btlora", "best"}  # base has no budget
+    text = budget_verdict(flat)
+    assert text.count("the budget does not bind") == 2 and "pick the cheapest budget (r=2)" in text
+
+    binding = effects(_records(methods=("lora", "fedp2eft", "btlora"), budget_gain={"lora": 6, "btlora": 6}))
+    lora = {e["pool"]: e for e in binding if e["method"] == "lora"}
+    assert lora["unseen"]["outcome"] == "win" and lora["unseen"]["difference"] > 5 / 48
+    best = next(e for e in binding if e["method"] == "best" and e["pool"] == "seen")
+    assert (best["best_low"], best["best_high"]) == ("fedp2eft", "btlora")  # +6 at r=2; 1 + 6 > 6 at r=8
+    text = budget_verdict(binding)
+    assert text.count("the budget binds") == 2 and "fedp2eft gain nothing measurable" in text
+    assert "cheapest" not in text
+
+    # uniform rank buys nothing, but a method that allocates rank gains: said, with the envelope's caveat
+    weak = budget_verdict(effects(_records(methods=("lora", "fedp2eft", "btlora"), budget_gain={"btlora": 12})))
+    assert weak.count("binds only weakly") == 2 and "optimistic" in weak and "btlora at r=8" in weak
+
+    hurting = budget_verdict(effects(_records(methods=("lora", "fedp2eft"), budget_gain={"lora": -6})))
+    assert "more budget hurts" in hurting
+
+    run_dir = _write_run(tmp_path)
+    config = {"name": "mine", "model": "tiny", "dataset": "my.jsonl", "seeds": [0, 1], "pools": ["seen", "unseen"],
+              "methods": ["lora", "fedp2eft", "btlora"], "budgets": [2, 8], "personalize": {}}
+    write_report(config, run_dir, _records(methods=("lora", "fedp2eft", "btlora")), {"psg": 1.0}, "fedp2eft benchmark")
+    assert "seen clients: the budget does not bind" in capsys.readouterr().out  # printed, not only written
+    assert "## Does the budget bind?" in (run_dir / "report.md").read_text()
+    saved = json.loads((run_dir / "results.json").read_text())["budget_effects"]
+    assert {(e["pool"], e["method"]) for e in saved} == {(p, m) for p in ("seen", "unseen")
+                                                         for m in ("lora", "fedp2eft", "btlora", "best")}

@@ -250,18 +250,117 @@ def compare(units: Mapping[Setting, Units], pools: Sequence[str], budgets: Seque
             continue
         for pool in pools:
             for budget in budgets:
-                ours, theirs = units.get((pool, OURS, budget)), _at(units, pool, method, budget)
-                interval = paired_bootstrap(ours, theirs, resamples, seed) if ours and theirs else None
-                if interval is None:
-                    continue
-                # with one client in a language there is nothing to resample there: no interval, no verdict
-                alone = min(Counter(u[0] for u in by_client(ours).values()).values()) < 2
-                comparisons.append({"pool": pool, "budget": budget, "method": method,
-                                    "method_budget": budget if (pool, method, budget) in units else 0,
-                                    "difference": interval.mean, "ci_low": interval.low, "ci_high": interval.high,
-                                    "outcome": "untested" if alone else interval.outcome,
-                                    "clients": len(set(ours) & set(theirs))})
+                difference = paired_difference(units.get((pool, OURS, budget)), _at(units, pool, method, budget),
+                                               resamples, seed)
+                if difference is not None:
+                    comparisons.append({"pool": pool, "budget": budget, "method": method,
+                                        "method_budget": budget if (pool, method, budget) in units else 0,
+                                        **difference})
     return comparisons
+
+
+def paired_difference(ours: Units | None, theirs: Units | None, resamples: int = RESAMPLES,
+                      seed: int = BOOTSTRAP_SEED) -> dict | None:
+    """``ours`` minus ``theirs`` with its paired interval and outcome, on the clients both have; None when either is
+    missing. With one client in a language there is nothing to resample there: no interval, outcome 'untested'."""
+    interval = paired_bootstrap(ours, theirs, resamples, seed) if ours and theirs else None
+    if interval is None:
+        return None
+    alone = min(Counter(u[0] for u in by_client(ours).values()).values()) < 2
+    return {"difference": interval.mean, "ci_low": interval.low, "ci_high": interval.high,
+            "outcome": "untested" if alone else interval.outcome, "clients": len(set(ours) & set(theirs))}
+
+
+# --------------------------------------------------------------------------------------- does the budget bind?
+
+BUDGET_REFERENCE = "lora"  # uniform LoRA: its gain from more rank is what any allocation has to work with
+
+
+def budget_effects(units: Mapping[Setting, Units], summary: Mapping[Setting, dict], pools: Sequence[str],
+                   budgets: Sequence[int], methods: Sequence[str], resamples: int = RESAMPLES,
+                   seed: int = BOOTSTRAP_SEED) -> list[dict]:
+    """Per pool, what the largest budget buys over the smallest, paired on the same resampled clients: for every
+    method with a rank budget, and for the best method per budget (``best``: the column's highest mean at each end,
+    chosen on these test scores, so descriptive; ``base`` excluded)."""
+    if len(budgets) < 2:
+        return []
+    low, high = min(budgets), max(budgets)
+    effects = []
+    for pool in pools:
+        ranked = [m for m in methods if m != "base" and (pool, m, low) in units and (pool, m, high) in units]
+        for method in ranked:
+            difference = paired_difference(units[(pool, method, high)], units[(pool, method, low)], resamples, seed)
+            if difference is not None:
+                effects.append({"pool": pool, "method": method, "low": low, "high": high, **difference})
+        if ranked:
+            best = {b: max(ranked, key=lambda m: summary[(pool, m, b)]["mean"]) for b in (low, high)}
+            difference = paired_difference(units[(pool, best[high], high)], units[(pool, best[low], low)],
+                                           resamples, seed)
+            if difference is not None:
+                effects.append({"pool": pool, "method": "best", "low": low, "high": high, "best_low": best[low],
+                                "best_high": best[high], **difference})
+    return effects
+
+
+def _effect_text(effect: dict) -> str:
+    return (f"{_signed(effect['difference'])} points [{_signed(effect['ci_low'])}, {_signed(effect['ci_high'])}] "
+            f"from r={effect['low']} to r={effect['high']}")
+
+
+def budget_verdict(effects: list[dict]) -> str:
+    """Plain sentences, one per pool: does more budget buy anything here, by uniform LoRA's gain (the best method
+    per budget's when uniform LoRA did not run), with the best method per budget as the second witness, and what
+    follows for choosing a budget and for comparing allocations."""
+    sentences = []
+    for pool in dict.fromkeys(e["pool"] for e in effects):
+        own = {e["method"]: e for e in effects if e["pool"] == pool}
+        best = own.get("best")
+        reference = own.get(BUDGET_REFERENCE) or best
+        if reference is None:
+            continue
+        who = "uniform LoRA" if reference is not best else "the best method per budget"
+        gain = f"{who} changes by {_effect_text(reference)}"
+        cheapest = f"pick the cheapest budget (r={reference['low']})"
+        envelope = "" if best is None or best is reference else (
+            f" The best method per budget ({best['best_low']} at r={best['low']}, {best['best_high']} at "
+            f"r={best['high']}; picked on these test scores, so an optimistic figure) changes by "
+            f"{_effect_text(best)}.")
+        if reference["outcome"] == "untested":
+            sentences.append(f"**{pool} clients:** {_title(gain)}, with no interval (a language has a single "
+                             "client), so this run cannot say whether the budget binds.")
+        elif reference["outcome"] == "tie" and best is not reference and best["outcome"] == "win":
+            sentences.append(f"**{pool} clients: the budget binds only weakly.** {_title(gain)}, an interval that "
+                             f"includes zero, so uniform rank buys nothing measurable here.{envelope} Extra rank pays "
+                             "only through a method that spends it unevenly, by a margin this run can barely "
+                             "resolve; with uniform LoRA, pick the cheapest budget.")
+        elif reference["outcome"] == "tie":
+            sentences.append(f"**{pool} clients: the budget does not bind.** {_title(gain)}, an interval that "
+                             "includes zero: extra rank buys nothing measurable on this data, so rank-allocation "
+                             f"methods cannot be told apart here.{envelope} A user of this data should {cheapest}.")
+        elif reference["outcome"] == "loss":
+            sentences.append(f"**{pool} clients: more budget hurts.** {_title(gain)}: the extra ranks cost accuracy "
+                             f"at the selected learning rates.{envelope} Pick the cheapest budget; allocations "
+                             "cannot win by spending more rank here.")
+        else:
+            flat = [m for m, e in own.items() if m not in (BUDGET_REFERENCE, "best") and e["outcome"] == "tie"]
+            sentence = (f"**{pool} clients: the budget binds.** {_title(gain)}, so how the ranks are spent can "
+                        f"matter here and the comparison of allocations means something.{envelope}")
+            if flat:
+                sentence += (f" {', '.join(flat)} gain nothing measurable from the extra budget (interval includes "
+                             "zero) where uniform LoRA does.")
+            sentences.append(sentence)
+    return "\n\n".join(sentences)
+
+
+def budget_markdown(effects: list[dict]) -> str:
+    """The largest minus the smallest budget, per method and pool, with the paired interval."""
+    lines = ["| pool | method | r=high minus r=low | 95% interval | outcome |", "|---|---|---|---|---|"]
+    for e in effects:
+        name = (f"best per budget ({e['best_low']} at r={e['low']}, {e['best_high']} at r={e['high']})"
+                if e["method"] == "best" else e["method"])
+        lines.append(f"| {e['pool']} | {name} | {_signed(e['difference'])} | [{_signed(e['ci_low'])}, "
+                     f"{_signed(e['ci_high'])}] | {e['outcome']} |")
+    return "\n".join(lines)
 
 
 def language_intervals(units: Units, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Interval]:
@@ -977,6 +1076,7 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
                            "comparisons": compare(extra, pools, budgets, methods)}
     facts = {"metrics": metrics, "label": label, "secondary": secondary,
              "comparisons": compare(units, pools, budgets, methods),
+             "budget": budget_effects(units, summary, pools, budgets, methods),
              "structure": structure(records, pools, budgets, methods), "psg_training": psg_flattening(logs),
              "selection": json.loads(selection_path.read_text()) if selection_path.is_file() else None,
              "language_budgets": sorted({min(budgets), heat_budget}) if budgets else [], "heat_budget": heat_budget,
@@ -995,7 +1095,8 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
         "statistics": {"resamples": RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED, "level": LEVEL},
         "metric": metrics[0],
         "summary": [{"pool": p, "method": m, "budget": b, **entry} for (p, m, b), entry in summary.items()],
-        "comparisons": facts["comparisons"], "per_language": language_records(units, facts["language_budgets"]),
+        "comparisons": facts["comparisons"], "budget_effects": facts["budget"],
+        "per_language": language_records(units, facts["language_budgets"]),
         "structure": facts["structure"], "psg_training": facts["psg_training"], "privacy": facts["privacy"],
         "against_reference": facts["reference"],
         "selection": facts["selection"].get("chosen") if facts["selection"] else None,
@@ -1008,6 +1109,8 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
     (run_dir / "report.md").write_text(
         report_markdown(shown, run_dir, records, stage_seconds, command, summary, units, facts))
     print_main_table(summary, shown, label)
+    if facts["budget"]:
+        Console().print(budget_verdict(facts["budget"]).replace("**", ""))
 
 
 def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seconds: dict[str, float], command: str,
@@ -1033,6 +1136,15 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
         f"FedP²EFT minus each method in {facts['label']} points, with the 95% paired-bootstrap interval of the "
         "difference (positive = FedP²EFT better; `base` is compared at every budget).\n",
         comparison_markdown(comparisons, config, units), "\n" + verdict(comparisons) + "\n",
+        *(["Against the best other method of each cell (chosen by its mean on these test scores, so a description "
+           "of this run, not a selection):\n", best_baseline_markdown(summary, comparisons, _pools(config, units),
+                                                                   budgets) + "\n"] if comparisons else []),
+        *(["## Does the budget bind?\n",
+           f"The largest budget minus the smallest, per method, in {facts['label']} points with the 95% paired "
+           "client-bootstrap interval (the same clients at both budgets). When uniform LoRA gains nothing from "
+           "more rank, no allocation of rank can beat another, and the comparisons above cannot show what "
+           "rank-allocation methods are for.\n", budget_markdown(facts["budget"]),
+           "\n" + budget_verdict(facts["budget"]) + "\n"] if facts["budget"] else []),
         "## Per language", per_language_note(units), *(language_table_markdown(units, config, b, facts["label"])
                              for b in facts["language_budgets"]),
     ]
@@ -1094,6 +1206,20 @@ def best_baseline_gaps(summary: Mapping[Setting, dict], comparisons: list[dict],
         if rivals:
             gaps[budget] = max(rivals, key=lambda c: _at(summary, pool, c["method"], budget)["mean"])
     return gaps
+
+
+def best_baseline_markdown(summary: Mapping[Setting, dict], comparisons: list[dict], pools: Sequence[str],
+                           budgets: Sequence[int]) -> str:
+    """FedP²EFT minus the best other method of each cell (by mean, ``base`` excluded), with the paired interval:
+    the comparison a user choosing one method per budget cares about."""
+    lines = ["| FedP²EFT minus the best baseline | " + " | ".join(f"r={b}" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for pool in pools:
+        gaps = best_baseline_gaps(summary, comparisons, pool, budgets)
+        cells = [f"{_signed(c['difference'])} [{_signed(c['ci_low'])}, {_signed(c['ci_high'])}] {c['outcome']} "
+                 f"(vs {c['method']})" if (c := gaps.get(b)) else "–" for b in budgets]
+        lines.append(f"| {pool} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def write_bases_report(config: dict, run_dir: Path, records_by_base: Mapping[str, list[dict]], command: str) -> None:
