@@ -29,7 +29,8 @@ def publish(run_dir: Path, target: Path, prefix: str) -> str:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, target / name)
             report = report.replace(f"]({name})", f"]({prefix}{name})")
-    for metrics in sorted(run_dir.glob("seed*/*/metrics.jsonl")):  # training curves of every federated stage
+    # training curves and byte counts of every federated stage
+    for metrics in sorted([*run_dir.glob("base/metrics.jsonl"), *run_dir.glob("seed*/*/metrics.jsonl")]):
         copy = target / metrics.relative_to(run_dir)
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(metrics, copy)

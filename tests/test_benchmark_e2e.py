@@ -128,3 +128,26 @@ def test_the_readme_python_example_runs_as_written(quick_run, tmp_path, monkeypa
     assert "accuracy" in capsys.readouterr().out
     adapter = PeftConfig.from_pretrained(str(tmp_path / "my-adapter"))
     assert adapter.peft_type == "LORA" and "quick/base/model" in adapter.base_model_name_or_path
+
+
+def test_a_finished_run_reports_again_from_its_own_files(quick_run, tmp_path, capsys):
+    """`fedp2eft report` writes a run's report again with this version and trains nothing: a published copy
+    without its base checkpoint and stage logs keeps the bytes its earlier report recorded and sizes adapters from
+    the configured model's shapes; the budget diagnostic is printed."""
+    import shutil
+
+    copy = tmp_path / "published"
+    shutil.copytree(quick_run, copy, ignore=shutil.ignore_patterns("base", "*.safetensors", "metrics.jsonl"))
+    before = json.loads((quick_run / "results.json").read_text())
+    assert main(["report", str(copy)]) == 0
+    printed = capsys.readouterr().out
+    assert "budget" in printed and "report:" in printed
+    report = (copy / "report.md").read_text()
+    assert "written again from the run's own records by `fedp2eft report" in report
+    assert "## Does the budget bind?" in report and "| FedP²EFT minus the best baseline |" in report
+    after = json.loads((copy / "results.json").read_text())
+    assert after["summary"] == before["summary"] and after["command"] == before["command"]
+    assert after["communication"]["stages"] == before["communication"]["stages"]
+    assert after["communication"]["adapters"] == before["communication"]["adapters"]
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "not a benchmark run folder (no config.yaml)" in capsys.readouterr().err

@@ -208,8 +208,8 @@ def test_write_report_end_to_end(tmp_path):
                  "fedp2eft-structure", "3 of 6 choices lie on an edge of the grid (x0.3: 0, x3: 3)"]:
         assert text in report, text
     assert " ± " in report and "] win" in report
-    # FedP²EFT (+6) against the best other method of each cell, fedp2eft-structure (+3)
-    assert "| FedP²EFT minus the best baseline |" in report and "(vs fedp2eft-structure)" in report
+    # FedP²EFT (+6) against the best baseline of each cell, btlora (+1); fedp2eft-structure (+3) is an ablation
+    assert "| FedP²EFT minus the best baseline |" in report and "(vs btlora)" in report
     assert "| lora | 0.003 (x3) | 0.001 (x1) |" in report  # chosen scale shown as the learning rate it gave
     assert "**0.003: 80.0**" in report and "**0.001: 60.0**" in report and "**0.0003" not in report
 
@@ -348,8 +348,36 @@ def test_one_client_per_language_gives_no_verdict():
     assert comparison["ci_low"] == comparison["ci_high"] and comparison["outcome"] == "untested"
     from fedp2eft.benchmark.report import verdict
 
-    assert "wins 0" in verdict([comparison]) and "no interval" in verdict([comparison])
-    assert "wins every" not in verdict([comparison])
+    summary = {setting: {"mean": metric(per)} for setting, per in units.items()}
+    text = verdict([comparison], summary)
+    assert "wins 0, ties 0 and loses 0 of 1 cells" in text and "no interval" in text
+    assert "every cell" not in text
+
+
+def test_the_verdict_is_against_the_best_baseline_and_keeps_own_ablations_apart(tmp_path):
+    """The headline counts FedP²EFT against the best baseline of each cell, not wins over every row; its own
+    ablation (fedp2eft-structure) is never that baseline, even when it scores highest, and is listed apart."""
+    from fedp2eft.benchmark.report import verdict
+
+    records = _records(methods=("lora", "btlora", "fedp2eft", "fedp2eft-structure"), seeds=(0,),
+                       margin={"lora": 0, "btlora": 3, "fedp2eft": 6, "fedp2eft-structure": 12})
+    units, summary = client_units(records), summarize(records)
+    comparisons = compare(units, ["seen", "unseen"], [2, 8], ["base", "lora", "btlora", "fedp2eft-structure",
+                                                               "fedp2eft"])
+    text = verdict(comparisons, summary)
+    assert "against the best baseline of each cell, FedP²EFT wins 4, ties 0 and loses 0 of 4 cells" in text
+    assert "every cell of this run" in text
+    assert "Against every baseline separately it wins 8, ties 0 and loses 0 of 8 comparisons" in text  # not base
+    assert "Against its own ablation fedp2eft-structure (not a baseline) it wins 0, ties 0 and loses 4" in text
+
+    run_dir = _write_run(tmp_path)
+    config = {"name": "ablation", "model": "tiny", "dataset": "toy", "seeds": [0], "pools": ["seen", "unseen"],
+              "methods": ["lora", "btlora", "fedp2eft-structure", "fedp2eft"], "budgets": [2, 8], "personalize": {}}
+    write_report(config, run_dir, records, {"psg": 1.0}, "fedp2eft benchmark")
+    report = (run_dir / "report.md").read_text()
+    assert "(vs btlora)" in report and "(vs fedp2eft-structure)" not in report
+    table = report[report.index("| FedP²EFT minus |"):]
+    assert table.index("| btlora |") < table.index("| fedp2eft-structure (own ablation) |")
 
 
 def test_a_reference_run_is_compared_cell_by_cell(tmp_path):

@@ -87,6 +87,16 @@ def run_traffic(run_dir: Path) -> dict[str, Traffic]:
     return totals
 
 
+def recorded_traffic(results_file: Path) -> dict[str, Traffic]:
+    """Stage name -> the traffic an earlier report of the run recorded in its ``results.json``: what a report written
+    again keeps for a stage whose logs are gone (a published copy of a run holds its results, not every log)."""
+    if not results_file.is_file():
+        return {}
+    stages = json.loads(results_file.read_text()).get("communication", {}).get("stages", {})
+    return {name: Traffic(**{key: record[key] for key in ("runs", "rounds", "client_rounds", "sent", "received")})
+            for name, record in stages.items()}
+
+
 def module_shapes(model_dir: Path, modules: Iterable[str]) -> dict[str, tuple[int, int]]:
     """(out, in) of each module, read from the headers of the base checkpoint's ``model*.safetensors`` (no tensor is
     loaded). A wrapper may prefix the module names (``SequenceClassifier`` keeps the encoder under ``encoder.``), so

@@ -35,12 +35,14 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fedp2eft.benchmark.communication import adapters_shipped, communication_markdown, read_rounds, run_traffic  # noqa
+from fedp2eft.benchmark.communication import adapters_shipped, communication_markdown, read_rounds, \
+    recorded_traffic, run_traffic  # noqa: E402
 from fedp2eft.core.methods import METHODS  # noqa: E402
 from fedp2eft.errors import FedP2EFTError  # noqa: E402
 
 KNOWN_METHODS = ["base", *METHODS]  # the registry's order: baselines first, FedP²EFT last
 OURS = "fedp2eft"
+ABLATIONS = {name for name, spec in METHODS.items() if spec.ablation_of}  # own variants, never baselines
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 20240601
 LEVEL = 0.95
@@ -610,6 +612,12 @@ def _table_methods(config: dict, keys: Iterable[Setting]) -> list[str]:
     return method_order({k[1] for k in keys} | set(config.get("methods", [])))
 
 
+def is_baseline(method: str) -> bool:
+    """A method FedP²EFT is measured against: neither FedP²EFT, nor the base model without personalization, nor
+    one of FedP²EFT's own ablations."""
+    return method not in (OURS, "base") and method not in ABLATIONS
+
+
 def best_per_budget(summary: Mapping[Setting, dict], pool: str, methods: Sequence[str],
                     budgets: Sequence[int]) -> dict[int, float]:
     """Budget -> the highest mean of any method in that column (``base`` included: if no method beats the base
@@ -648,7 +656,8 @@ def comparison_markdown(comparisons: list[dict], config: dict, summary: Mapping[
     """Rows = other method, columns = pool and budget, cells = FedP²EFT minus it with the paired interval."""
     pools, budgets = _pools(config, summary), _budgets(config, summary)
     settings = [(p, b) for p in pools for b in budgets]
-    others = [m for m in _table_methods(config, summary) if m != OURS]
+    listed = [m for m in _table_methods(config, summary) if m != OURS]
+    others = [m for m in listed if m not in ABLATIONS] + [m for m in listed if m in ABLATIONS]
     cells = {(c["method"], c["pool"], c["budget"]): c for c in comparisons}
     lines = ["| FedP²EFT minus | " + " | ".join(f"{p} r={b}" for p, b in settings) + " |",
              "|---|" + "---|" * len(settings)]
@@ -658,31 +667,53 @@ def comparison_markdown(comparisons: list[dict], config: dict, summary: Mapping[
             c = cells.get((method, pool, budget))
             row.append("–" if c is None else
                        f"{_signed(c['difference'])} [{_signed(c['ci_low'])}, {_signed(c['ci_high'])}] {c['outcome']}")
-        lines.append(f"| {method} | " + " | ".join(row) + " |")
+        lines.append(f"| {method}{' (own ablation)' if method in ABLATIONS else ''} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def verdict(comparisons: list[dict]) -> str:
-    """One line counting wins, ties and losses, and a plain sentence naming every loss."""
+def _counts(comparisons: list[dict]) -> str:
+    counts = Counter(c["outcome"] for c in comparisons)
+    return f"wins {counts['win']}, ties {counts['tie']} and loses {counts['loss']} of {len(comparisons)}"
+
+
+def _claim(cells: list[dict]) -> str:
+    """What the cells' outcomes against the best baseline say, every loss named."""
+    counts = Counter(c["outcome"] for c in cells)
+    losses = [f"{c['pool']} r={c['budget']} (to {c['method']})" for c in cells if c["outcome"] == "loss"]
+    if losses:
+        return (f" It loses at {', '.join(losses)}: FedP²EFT does not beat the best baseline everywhere in this run; "
+                "docs/discussion.md discusses why.")
+    if counts["tie"]:
+        return (f" It loses nowhere, but {counts['tie']} cell(s) are within noise: this run cannot tell FedP²EFT "
+                "from the best baseline there.")
+    return (" It beats the best baseline in every cell of this run." if not counts["untested"] else
+            " It beats the best baseline in every cell that has an interval.")
+
+
+def verdict(comparisons: list[dict], summary: Mapping[Setting, dict]) -> str:
+    """The paper's claim, tested: FedP²EFT against the best baseline of each (pool, budget) cell (own ablations
+    and the base model are not baselines), with every loss named; then the count against every baseline
+    separately and against each ablation, apart."""
     if not comparisons:
         return "FedP²EFT has no comparable rows in this run, so there is nothing to compare."
-    counts = Counter(c["outcome"] for c in comparisons)
-    line = (f"**Verdict:** FedP²EFT wins {counts['win']}, ties {counts['tie']} and loses {counts['loss']} of "
-            f"{len(comparisons)} paired comparisons (win = the 95% interval of the difference lies above zero).")
+    pools, budgets = list(dict.fromkeys(c["pool"] for c in comparisons)), sorted({c["budget"] for c in comparisons})
+    cells = [gap for pool in pools for gap in best_baseline_gaps(summary, comparisons, pool, budgets).values()]
+    if not cells:
+        return "This run has no baseline to compare FedP²EFT with (only its own ablations or the base model)."
+    counts = Counter(c["outcome"] for c in cells)
+    line = (f"**Verdict:** against the best baseline of each cell, FedP²EFT {_counts(cells)} cells (win = the 95% "
+            "interval of the difference lies above zero).")
     if counts["untested"]:
-        line += (f" {counts['untested']} comparison(s) have no interval, because a language has a single client to "
+        line += (f" {counts['untested']} cell(s) have no interval, because a language has a single client to "
                  "resample: they are neither wins nor losses, only single measurements.")
-        if counts["untested"] == len(comparisons):
-            return line
-    losses = [f"{c['method']} ({c['pool']} r={c['budget']})" for c in comparisons if c["outcome"] == "loss"]
-    if losses:
-        return (line + f" It loses to {', '.join(losses)}: FedP²EFT does not beat every method everywhere in this "
-                "run; docs/discussion.md discusses why.")
-    if counts["tie"]:
-        return line + (f" It loses nowhere, but {counts['tie']} comparison(s) are within noise: this run cannot "
-                       "tell those methods apart.")
-    return line + (" It wins every comparison in this run." if not counts["untested"] else
-                   " It wins every comparison that has an interval.")
+    if counts["untested"] < len(cells):
+        line += _claim(cells)
+    baselines = [c for c in comparisons if is_baseline(c["method"])]
+    line += f" Against every baseline separately it {_counts(baselines)} comparisons."
+    for ablation in sorted({c["method"] for c in comparisons} & ABLATIONS):
+        own = [c for c in comparisons if c["method"] == ablation]
+        line += f" Against its own ablation {ablation} (not a baseline) it {_counts(own)}."
+    return line
 
 
 # About how many clients per language a language's interval needs to be a few points wide (docs/method.md,
@@ -1054,9 +1085,10 @@ def _statistics_note(records: list[dict], metrics: Sequence[str] = ("accuracy",)
 
 
 def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds: dict[str, float],
-                 command: str, base_model: Path | None = None) -> None:
+                 command: str, base_model: Path | None = None, rewritten_by: str | None = None) -> None:
     """Write report.md, results.json, results.csv and figures/ for a finished run, and print the main table.
-    ``base_model`` (the base checkpoint folder) gives the module shapes that size the personalized adapters."""
+    ``base_model`` (the base checkpoint folder) gives the module shapes that size the personalized adapters;
+    ``rewritten_by`` names the command that wrote the report again from the run's records, if one did."""
     run_dir = Path(run_dir)
     # every method that produced a row is listed, even one whose rows hold no test example (it shows '–')
     produced = {row["method"] for record in records for row in record["rows"]}
@@ -1081,7 +1113,9 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
              "selection": json.loads(selection_path.read_text()) if selection_path.is_file() else None,
              "language_budgets": sorted({min(budgets), heat_budget}) if budgets else [], "heat_budget": heat_budget,
              "privacy": privacy_spent(run_dir), "reference": reference_rows(config, metrics[0], units),
-             "traffic": run_traffic(run_dir), "adapters": adapters_shipped(records, OURS, base_model)}
+             # a stage's logs count; the run's earlier report fills in stages whose logs are gone
+             "traffic": {**recorded_traffic(run_dir / "results.json"), **run_traffic(run_dir)}, "adapters": adapters_shipped(records, OURS, base_model),
+             "rewritten_by": rewritten_by}
 
     figures = run_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -1123,7 +1157,7 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
     comparisons = facts["comparisons"]
     sections = [
         f"# FedP²EFT benchmark: `{config['name']}`\n",
-        f"Command: `{command}`\n",
+        f"Command: `{command}`\n", *([rewritten_note(facts["rewritten_by"])] if facts["rewritten_by"] else []),
         f"Model `{config['model']}`, dataset `{config['dataset']}`, {len(records)} client runs; methods "
         f"{', '.join(config['methods'])} at budgets {', '.join(map(str, budgets))}; seeds {config.get('seeds')}. "
         f"Wall time {sum(stage_seconds.values()) / 60:.1f} min on {os.cpu_count()} CPU cores ("
@@ -1135,9 +1169,9 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
         "## Does FedP²EFT win?\n",
         f"FedP²EFT minus each method in {facts['label']} points, with the 95% paired-bootstrap interval of the "
         "difference (positive = FedP²EFT better; `base` is compared at every budget).\n",
-        comparison_markdown(comparisons, config, units), "\n" + verdict(comparisons) + "\n",
-        *(["Against the best other method of each cell (chosen by its mean on these test scores, so a description "
-           "of this run, not a selection):\n", best_baseline_markdown(summary, comparisons, _pools(config, units),
+        comparison_markdown(comparisons, config, units), "\n" + verdict(comparisons, summary) + "\n",
+        *(["Against the best baseline of each cell (the highest mean among the baselines on these test scores, "
+           "so a description of this run, not a selection; own ablations and the base model are not baselines):\n", best_baseline_markdown(summary, comparisons, _pools(config, units),
                                                                    budgets) + "\n"] if comparisons else []),
         *(["## Does the budget bind?\n",
            f"The largest budget minus the smallest, per method, in {facts['label']} points with the 95% paired "
@@ -1153,7 +1187,7 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
         sections += [f"\n## {_title(other)} by budget", main_table_markdown(extra["summary"], config, other),
                      f"\nFedP²EFT minus each method in {other} points (paired, 95% interval):\n",
                      comparison_markdown(extra["comparisons"], config, extra["summary"]),
-                     "\n" + verdict(extra["comparisons"]) + "\n"]
+                     "\n" + verdict(extra["comparisons"], extra["summary"]) + "\n"]
     if facts["structure"]:
         sections += ["\n## Structure the PS generator gives each language\n",
                      "Kept λ: the multipliers FedP²EFT keeps on its ranks. Rank-map overlap(a, b) = "
@@ -1198,11 +1232,11 @@ def print_main_table(summary: Mapping[Setting, dict], config: dict, label: str =
 
 def best_baseline_gaps(summary: Mapping[Setting, dict], comparisons: list[dict], pool: str,
                        budgets: Sequence[int]) -> dict[int, dict]:
-    """Budget -> FedP²EFT minus the best other method of that column (by mean; ``base`` excluded), with the
-    paired interval of that comparison."""
+    """Budget -> FedP²EFT minus the best baseline of that column (by mean; ``is_baseline``), with the paired
+    interval of that comparison."""
     gaps = {}
     for budget in budgets:
-        rivals = [c for c in comparisons if c["pool"] == pool and c["budget"] == budget and c["method"] != "base"]
+        rivals = [c for c in comparisons if c["pool"] == pool and c["budget"] == budget and is_baseline(c["method"])]
         if rivals:
             gaps[budget] = max(rivals, key=lambda c: _at(summary, pool, c["method"], budget)["mean"])
     return gaps
@@ -1210,8 +1244,8 @@ def best_baseline_gaps(summary: Mapping[Setting, dict], comparisons: list[dict],
 
 def best_baseline_markdown(summary: Mapping[Setting, dict], comparisons: list[dict], pools: Sequence[str],
                            budgets: Sequence[int]) -> str:
-    """FedP²EFT minus the best other method of each cell (by mean, ``base`` excluded), with the paired interval:
-    the comparison a user choosing one method per budget cares about."""
+    """FedP²EFT minus the best baseline of each cell (by mean; ``is_baseline``), with the paired interval: the
+    comparison a user choosing one method per budget cares about, and the paper's claim."""
     lines = ["| FedP²EFT minus the best baseline | " + " | ".join(f"r={b}" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     for pool in pools:
@@ -1222,7 +1256,13 @@ def best_baseline_markdown(summary: Mapping[Setting, dict], comparisons: list[di
     return "\n".join(lines)
 
 
-def write_bases_report(config: dict, run_dir: Path, records_by_base: Mapping[str, list[dict]], command: str) -> None:
+def rewritten_note(command: str) -> str:
+    return (f"This report was written again from the run's own records by `{command}`: its tables and verdicts "
+            "are this version's, its numbers the run's.\n")
+
+
+def write_bases_report(config: dict, run_dir: Path, records_by_base: Mapping[str, list[dict]], command: str,
+                       rewritten_by: str | None = None) -> None:
     """report.md and results.json of a run over several base models (FedAvg and personalized-FL bases): per base
     its main table and FedP²EFT minus every other method, and on top FedP²EFT minus the best baseline per base and
     budget. Each base's own folder holds its full report."""
@@ -1239,9 +1279,12 @@ def write_bases_report(config: dict, run_dir: Path, records_by_base: Mapping[str
         per_base[base] = {"comparisons": comparisons,
                           "summary": [{"pool": p, "method": m, "budget": b, **entry}
                                       for (p, m, b), entry in summary.items()]}
+        effects = budget_effects(units, summary, pools, budgets, methods)
+        per_base[base]["budget_effects"] = effects
         sections += [f"## Base: {base}\n", f"Full report: [{base}/report.md]({base}/report.md)\n",
                      main_table_markdown(summary, shown, label), "",
-                     comparison_markdown(comparisons, shown, summary), "", verdict(comparisons), ""]
+                     comparison_markdown(comparisons, shown, summary), "", verdict(comparisons, summary), "",
+                     *([budget_verdict(effects), ""] if effects else [])]
     budgets = sorted({b for pools in gaps.values() for by_budget in pools.values() for b in by_budget})
     lines = ["| base | pool | " + " | ".join(f"r={b}" for b in budgets) + " |", "|---|---|" + "---|" * len(budgets)]
     for base, pools in gaps.items():
@@ -1251,6 +1294,7 @@ def write_bases_report(config: dict, run_dir: Path, records_by_base: Mapping[str
                      f"{c['outcome']}" for b in budgets]
             lines.append(f"| {base} | {pool} | " + " | ".join(cells) + " |")
     header = [f"# FedP²EFT on several base models: `{config['name']}`\n", f"Command: `{command}`\n",
+              *([rewritten_note(rewritten_by)] if rewritten_by else []),
               "Every base model is trained on the seen pool, and every method personalizes each seen client on top "
               "of that client's base: the shared model for FedAvg, the client's own personal base for a "
               "personalized-FL algorithm (FedDPA-T: global model plus the client's local LoRA; DEPT: global body "

@@ -86,14 +86,18 @@ def federated(name: str, config: dict, section: dict, model: str, training: dict
     return export_final(name, job, output)
 
 
-def run_config(run_dir: Path) -> dict:
-    """The config a run folder was made with (its ``config.yaml``; keys added since count as their default), for
-    commands that rebuild one of its cells."""
+def saved_config(run_dir: Path) -> dict:
+    """The config a run folder was made with (its ``config.yaml``; keys added since count as their default)."""
     saved = Path(run_dir) / "config.yaml"
     if not saved.is_file():
         raise FedP2EFTError(f"{run_dir} is not a benchmark run folder (no config.yaml); give the folder "
                             "`fedp2eft benchmark` wrote, e.g. results/default")
-    config = with_optional_keys(yaml.safe_load(saved.read_text()) or {})
+    return with_optional_keys(yaml.safe_load(saved.read_text()) or {})
+
+
+def run_config(run_dir: Path) -> dict:
+    """``saved_config`` of a run over one base model, for commands that rebuild one of its cells."""
+    config = saved_config(run_dir)
     algorithms = config["base"]["algorithm"]
     if isinstance(algorithms, list):
         raise FedP2EFTError(f"{run_dir} holds one run per base model ({', '.join(algorithms)}); give one of them, "
@@ -536,3 +540,35 @@ def run(config: dict, results_root: Path = Path("results"), command: str = "") -
     console.rule("[bold]Stage 5/5: report")
     write_report(config, run_dir, results, clock.seconds, command, base_model=resolve_model(base_model))
     return run_dir
+
+
+def rewrite_report(run_dir: Path) -> Path:
+    """Write a finished run's report again from its own files (``config.yaml``, ``personalize.jsonl``,
+    ``timings.json``, the stages' logs) with this version's report: nothing is trained, the run's command is kept.
+    Module shapes for the adapters' size come from the base checkpoint, or from the configured model when the
+    checkpoint was deleted (training a base model changes its weights, not its shapes)."""
+    from fedp2eft.benchmark.report import write_bases_report, write_report
+
+    run_dir = Path(run_dir)
+    config = saved_config(run_dir)
+    previous = run_dir / "results.json"
+    command = json.loads(previous.read_text()).get("command", "") if previous.is_file() else ""
+    rewritten_by = f"fedp2eft report {run_dir}"
+    if isinstance(config["base"]["algorithm"], list):
+        write_bases_report(config, run_dir, {name: _finished_records(run_dir / name)
+                                             for name in config["base"]["algorithm"]}, command, rewritten_by)
+        for name in config["base"]["algorithm"]:
+            rewrite_report(run_dir / name)
+        return run_dir
+    base_model = finished_base(config, run_dir) or config["model"]
+    write_report(config, run_dir, _finished_records(run_dir), StageClock(run_dir / "timings.json").seconds, command,
+                 base_model=resolve_model(base_model), rewritten_by=rewritten_by)
+    return run_dir
+
+
+def _finished_records(run_dir: Path) -> list[dict]:
+    records = read_jsonl(run_dir / "personalize.jsonl")
+    if not records:
+        raise FedP2EFTError(f"{run_dir} has no personalized clients yet (personalize.jsonl is missing or empty); "
+                            "finish the run with `fedp2eft benchmark` first")
+    return records

@@ -20,6 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="config overrides, YAML values checked against the profile's types, e.g. "
                              "budgets=[2,8] psg.rounds=5 personalize.lora_lr=1e-4 name=my-run (default: none)")
     parser.set_defaults(func=run)
+    report = subparsers.add_parser(
+        "report", help="write a finished benchmark run's report again with this version (nothing is trained)",
+        description="Write report.md, results.json, results.csv and figures/ of a finished run again from its own "
+                    "files (config.yaml, personalize.jsonl, timings.json), with this version's report.",
+    )
+    report.add_argument("run_dir", type=Path, help="the run folder `fedp2eft benchmark` wrote, e.g. results/default")
+    report.set_defaults(func=rewrite)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,4 +36,11 @@ def run(args: argparse.Namespace) -> int:
     config = resolve(args.config, args.overrides)
     run_dir = run_benchmark(config, args.results, args.command_line)
     print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def rewrite(args: argparse.Namespace) -> int:
+    from fedp2eft.benchmark.runner import rewrite_report
+
+    print(f"report: {rewrite_report(args.run_dir) / 'report.md'}")
     return 0

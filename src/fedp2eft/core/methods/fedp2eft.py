@@ -81,4 +81,4 @@ def plan_fedp2eft_structure(context: ClientContext, budget: int, config: Persona
 METHOD = MethodSpec("fedp2eft", personalize_fedp2eft, reports=("ranks", "lambdas"), stage=PSG_STAGE,
                     plan=plan_fedp2eft)
 STRUCTURE = MethodSpec("fedp2eft-structure", personalize_fedp2eft_structure, reports=("ranks",), stage=PSG_STAGE,
-                       plan=plan_fedp2eft_structure)
+                       plan=plan_fedp2eft_structure, ablation_of="fedp2eft")

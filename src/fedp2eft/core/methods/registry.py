@@ -59,7 +59,10 @@ class MethodSpec:
 
     A LoRA-shaped method also gives ``plan(context, budget, config)``: the same run described, not trained, so
     that a client's runs train together in one pass (``core/multi_lora.py``); ``prepare(context, configs)`` does
-    the work its plans share for several configs at once (BT-LoRA's searches)."""
+    the work its plans share for several configs at once (BT-LoRA's searches).
+
+    ``ablation_of`` marks a method as a variant of another one that measures one of its parts (e.g. FedP²EFT's
+    ranks without its multipliers): reports list it apart from the baselines and never count it as one."""
 
     name: str
     personalize: Callable[[ClientContext, int, PersonalizeConfig], Personalized]
@@ -68,3 +71,4 @@ class MethodSpec:
     stage: Stage | None = None
     plan: Callable[[ClientContext, int, PersonalizeConfig], RunPlan] | None = None
     prepare: Callable[[ClientContext, list[PersonalizeConfig]], None] | None = None
+    ablation_of: str | None = None
