@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,10 +29,27 @@ BIN = Path(sys.executable).parent
 CONNECTION = "loopback"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing holds now, drawn at random below Linux's ephemeral range (32768 and up), where the kernel itself
+    picks ports for outgoing connections and for ``bind(0)``: a port found free there is not taken by the kernel
+    before our process binds it, and this session never hands one out twice. ``loopback`` still retries when the
+    SuperLink finds its port taken (another program on the machine may bind it first)."""
+    draw = random.Random()
+    for _ in range(1000):
+        port = draw.randrange(20000, 32000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port between 20000 and 32000 on 127.0.0.1")
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float) -> None:
@@ -155,13 +173,20 @@ def loopback(directory: Path, tls: TlsFiles | None = None) -> Iterator[Loopback]
         "FLWR_HOME": str(directory / "flwr-home"),
         "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
-    link = Loopback(directory, free_port(), tls, env)
-    write_connection(directory / "flwr-home", link.link_port, tls)
-    try:
+    for attempt in range(3):  # another program may bind the port between the draw and the SuperLink's start
+        link = Loopback(directory, free_port(), tls, env)
+        write_connection(directory / "flwr-home", link.link_port, tls)
         superlink = link.spawn([str(BIN / "flower-superlink"), *superlink_transport_flags(tls),
                                 "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
                                 "--port", str(link.link_port)], "superlink")
-        wait_for_port(link.link_port, superlink, 60)
+        try:
+            wait_for_port(link.link_port, superlink, 60)
+            break
+        except RuntimeError:  # it exited: its log says why; a taken port is worth another draw
+            stop(superlink)
+            if attempt == 2:
+                raise RuntimeError(f"the SuperLink did not start:\n{link.log('superlink')}") from None
+    try:
         yield link
     finally:
         for process in reversed(link.processes):
