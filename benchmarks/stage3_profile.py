@@ -231,6 +231,10 @@ class Profiler:
         }
         saved = [(module, name, getattr(module, name)) for module in CALLERS for name in wrappers
                  if hasattr(module, name)]
+        missing = set(wrappers) - {name for _, name, _ in saved}
+        if missing:  # a renamed function would silently drop out of the profile: stop and say which
+            raise SystemExit(f"stage3_profile: {', '.join(sorted(missing))} no longer found in "
+                             f"{', '.join(m.__name__ for m in CALLERS)}; update the profile's wrappers")
         saved_init = btlora_module.BTLoRAModel.__init__
         saved_collates = {name: getattr(task, name) for name in ("collate", "feature_collate")}
 
