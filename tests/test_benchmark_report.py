@@ -455,6 +455,9 @@ def test_the_budget_diagnostic_says_whether_more_rank_buys_anything(tmp_path, ca
     weak = budget_verdict(effects(_records(methods=("lora", "fedp2eft", "btlora"), budget_gain={"btlora": 12})))
     assert weak.count("binds only weakly") == 2 and "optimistic" in weak and "btlora at r=8" in weak
 
+    alone = budget_verdict(effects(_records(methods=("lora",), budget_gain={"lora": 6})))
+    assert "binds" in alone and "best method per budget" not in alone  # the envelope would repeat uniform LoRA
+
     hurting = budget_verdict(effects(_records(methods=("lora", "fedp2eft"), budget_gain={"lora": -6})))
     assert "more budget hurts" in hurting
 

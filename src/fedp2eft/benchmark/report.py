@@ -323,14 +323,15 @@ def budget_verdict(effects: list[dict]) -> str:
         who = "uniform LoRA" if reference is not best else "the best method per budget"
         gain = f"{who} changes by {_effect_text(reference)}"
         cheapest = f"pick the cheapest budget (r={reference['low']})"
-        envelope = "" if best is None or best is reference else (
+        same = best is None or best is reference or best["best_low"] == best["best_high"] == reference["method"]
+        envelope = "" if same else (
             f" The best method per budget ({best['best_low']} at r={best['low']}, {best['best_high']} at "
             f"r={best['high']}; picked on these test scores, so an optimistic figure) changes by "
             f"{_effect_text(best)}.")
         if reference["outcome"] == "untested":
             sentences.append(f"**{pool} clients:** {_title(gain)}, with no interval (a language has a single "
                              "client), so this run cannot say whether the budget binds.")
-        elif reference["outcome"] == "tie" and best is not reference and best["outcome"] == "win":
+        elif reference["outcome"] == "tie" and not same and best["outcome"] == "win":
             sentences.append(f"**{pool} clients: the budget binds only weakly.** {_title(gain)}, an interval that "
                              f"includes zero, so uniform rank buys nothing measurable here.{envelope} Extra rank pays "
                              "only through a method that spends it unevenly, by a margin this run can barely "
