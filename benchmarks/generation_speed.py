@@ -1,11 +1,13 @@
-"""Greedy decoding speed with and without the key/value cache (``InstructionTask.generate``).
+"""Greedy decoding speed with and without the key/value cache, and one request at a time against a batch of
+``--batch`` requests decoded together (``InstructionTask.generate`` and ``generate_batch``).
 
-    .venv/bin/python benchmarks/generation_speed.py [--threads 2] [--new-tokens 32] [--prompt-words 40]
+    .venv/bin/python benchmarks/generation_speed.py [--threads 2] [--new-tokens 32] [--prompt-words 40] [--batch 16]
 
 A randomly initialised Llama-like decoder of SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads,
 vocabulary 49152): speed depends on the shape, not on the weights, and no download is needed. Generation is
 forced to run to ``--new-tokens`` (no EOS). Both paths produce the same tokens (checked here and in the tests);
-the cached one runs the prompt once and then one position per token."""
+the cached one runs the prompt once and then one position per token. The batch's prompts differ in length (left
+padding); the batch must give every prompt the tokens it gets alone (checked here and in the tests)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-words", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -51,6 +54,18 @@ def main() -> None:
     assert cached == plain, "the cache changed the generated tokens"
     print(f"with cache    {cached_rate:8.1f} tokens/s\nwithout cache {plain_rate:8.1f} tokens/s\n"
           f"speed-up {cached_rate / plain_rate:.1f}x (same {len(cached)} tokens)")
+
+    prompts = [" ".join(f"w{i + k}" for i in range(args.prompt_words - k % 8)) for k in range(args.batch)]
+    start = time.perf_counter()
+    alone = [task.generate(model, prompt) for prompt in prompts]
+    alone_rate = sum(map(len, alone)) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    (together,) = task.generate_batch(model, prompts)
+    batch_rate = sum(map(len, together)) / (time.perf_counter() - start)
+    assert together == alone, "the batch changed some prompt's tokens"
+    print(f"{args.batch} requests, one at a time {alone_rate:8.1f} tokens/s\n"
+          f"{args.batch} requests, one batch    {batch_rate:8.1f} tokens/s\n"
+          f"speed-up {batch_rate / alone_rate:.1f}x (same tokens for every request)")
 
 
 if __name__ == "__main__":

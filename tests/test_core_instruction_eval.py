@@ -108,3 +108,36 @@ def test_an_encoder_checkpoint_is_refused_for_instruction_tuning(tmp_path, token
         load_causal_lm(tmp_path / "encoder")
     LlamaForCausalLM(llama_config(len(tokenizer))).save_pretrained(tmp_path / "decoder")
     assert isinstance(load_causal_lm(tmp_path / "decoder"), LlamaForCausalLM)
+
+
+def test_batched_generation_gives_every_prompt_the_tokens_it_gets_alone(tokenizer):
+    """Prompts of different lengths, left-padded in one batch, decode exactly what each decodes alone, with and
+    without the cache, through the plain model, a PEFT LoRA, the BT-LoRA wrapper, and every run of a multi-run
+    model (each run against its exported PEFT adapter)."""
+    from test_core_methods import artifact_for
+
+    from fedp2eft.core.multi_lora import LoRARun, MultiLoRAModel
+    from fedp2eft.core.training import train as fit
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config(len(tokenizer)))
+    task = InstructionTask(tokenizer, max_length=32, generation_tokens=6)
+    config = PersonalizeConfig(max_rank=8, epochs=1, batch_size=8, lora_lr=2e-2)
+    train = instruction_examples(16, seed=1)
+    prompts = [e["instruction"] + " now" * (i % 3) for i, e in enumerate(instruction_examples(5, seed=9))]
+    assert len({len(task.prompt_ids(p)) for p in prompts}) > 1  # padding really happens
+    models = [base] + [personalize(method, base, task, train, 4, config, artifact_for(method, base)).model
+                       for method in ("lora", "fedp2eft-structure")]
+    for model in models:
+        alone = [task.generate(model, prompt) for prompt in prompts]
+        assert task.generate_batch(model, prompts) == [alone]
+        assert task.generate_batch(model, prompts, use_cache=False) == [alone]
+    names = [n for n, m in base.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    runs = [LoRARun({name: rank for name in names}, 5e-2, seed) for rank, seed in ((2, 0), (4, 1))]
+    multi = MultiLoRAModel(base, task, runs)
+    assert fit(multi, task, train, multi.optimizer(), 2, 8).steps == 4
+    together = task.generate_batch(multi, prompts)
+    for run in range(len(runs)):
+        exported = multi.export(run)
+        assert together[run] == [task.generate(exported, prompt) for prompt in prompts], run
+    assert together[0] != together[1]  # two trained runs that decode differently: the rows did not mix

@@ -242,6 +242,11 @@ class MultiLoRAModel(nn.Module):
         loss = None if labels is None else self.task.run_losses(logits, labels, self.run_count)
         return ClassifierOutput(loss=loss, logits=logits)
 
+    def forward_rows(self, **inputs):
+        """The base with every run's LoRA on inputs whose rows are already run-major (K copies of a batch that
+        diverge per run, as greedy generation's do); the model's own output, its key/value cache included."""
+        return self.model(**inputs)
+
     def run_parameters(self, run: int, scales: bool = False) -> list[nn.Parameter]:
         """Run ``run``'s trainable LoRA factors (or, with ``scales``, its trainable multipliers)."""
         if scales:

@@ -169,14 +169,16 @@ class InstructionTask:
         return self.evaluate_runs(model, examples, batch_size)[0]
 
     def evaluate_runs(self, model: nn.Module, examples: list[dict], batch_size: int = 16) -> list[dict]:
-        """``evaluate`` for every run of a model that holds several (``core/multi_lora.py``) in one pass; greedy
-        generation decodes one model at a time, so a model of several runs cannot score generations."""
+        """``evaluate`` for every run of a model that holds several (``core/multi_lora.py``) in one pass, its
+        generations decoded ``batch_size`` instructions at a time for all runs at once (``generate_batch``)."""
         model.eval()
         device = model_device(model)
         runs = run_count(model)
-        if runs > 1 and self.generation_tokens > 0:
-            raise FedP2EFTError("generations are decoded one model at a time; export each run (MultiLoRAModel.export) "
-                                "and evaluate it alone")
+        generations: list[list[list[int]]] = [[] for _ in range(runs)]
+        for start in range(0, len(examples) if self.generation_tokens > 0 else 0, batch_size):
+            chunk = [example["instruction"] for example in examples[start:start + batch_size]]
+            for run, generated in enumerate(self.generate_batch(model, chunk)):
+                generations[run] += generated
         loss_sum, correct = torch.zeros(runs, dtype=torch.float64), torch.zeros(runs, dtype=torch.long)
         count = 0
         with _evaluation(device):
@@ -193,14 +195,13 @@ class InstructionTask:
                         correct[run] += int((logits[run].argmax(-1)[keep] == target[keep]).sum())
                     count += int(keep.sum())
         results = []
-        for lost, right in zip(loss_sum.tolist(), correct.tolist()):
+        for run, (lost, right) in enumerate(zip(loss_sum.tolist(), correct.tolist())):
             metrics = {"loss": lost / count, "perplexity": math.exp(min(lost / count, 50.0)),
                        "token_accuracy": right / count, "correct": right, "count": count,
                        "scores": {"token_accuracy": (right, count)}}
             if self.generation_tokens > 0:
                 rouge, exact = 0.0, 0
-                for example in examples:
-                    generated = self.generate(model, example["instruction"])
+                for example, generated in zip(examples, generations[run]):
                     reference = self.tokenizer(example["response"], add_special_tokens=False)["input_ids"]
                     rouge += rouge_l(generated, reference)
                     exact += int(_normalized(self.tokenizer.decode(generated, skip_special_tokens=True))
@@ -212,25 +213,46 @@ class InstructionTask:
         return results
 
     def generate(self, model: nn.Module, instruction: str, use_cache: bool = True) -> list[int]:
-        """Greedy decoding through the model's plain forward (works for every wrapper: PEFT, BT-LoRA), until EOS or
-        ``generation_tokens``. With ``use_cache`` the prompt runs once and each new token is one position fed with
-        the model's key/value cache; without it every step reruns the whole sequence (same tokens, slower)."""
+        """Greedy decoding of one instruction: ``generate_batch`` of one, by a model of one run."""
+        return self.generate_batch(model, [instruction], use_cache)[0][0]
+
+    def generate_batch(self, model: nn.Module, instructions: list[str],
+                       use_cache: bool = True) -> list[list[list[int]]]:
+        """Greedy decoding of many instructions by every run of ``model`` (K for a ``MultiLoRAModel``, else one),
+        one forward call per new token for all of them: ``result[run][i]`` holds instruction i's new tokens, up to
+        EOS or ``generation_tokens``. Works through every wrapper's plain forward (PEFT, BT-LoRA).
+
+        Prompts are padded on the left, masked, and positioned from their own first token, so each row decodes what
+        it would alone (tested). With ``use_cache`` the prompts run once and each step feeds one position per row
+        with the key/value cache; without it every step reruns the whole sequences (same tokens, slower). A row that
+        reached EOS keeps being fed its own argmax (attention never crosses rows) until every row has."""
         device = model_device(model)
-        ids = self.prompt_ids(instruction)
-        prompt_length = len(ids)
+        runs = run_count(model)
+        forward = model.forward_rows if runs > 1 else model
+        prompts = [self.prompt_ids(instruction) for instruction in instructions]
+        width = max(map(len, prompts))
+        sequences = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts]).repeat(runs, 1)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]).repeat(runs, 1)
+        new: list[list[int]] = [[] for _ in range(len(sequences))]
+        finished = [False] * len(sequences)
         past = None
         with _evaluation(device):
             for _ in range(self.generation_tokens):
-                fed = ids[-1:] if past is not None else ids
-                inputs = to_device({"input_ids": torch.tensor([fed]),
-                                    "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}, device)
-                output = model(**inputs, past_key_values=past, use_cache=use_cache)
+                fed = sequences[:, -1:] if past is not None else sequences
+                positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -fed.shape[1]:]
+                inputs = to_device({"input_ids": fed, "attention_mask": mask, "position_ids": positions}, device)
+                output = forward(**inputs, past_key_values=past, use_cache=use_cache, logits_to_keep=1)
                 past = output.past_key_values if use_cache else None
-                token = int(output.logits[0, -1].argmax())
-                if token == self.tokenizer.eos_token_id:
+                tokens = output.logits[:, -1].argmax(-1).cpu()
+                for row, token in enumerate(tokens.tolist()):
+                    if not finished[row]:
+                        finished[row] = token == self.tokenizer.eos_token_id
+                        new[row] += [] if finished[row] else [token]
+                if all(finished):
                     break
-                ids.append(token)
-        return ids[prompt_length:]
+                sequences = torch.cat([sequences, tokens[:, None]], 1)
+                mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype)], 1)
+        return [new[run * len(prompts):(run + 1) * len(prompts)] for run in range(runs)]
 
 
 def run_count(model: nn.Module) -> int:

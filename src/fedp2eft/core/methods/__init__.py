@@ -105,15 +105,13 @@ def personalize_many(context: ClientContext, cells: list[tuple[str, int, Persona
 
 
 def evaluate_many(task: Task, results: list[Personalized], examples: list[dict]) -> list[dict]:
-    """``task.evaluate`` of every result: the runs of one multi-run model in one pass over ``examples`` (for
-    generated text, which decodes one model at a time, each run exported and scored alone)."""
+    """``task.evaluate`` of every result: the runs of one multi-run model in one pass over ``examples`` (their
+    generations, if scored, decoded together too)."""
     scores: list[dict | None] = [None] * len(results)
     shared: dict[int, list[int]] = {}
     for index, result in enumerate(results):
         if result.run is None:
             scores[index] = task.evaluate(result.model, examples)
-        elif getattr(task, "generation_tokens", 0) > 0:
-            scores[index] = task.evaluate(result.model.export(result.run), examples)
         else:
             shared.setdefault(id(result.model), []).append(index)
     for indices in shared.values():
