@@ -470,3 +470,21 @@ def test_the_budget_diagnostic_says_whether_more_rank_buys_anything(tmp_path, ca
     saved = json.loads((run_dir / "results.json").read_text())["budget_effects"]
     assert {(e["pool"], e["method"]) for e in saved} == {(p, m) for p in ("seen", "unseen")
                                                          for m in ("lora", "fedp2eft", "btlora", "best")}
+
+
+def test_fedl2ps_multipliers_say_whether_its_meta_nets_moved_the_rates():
+    from fedp2eft.benchmark.report import fedl2p_markdown, fedl2p_rates
+
+    records = _records(methods=("lora", "fedl2p"), budgets=(2, 8), seeds=(0,), pools=("seen",))
+    for record in records:
+        for row in record["rows"]:
+            if row["method"] == "fedl2p":
+                row.update(mean_lr=1e-3, multiplier_min=0.998, multiplier_max=1.004)
+    entries = fedl2p_rates(records)
+    assert [(e["budget"], e["runs"], e["flat"]) for e in entries] == [(2, 6, 6), (8, 6, 6)]
+    assert "did not move the rates" in fedl2p_markdown(entries)
+    records[0]["rows"][-1].update(multiplier_max=1.3)  # one run at r=8 got a rate of its own
+    moved = fedl2p_rates(records)
+    assert moved[1]["flat"] == 5 and moved[1]["multiplier_max"] == 1.3
+    assert "In 1 of 12 runs some multiplier leaves 1 ± 1%" in fedl2p_markdown(moved)
+    assert fedl2p_rates(_records(methods=("lora", "fedl2p"), seeds=(0,))) == []  # rows from before the fields

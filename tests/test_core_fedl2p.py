@@ -302,6 +302,7 @@ def test_personalize_fedl2p_reduces_training_loss_with_the_metanets_rates(setup)
     assert task.evaluate(result.model, train)["loss"] < 0.95 * before
     assert result.ranks == {name: 4 for name in spec.module_names}
     assert result.metrics["mean_lr"] == pytest.approx(FAST.lora_lr, rel=0.05)
+    assert 0.95 <= result.metrics["multiplier_min"] <= result.metrics["multiplier_max"] <= 1.05  # fresh meta-net
     assert result.metrics["steps"] == FAST.epochs * 6
     assert result.model.peft_config["default"].lora_alpha == 8  # alpha = 2r
     for key, value in base.state_dict().items():  # the base model is never modified
@@ -312,6 +313,7 @@ def test_personalize_fedl2p_reduces_training_loss_with_the_metanets_rates(setup)
         metanet.net[-1].weight.zero_()
         metanet.net[-1].bias[1::2] = 0.0
     frozen_b = personalize_fedl2p(context, 4, FAST, metanet)
+    assert (frozen_b.metrics["multiplier_min"], frozen_b.metrics["multiplier_max"]) == (0.0, 1.0)
     batch = task.collate(train[:8])
     assert torch.equal(frozen_b.model(**batch).logits, base(**batch).logits)
     with pytest.raises(FedP2EFTError, match=r"budget r differs \(4 vs 2\)"):

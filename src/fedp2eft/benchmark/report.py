@@ -409,6 +409,43 @@ def lambda_spread(rows: Iterable[dict]) -> dict | None:
             "clients": len(client_means)}
 
 
+MULTIPLIER_FLAT = 0.01  # a FedL2P multiplier within 1 ± 1% leaves a tensor's rate where the meta-net started it
+
+
+def fedl2p_rates(records: list[dict]) -> list[dict]:
+    """Per pool and budget, what FedL2P's meta-nets made of the clients' learning rates: the median mean rate, the
+    smallest and largest multiplier any run got, and how many runs kept every multiplier within 1 ± 1% (those
+    fine-tune as uniform LoRA at the meta-nets' base rates). Empty for runs made before rows carried them."""
+    rows: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for record in records:
+        for row in record["rows"]:
+            if row["method"] == "fedl2p" and "multiplier_min" in row:
+                rows[(record["pool"], row["budget"])].append(row)
+    return [{"pool": pool, "budget": budget, "runs": len(found),
+             "mean_lr": float(np.median([row["mean_lr"] for row in found])),
+             "multiplier_min": min(row["multiplier_min"] for row in found),
+             "multiplier_max": max(row["multiplier_max"] for row in found),
+             "flat": sum(abs(row["multiplier_min"] - 1) <= MULTIPLIER_FLAT
+                         and abs(row["multiplier_max"] - 1) <= MULTIPLIER_FLAT for row in found)}
+            for (pool, budget), found in sorted(rows.items())]
+
+
+def fedl2p_markdown(entries: list[dict]) -> str:
+    lines = ["| pool | r | runs | median mean learning rate | smallest multiplier | largest multiplier | runs with "
+             "every multiplier within 1 ± 1% |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {e['pool']} | {e['budget']} | {e['runs']} | {e['mean_lr']:.3g} | {e['multiplier_min']:.4f} | "
+              f"{e['multiplier_max']:.4f} | {e['flat']} |" for e in entries]
+    flat, runs = sum(e["flat"] for e in entries), sum(e["runs"] for e in entries)
+    if flat == runs:
+        verdict_line = (f"In all {runs} runs every multiplier lies within 1 ± 1%: the meta-nets did not move the "
+                        "rates, so FedL2P fine-tuned as uniform LoRA at its base rates and its scores repeat "
+                        "LoRA's at that rate. This run cannot show what learned learning rates are worth.")
+    else:
+        verdict_line = (f"In {runs - flat} of {runs} runs some multiplier leaves 1 ± 1%: the meta-nets gave those "
+                        "clients learning rates of their own.")
+    return "\n".join(lines) + "\n\n" + verdict_line + "\n"
+
+
 def rank_overlap(a: Mapping[str, float], b: Mapping[str, float]) -> float:
     """Share of allocation ``a`` that ``b`` also gives: sum_m min(a_m, b_m) / sum_m a_m (1 = identical
     allocation, 0 = disjoint modules); NaN when ``a`` allocates nothing."""
@@ -1109,13 +1146,14 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
                            "comparisons": compare(extra, pools, budgets, methods)}
     facts = {"metrics": metrics, "label": label, "secondary": secondary,
              "comparisons": compare(units, pools, budgets, methods),
-             "budget": budget_effects(units, summary, pools, budgets, methods),
+             "budget": budget_effects(units, summary, pools, budgets, methods), "fedl2p": fedl2p_rates(records),
              "structure": structure(records, pools, budgets, methods), "psg_training": psg_flattening(logs),
              "selection": json.loads(selection_path.read_text()) if selection_path.is_file() else None,
              "language_budgets": sorted({min(budgets), heat_budget}) if budgets else [], "heat_budget": heat_budget,
              "privacy": privacy_spent(run_dir), "reference": reference_rows(config, metrics[0], units),
              # a stage's logs count; the run's earlier report fills in stages whose logs are gone
-             "traffic": {**recorded_traffic(run_dir / "results.json"), **run_traffic(run_dir)}, "adapters": adapters_shipped(records, OURS, base_model),
+             "traffic": {**recorded_traffic(run_dir / "results.json"), **run_traffic(run_dir)},
+             "adapters": adapters_shipped(records, OURS, base_model),
              "rewritten_by": rewritten_by}
 
     figures = run_dir / "figures"
@@ -1130,7 +1168,7 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
         "statistics": {"resamples": RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED, "level": LEVEL},
         "metric": metrics[0],
         "summary": [{"pool": p, "method": m, "budget": b, **entry} for (p, m, b), entry in summary.items()],
-        "comparisons": facts["comparisons"], "budget_effects": facts["budget"],
+        "comparisons": facts["comparisons"], "budget_effects": facts["budget"], "fedl2p_rates": facts["fedl2p"],
         "per_language": language_records(units, facts["language_budgets"]),
         "structure": facts["structure"], "psg_training": facts["psg_training"], "privacy": facts["privacy"],
         "against_reference": facts["reference"],
@@ -1172,8 +1210,9 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
         "difference (positive = FedP²EFT better; `base` is compared at every budget).\n",
         comparison_markdown(comparisons, config, units), "\n" + verdict(comparisons, summary) + "\n",
         *(["Against the best baseline of each cell (the highest mean among the baselines on these test scores, "
-           "so a description of this run, not a selection; own ablations and the base model are not baselines):\n", best_baseline_markdown(summary, comparisons, _pools(config, units),
-                                                                   budgets) + "\n"] if comparisons else []),
+           "so a description of this run, not a selection; own ablations and the base model are not baselines):\n",
+           best_baseline_markdown(summary, comparisons, _pools(config, units), budgets) + "\n"]
+          if comparisons else []),
         *(["## Does the budget bind?\n",
            f"The largest budget minus the smallest, per method, in {facts['label']} points with the 95% paired "
            "client-bootstrap interval (the same clients at both budgets). When uniform LoRA gains nothing from "
@@ -1196,6 +1235,11 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
                      "per client) is the comparison.\n", structure_markdown(facts["structure"])]
         if facts["has_heatmap"]:
             sections.append(f"\n![rank heatmap, r={facts['heat_budget']}](figures/rank_heatmap.png)\n")
+    if facts["fedl2p"]:
+        sections += ["\n## FedL2P's learned learning rates\n",
+                     "The multipliers the meta-nets gave each run's LoRA tensors (a tensor's rate is its multiplier "
+                     "times the meta-net's learned base rate, which starts at LoRA's selected rate).\n",
+                     fedl2p_markdown(facts["fedl2p"])]
     if facts["has_curve"]:
         sections += ["\n## PS generator training\n", "![psg training](figures/psg_training.png)\n",
                      psg_markdown(facts["psg_training"])]

@@ -469,25 +469,28 @@ class FedL2PTask:
 
 
 def client_rates(context: ClientContext, budget: int, config: PersonalizeConfig,
-                 metanet: LRMetaNet) -> tuple[MetaNetSpec, torch.Tensor]:
-    """The meta-net's layout for this base model and budget (a mismatch is an error) and the client's per-tensor
-    learning rates (for each module, A's then B's)."""
+                 metanet: LRMetaNet) -> tuple[MetaNetSpec, torch.Tensor, dict[str, float]]:
+    """The meta-net's layout for this base model and budget (a mismatch is an error), the client's per-tensor
+    learning rates (for each module, A's then B's), and what they say: their mean and the smallest and largest
+    multiplier the meta-net gave (all 1: FedL2P personalizes as LoRA at its base rates)."""
     expected = metanet_spec(context.base_model, config, metanet.spec.base_model, budget)
     if reason := metanet.spec.mismatch(expected):
         raise FedP2EFTError(f"the FedL2P meta-net does not fit this base model and budget ({reason}); use the "
                             f"meta-net trained for this model, target modules and budget")
     with torch.no_grad():
-        rates = metanet.learning_rates(context.features(expected).to(model_device(metanet)))
-    return expected, rates
+        multipliers = metanet(context.features(expected).to(model_device(metanet)))
+        rates = multipliers * metanet.base_lrs
+    return expected, rates, {"mean_lr": float(rates.mean()), "multiplier_min": float(multipliers.min()),
+                             "multiplier_max": float(multipliers.max())}
 
 
 def plan_fedl2p(context: ClientContext, budget: int, config: PersonalizeConfig, metanet: LRMetaNet) -> RunPlan:
     """``personalize_fedl2p`` as a plan: the uniform-rank LoRA with one learning rate per tensor."""
-    expected, rates = client_rates(context, budget, config, metanet)
+    expected, rates, described = client_rates(context, budget, config, metanet)
     values = rates.detach().cpu().tolist()
     plan = lora_plan({name: budget for name in expected.module_names}, config)
     plan.run.tensor_lrs = {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(expected.module_names)}
-    plan.metrics["mean_lr"] = float(rates.mean())
+    plan.metrics.update(described)
     return plan
 
 
@@ -495,10 +498,9 @@ def personalize_fedl2p(context: ClientContext, budget: int, config: PersonalizeC
                        metanet: LRMetaNet) -> Personalized:
     """FedL2P's personalization: the client's features -> per-tensor learning rates from the meta-net of this
     budget -> a fresh rank-r LoRA (alpha = 2r) fine-tuned with them for ``config.epochs``."""
-    expected, rates = client_rates(context, budget, config, metanet)
+    expected, rates, described = client_rates(context, budget, config, metanet)
     model = new_lora(context.base_model, expected, config.seed)
     result = finetune_with_rates(model, lora_tensors(model, expected.module_names), rates, context.task,
                                  context.examples, config)
-    metrics = train_metrics(result, model)
-    metrics["mean_lr"] = float(rates.mean())
-    return Personalized(model, {name: budget for name in expected.module_names}, metrics)
+    return Personalized(model, {name: budget for name in expected.module_names},
+                        {**train_metrics(result, model), **described})

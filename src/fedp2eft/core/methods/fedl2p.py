@@ -45,16 +45,19 @@ def metanet_for(context: ClientContext, budget: int) -> LRMetaNet:
     return metanets[budget]
 
 
+REPORTS = ("mean_lr", "multiplier_min", "multiplier_max")  # what the meta-net made of the client's rates
+
+
 def personalize(context: ClientContext, budget: int, config: PersonalizeConfig) -> Personalized:
     result = personalize_fedl2p(context, budget, config, metanet_for(context, budget))
-    result.report["mean_lr"] = result.metrics["mean_lr"]
+    result.report.update({field: result.metrics[field] for field in REPORTS})
     return result
 
 
 def plan(context: ClientContext, budget: int, config: PersonalizeConfig) -> RunPlan:
     planned = plan_fedl2p(context, budget, config, metanet_for(context, budget))
-    planned.report["mean_lr"] = planned.metrics["mean_lr"]
+    planned.report.update({field: planned.metrics[field] for field in REPORTS})
     return planned
 
 
-METHOD = MethodSpec("fedl2p", personalize, lr_field=None, reports=("mean_lr",), stage=STAGE, plan=plan)
+METHOD = MethodSpec("fedl2p", personalize, lr_field=None, reports=REPORTS, stage=STAGE, plan=plan)
