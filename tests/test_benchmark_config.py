@@ -174,3 +174,14 @@ def test_selection_pools_the_budgets_unless_told_to_choose_per_budget():
     tied = _validation_records({("lora", 2, 3.0): 5, ("lora", 2, 30.0): 6, ("lora", 8, 3.0): 7,
                                 ("lora", 8, 30.0): 6})
     assert chosen_scales(config, tied)["lora"] == {2: 3.0, 8: 3.0}
+
+
+def test_an_override_of_one_key_of_a_free_form_section_keeps_the_profiles_others():
+    """`dataset_options.alpha=5` changes label skew, not the languages and clients of the profile (a whole new set of
+    dataset options came silently before); a new `dataset=` starts its options afresh."""
+    profile = resolve("default", [])
+    config = resolve("default", ["dataset_options.alpha=5.0", "psg.training.regression_steps=3"])
+    assert config["dataset_options"] == {**profile["dataset_options"], "alpha": 5.0}
+    assert config["psg"]["training"] == {**profile["psg"]["training"], "regression_steps": 3}
+    other = resolve("default", ["dataset=intents-chat", "dataset_options.clients_per_language=2"])
+    assert other["dataset_options"] == {"clients_per_language": 2}

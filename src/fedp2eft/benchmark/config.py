@@ -118,9 +118,11 @@ def with_stage_sections(profile: dict) -> dict:
     return profile
 
 
-def merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
+def merge(base: dict, update: dict, where: str, prefix: str = "", keep_free_form: bool = False) -> dict:
     """Deep-merge ``update`` into a copy of ``base``, refusing keys that ``base`` does not have and values of another
-    type than ``base`` holds (see ``check_type``)."""
+    type than ``base`` holds (see ``check_type``). A free-form section (``_free_form``) is replaced as a whole, as in
+    a config file, unless ``keep_free_form``: then its keys are set one by one over ``base``'s, except
+    ``dataset_options`` when the same update changes ``dataset`` (its keys belong to the other dataset)."""
     result = copy.deepcopy(base)
     for key, value in update.items():
         name = f"{prefix}{key}"
@@ -130,9 +132,12 @@ def merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
             if not isinstance(value, dict | None):
                 raise FedP2EFTError(f"{where}: {name} must be a mapping of settings ({name}.key=value), "
                                     f"got {_described(value)}")
-            result[key] = value
+            other_dataset = name == "dataset_options" and update.get("dataset", base.get("dataset")) != base.get(
+                "dataset")
+            keep = keep_free_form and not other_dataset and value is not None and result[key] is not None
+            result[key] = {**result[key], **value} if keep else value
         elif isinstance(result[key], dict) and isinstance(value, dict):
-            result[key] = merge(result[key], value, where, f"{name}.")
+            result[key] = merge(result[key], value, where, f"{name}.", keep_free_form)
         else:
             check_type(name, value, result[key], where)
             result[key] = value
@@ -200,9 +205,9 @@ def check_type(name: str, value: Any, default: Any, where: str) -> None:
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """``a.b=value`` pairs; values are parsed as YAML (numbers, ``1e-4`` included; lists, booleans). They are merged
-    as one update, so several keys of a free-form section (``dataset_options.path=... dataset_options.languages=...``)
-    all stay; that section is replaced as a whole, as in a config file, since its keys belong to one dataset or
-    stage."""
+    as one update into the profile: ``dataset_options.alpha=5`` changes that key and keeps the profile's other
+    dataset options (its languages, clients, sizes), unless ``dataset=`` changes in the same command, which starts
+    that section afresh (its keys belong to the other dataset)."""
     update: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -219,7 +224,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError as error:
             raise FedP2EFTError(f"override '{item}': the value is not valid YAML ({error.problem}); lists are "
                                 f"written [a, b], text with spaces or colons in quotes") from error
-    return merge(config, update, "command line")
+    return merge(config, update, "command line", keep_free_form=True)
 
 
 def _positive_number(value: Any) -> bool:
