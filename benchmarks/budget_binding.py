@@ -1,0 +1,115 @@
+"""Where the budget binds: uniform LoRA at the smallest and the largest budget, scored on validation rows only, in
+settings that change one thing at a time (docs/discussion.md, "Where the budget binds").
+
+Each setting is the default profile with a few overrides, run as ``fedp2eft benchmark`` with ``methods=[lora]``,
+the two budgets and learning-rate selection on every unseen client (``selection.clients_per_language=3``: each
+client's *training* data split 80/20). Its validation rows (``selection.jsonl``: every client, budget and
+learning-rate scale) are read back; the run's test scores are never read. The learning-rate scale is chosen as the
+benchmark chooses it (one scale for both budgets, pooled validation accuracy) and, beside it, one scale per budget,
+both by cross-fitting: clients are split into two folds within each language, and each fold is scored at the scale
+the *other* fold chose, so no client's score chose its own scale. The table gives, per setting and rule, uniform
+LoRA's validation accuracy at r_min and r_max, the difference with the 95% paired client-bootstrap interval
+(stratified by language, as the report's), and the run's wall time.
+
+    python benchmarks/budget_binding.py [--settings default more-sentences ...] [--results results/budget-binding]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from fedp2eft.benchmark.report import metric, paired_bootstrap
+from fedp2eft.cli import main as fedp2eft
+
+BUDGETS = (2, 16)
+COMMON = ["methods=[lora]", f"budgets=[{','.join(map(str, BUDGETS))}]", "pools=[unseen]",
+          "selection.clients_per_language=3"]
+# One change at a time from the default profile (docs/method.md, "Benchmark regime"). A setting that keeps the
+# default's data reuses its base model ({default_base}); one that changes the data trains its own, so no unseen
+# client's sentences were memorized by the base model.
+SETTINGS = {
+    "default": [],
+    "more-epochs": ["personalize.epochs=8", "base.checkpoint={default_base}"],
+    "balanced-labels": ["dataset_options.alpha=5.0"],
+    "more-sentences": ["dataset_options.train_size=192"],
+    "more-sentences-and-epochs": ["dataset_options.train_size=192", "personalize.epochs=8"],
+}
+
+
+Units = dict[tuple[int, str], tuple[str, int, int]]  # the report's: (seed, client) -> (language, correct, count)
+
+
+def cross_fitted(records: list[dict], per_budget: bool = False) -> dict[int, Units]:
+    """Budget -> the report's units {(0, client): (language, correct, count)} of LoRA at the scale the other fold
+    chose (best pooled validation accuracy over both budgets, or with ``per_budget`` over that budget's rows alone;
+    ties to the smaller scale)."""
+    seen: dict[str, int] = defaultdict(int)
+    folds = {}
+    for record in sorted(records, key=lambda r: r["client"]):
+        folds[record["client"]] = seen[record["language"]] % 2  # within a language: A, B, A, ...
+        seen[record["language"]] += 1
+    rows = [(record, row) for record in records for row in record["rows"] if row["method"] == "lora"]
+    scales = sorted({row["scale"] for _, row in rows})
+
+    def chosen(fold: int, budgets: tuple[int, ...]) -> float:
+        def accuracy(scale: float) -> float:
+            picked = [row for record, row in rows if folds[record["client"]] == fold and row["scale"] == scale
+                      and row["budget"] in budgets]
+            return sum(row["correct"] for row in picked) / max(1, sum(row["count"] for row in picked))
+        return max(scales, key=lambda scale: (accuracy(scale), -scale))
+
+    scale_for = {(fold, budget): chosen(1 - fold, (budget,) if per_budget else BUDGETS)
+                 for fold in (0, 1) for budget in BUDGETS}
+    units: dict[int, dict] = {budget: {} for budget in BUDGETS}
+    for record, row in rows:
+        if row["budget"] in units and row["scale"] == scale_for[(folds[record["client"]], row["budget"])]:
+            units[row["budget"]][(0, record["client"])] = (record["language"], row["correct"], row["count"])
+    return units
+
+
+def run_setting(name: str, overrides: list[str], results: Path) -> dict:
+    """Run (or resume) one setting and summarize its validation rows."""
+    run_dir = results / name
+    overrides = [o.format(default_base=results / "default" / "base" / "model") for o in overrides]
+    if fedp2eft(["-q", "benchmark", "--results", str(results), f"name={name}", *COMMON, *overrides]) != 0:
+        raise SystemExit(f"setting {name} failed")
+    records = [json.loads(line) for line in (run_dir / "selection.jsonl").read_text().splitlines() if line.strip()]
+    seconds = json.loads((run_dir / "timings.json").read_text())
+    row = {"setting": name, "overrides": " ".join(overrides) or "(none)", "minutes": sum(seconds.values()) / 60}
+    for rule, per_budget in (("shared", False), ("own", True)):
+        units = cross_fitted(records, per_budget)
+        low, high = units[min(BUDGETS)], units[max(BUDGETS)]
+        difference = paired_bootstrap(high, low)
+        row |= {"clients": len(low), "validation_sentences": sum(unit[2] for unit in low.values()) // len(low),
+                rule: {"low": metric(low), "high": metric(high), "difference": difference.mean,
+                       "ci_low": difference.low, "ci_high": difference.high, "outcome": difference.outcome}}
+    return row
+
+
+def _cells(result: dict) -> str:
+    binds = {"win": "yes", "tie": "no", "loss": "hurts"}[result["outcome"]]
+    return (f"{100 * result['low']:.1f} | {100 * result['high']:.1f} | {100 * result['difference']:+.1f} "
+            f"[{100 * result['ci_low']:+.1f}, {100 * result['ci_high']:+.1f}] {binds}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--results", type=Path, default=Path("results/budget-binding"))
+    args = parser.parse_args()
+    rows = [run_setting(name, SETTINGS[name], args.results) for name in args.settings]
+    low, high = min(BUDGETS), max(BUDGETS)
+    print(f"| setting | overrides | clients | validation sentences per client | one scale for both budgets: r={low} | "
+          f"r={high} | r={high} minus r={low} [95% interval], binds? | each budget its own scale: r={low} | r={high} | "
+          f"r={high} minus r={low}, binds? | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['setting']} | `{row['overrides']}` | {row['clients']} | {row['validation_sentences']} | "
+              f"{_cells(row['shared'])} | {_cells(row['own'])} | {row['minutes']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
