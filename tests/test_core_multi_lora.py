@@ -10,7 +10,8 @@ from conftest import adam_rounding_tolerance
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, evaluate_many, method_lr, personalize, \
     personalize_many
 from fedp2eft.core.methods.btlora import bayestune_scales, search_key
-from fedp2eft.core.multi_lora import LoRARun, MultiLoRAModel
+from fedp2eft.core.btlora import LORA_SCALING, attach_lora
+from fedp2eft.core.multi_lora import LoRARun, MultiLoRAModel, peft_init
 from fedp2eft.core.personalization import frozen_copy, runs_per_pass
 from test_core_methods import artifact_for, trained_like_generator
 
@@ -122,6 +123,23 @@ def test_runs_with_different_ranks_per_module_pad_without_leaking(setup):
     out = layer(x)
     torch.testing.assert_close(out[3:], layer.base(x[3:]), rtol=0, atol=0)
     assert not torch.allclose(out[:3], layer.base(x[:3]))
+
+
+def test_a_reused_lora_init_is_the_one_peft_draws(setup):
+    """The init drawn once per layout and reused is bit for bit PEFT's own for those ranks and that seed, also after
+    another layout was drawn in between (which moves the global random stream), and it differs by seed."""
+    base, _, _, _ = setup
+    names = trained_like_generator(base).spec.module_names[:3]
+    ranks = {name: rank for name, rank in zip(names, (2, 4, 1))}
+    first = peft_init(base, ranks, seed=5)
+    peft_init(base, {names[0]: 3}, seed=7)
+    again = peft_init(base, dict(reversed(list(ranks.items()))), seed=5)
+    fresh = dict(attach_lora(frozen_copy(base), ranks, LORA_SCALING, seed=5).base_model.model.named_modules())
+    for name in names:
+        torch.testing.assert_close(again[name][0], fresh[name].lora_A["default"].weight, rtol=0, atol=0)
+        torch.testing.assert_close(again[name][1], fresh[name].lora_B["default"].weight, rtol=0, atol=0)
+        assert again[name][0] is first[name][0]
+    assert not torch.equal(peft_init(base, ranks, seed=6)[names[0]][0], first[names[0]][0])
 
 
 def test_runs_with_dropout_see_the_masks_a_separate_run_draws(tokenizer):
