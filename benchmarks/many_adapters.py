@@ -6,7 +6,7 @@ embedded model and data, in the benchmark's worker layout (one process, one thre
 Both paths run in this process and this run, so their ratio is robust to a noisy machine:
 (a) the float32 matmul peak: best GFLOP/s of square matmuls (2 n^3 FLOPs each);
 (b) the default profile's LoRA-shaped cells of one unseen client of ``intents`` on ``multilingual-e5-small``: lora,
-    btlora (BayesTune search + fine-tune), fedp2eft-structure and fedp2eft (a generator whose outputs vary across
+    adalora, btlora (BayesTune search + fine-tune), fedp2eft-structure and fedp2eft (a generator whose outputs vary across
     ranks, as a trained one's do) at budgets 2, 4, 8, 16, each trained and scored on the client's test set;
     once with ``personalize`` + ``task.evaluate`` per cell (the old path, still the ``personalize`` command's) and
     once with ``personalize_many`` + ``evaluate_many`` (the benchmark's path);
@@ -16,8 +16,8 @@ Both paths run in this process and this run, so their ratio is robust to a noisy
 (d) whether the two paths score the same (correct answers per cell), and the process's peak resident memory (the
     batched path's: the one-at-a-time path holds one run).
 
-``--grid`` trains the cells of learning-rate selection instead (lora and btlora x five scales x four budgets: 40 runs,
-five BayesTune searches); ``--pass-tokens`` sets ``PASS_TOKENS``, the size of a pass (memory against speed).
+``--grid`` trains the cells of learning-rate selection instead (lora, adalora and btlora x five scales x four budgets:
+60 runs, five BayesTune searches); ``--pass-tokens`` sets ``PASS_TOKENS``, the size of a pass (memory against speed).
 ``--fedl2p`` times one client update of FedL2P's federated stage instead (the default profile's meta-training
 settings, a fresh meta-net per budget): each budget's meta-net updated alone against all four in one pass per step,
 and how far their validation losses and hypergradient norms differ.
@@ -40,7 +40,7 @@ from fedp2eft.core.methods import ClientContext, PersonalizeConfig, evaluate_man
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
 
-METHODS = ("lora", "btlora", "fedp2eft-structure", "fedp2eft")
+METHODS = ("lora", "adalora", "btlora", "fedp2eft-structure", "fedp2eft")
 BUDGETS = (2, 4, 8, 16)
 GRID = (1.0, 3.0, 10.0, 30.0, 100.0)  # the default profile's learning-rate scales
 CONFIG = PersonalizeConfig(lora_lr=1e-3, scale_lr=0.1, adalora_lr=1e-2)  # the paper's rates x10
@@ -130,7 +130,7 @@ def main() -> None:
     generator = PSGenerator(generator_spec(base, CONFIG, "e5"))
     with torch.no_grad():
         generator.net[-1].bias.uniform_(0.2, 1.5)
-    cells = ([(method, budget, CONFIG.with_lr_scale(scale)) for method in ("lora", "btlora")
+    cells = ([(method, budget, CONFIG.with_lr_scale(scale)) for method in ("lora", "adalora", "btlora")
               for scale in GRID for budget in BUDGETS] if args.grid
              else [(method, budget, CONFIG) for method in METHODS for budget in BUDGETS])
     peak = matmul_peak()

@@ -69,7 +69,8 @@ def test_budget_methods_respect_the_budget_and_export(setup, method, tmp_path):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_exported_adapter_carries_the_head(tokenizer, method, tmp_path):
     """The adapter holds the base model's head (frozen while personalizing), so loaded onto the plain encoder with
-    any other head it predicts bit-identically to the personalized model."""
+    any other head it predicts bit-identically to the personalized model (AdaLoRA's to rounding: PEFT loads it cut to
+    the ranks it kept)."""
     from conftest import LABELS, bert_config, classification_examples
     from fedp2eft.core.modeling import classifier_from_config
     from fedp2eft.core.tasks import ClassificationTask
@@ -88,7 +89,12 @@ def test_every_exported_adapter_carries_the_head(tokenizer, method, tmp_path):
     loaded = PeftModel.from_pretrained(plain, str(tmp_path)).eval()
     batch = task.collate(train[:8])
     with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, result.model.eval()(**batch).logits)
+        reloaded, personalized = loaded(**batch).logits, result.model.eval()(**batch).logits
+    if method == "adalora":  # PEFT loads it resized to its kept ranks: shorter sums, rounding of a few ulps
+        torch.testing.assert_close(reloaded, personalized, rtol=0,
+                                   atol=8 * torch.finfo(torch.float32).eps * float(personalized.abs().max()))
+    else:
+        assert torch.equal(reloaded, personalized)
 
 
 def test_bad_inputs_are_refused(setup, tmp_path):

@@ -19,7 +19,7 @@ CONFIG = PersonalizeConfig(max_rank=8, epochs=2, batch_size=8, lora_lr=1e-2, sca
 # every LoRA-shaped method, two budgets, two learning-rate scales: runs of different ranks per module, fixed or
 # unit multipliers, and two BayesTune searches (one per scale) that train lambda under the priors
 CELLS = [(method, budget, CONFIG.with_lr_scale(scale))
-         for method in ("lora", "btlora", "fedp2eft", "fedp2eft-structure", "fedl2p")
+         for method in ("lora", "adalora", "btlora", "fedp2eft", "fedp2eft-structure", "fedl2p")
          for budget in (2, 4) for scale in (1.0, 3.0)]
 
 
@@ -91,7 +91,7 @@ def test_an_exported_run_reproduces_its_predictions_as_a_saved_peft_adapter(setu
     base, task, train, test = setup
     generator = trained_like_generator(base)
     context = ClientContext(base, task, train, {"psg": generator})
-    results = personalize_many(context, [("fedp2eft", 2, CONFIG), ("lora", 4, CONFIG)])
+    results = personalize_many(context, [("fedp2eft", 2, CONFIG), ("lora", 4, CONFIG), ("adalora", 2, CONFIG)])
     model = results[0].model
     batch = task.collate(test[:6])
     inputs = {key: value for key, value in batch.items() if key != "labels"}
@@ -154,14 +154,14 @@ def test_runs_with_dropout_see_the_masks_a_separate_run_draws(tokenizer):
     base = classifier_from_config(config, LABELS)
     task = ClassificationTask(tokenizer, LABELS, max_length=32)
     train = classification_examples(32, seed=1)
-    cells = [("lora", 2, CONFIG), ("lora", 4, CONFIG.with_lr_scale(3.0))]
+    cells = [("lora", 2, CONFIG), ("lora", 4, CONFIG.with_lr_scale(3.0)), ("adalora", 2, CONFIG)]
     batched = personalize_many(ClientContext(base, task, train), cells)
     for (method, budget, config), result in zip(cells, batched):
         alone, weights = separate(base, task, train, method, budget, config, None)
         assert result.metrics["train_loss_last_epoch"] == pytest.approx(alone.metrics["train_loss_last_epoch"],
                                                                          rel=1e-4)
         exported = lora_weights(result.model.export(result.run))
-        tolerance = adam_rounding_tolerance(config.lora_lr, result.metrics["steps"])
+        tolerance = adam_rounding_tolerance(method_lr(config, method), result.metrics["steps"])
         for name in weights:
             torch.testing.assert_close(exported[name], weights[name], atol=tolerance, rtol=0, msg=name)
 

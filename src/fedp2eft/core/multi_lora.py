@@ -25,15 +25,16 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from peft import PeftModel
+from peft import AdaLoraConfig, PeftModel, get_peft_model
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from torch import nn
 from torch.nn.functional import dropout, pad
 
-from fedp2eft.core.btlora import LORA_SCALING, PriorConfig, attach_lora, clamp_ste
+from fedp2eft.core.btlora import LORA_SCALING, PriorConfig, attach_lora, carry_frozen, clamp_ste
 from fedp2eft.core.modeling import ClassifierOutput, frozen_copy
+from fedp2eft.errors import FedP2EFTError
 
 
 @dataclass
@@ -41,7 +42,9 @@ class LoRARun:
     """One run: ``ranks`` per module (modules not named get no LoRA), the fixed per-rank multipliers ``scales`` of
     the kept ranks (None: all 1, plain LoRA), LoRA's learning rate ``lr`` and the ``seed`` of its init. With
     ``scale_lr`` the multipliers are trained at that rate under BayesTune's ``priors`` (a search). ``tensor_lrs``
-    gives each module's A and B their own learning rates instead of ``lr`` (FedL2P)."""
+    gives each module's A and B their own learning rates instead of ``lr`` (FedL2P). ``adalora`` makes the run
+    PEFT's AdaLoRA of that config (``ranks`` = its ``init_r``): the multipliers are its singular values E, trained at
+    ``lr`` and unclamped, with its orthogonality penalty and its rank allocation after every step."""
 
     ranks: dict[str, int]
     lr: float
@@ -50,6 +53,7 @@ class LoRARun:
     scale_lr: float | None = None
     priors: PriorConfig | None = None
     tensor_lrs: dict[str, tuple[float, float]] | None = None
+    adalora: AdaLoraConfig | None = None
 
     @property
     def searches(self) -> bool:
@@ -57,7 +61,20 @@ class LoRARun:
 
     @property
     def init_key(self) -> tuple:
-        return tuple(sorted(self.ranks.items())), self.seed
+        return tuple(sorted(self.ranks.items())), self.seed, self.adalora is not None
+
+
+@dataclass
+class Factors:
+    """One run's part of a module: A (rank x in), B (out x rank), its multipliers, whether they train, whether they
+    are used as they are (AdaLoRA's E) rather than clamped (BayesTune's lambda), and the constant they are scaled by."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scales: torch.Tensor
+    trainable: bool = False
+    raw: bool = False
+    scaling: float = LORA_SCALING
 
 
 class StackedLoRALinear(nn.Module):
@@ -70,28 +87,29 @@ class StackedLoRALinear(nn.Module):
     here) are views of that storage: the optimizer updates them, with the run's own learning rate, in place, after
     ``share_gradients`` has pointed their gradients at the stacked gradients' slices."""
 
-    def __init__(self, base: nn.Linear, factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]],
-                 scaling: float) -> None:
+    def __init__(self, base: nn.Linear, factors: Sequence[Factors]) -> None:
         super().__init__()
         self.base = base
-        rank = max(a.shape[0] for a, _, _, _ in factors)
-        self.a_all = nn.Parameter(torch.stack([pad(a.detach(), (0, 0, 0, rank - a.shape[0]))
-                                               for a, _, _, _ in factors]))
-        self.b_all = nn.Parameter(torch.stack([pad(b.detach(), (0, rank - b.shape[1])) for _, b, _, _ in factors]))
-        self.scale_all = nn.Parameter(torch.stack([pad(s.detach().float(), (0, rank - s.shape[0]), value=1.0)
-                                                   for _, _, s, _ in factors]),
-                                      requires_grad=any(trainable for _, _, _, trainable in factors))
-        real = torch.stack([pad(torch.ones(a.shape[0]), (0, rank - a.shape[0])) for a, _, _, _ in factors])
-        self.register_buffer("gate_mask", (real * scaling).to(self.a_all.device), persistent=False)
+        rank = max(f.a.shape[0] for f in factors)
+        self.a_all = nn.Parameter(torch.stack([pad(f.a.detach(), (0, 0, 0, rank - f.a.shape[0])) for f in factors]))
+        self.b_all = nn.Parameter(torch.stack([pad(f.b.detach(), (0, rank - f.b.shape[1])) for f in factors]))
+        self.scale_all = nn.Parameter(torch.stack([pad(f.scales.detach().float(), (0, rank - f.scales.shape[0]),
+                                                       value=1.0) for f in factors]),
+                                      requires_grad=any(f.trainable for f in factors))
+        real = torch.stack([pad(torch.ones(f.a.shape[0]), (0, rank - f.a.shape[0])) for f in factors])
+        scaling = torch.tensor([[f.scaling] for f in factors], dtype=torch.float64)
+        self.register_buffer("gate_mask", (real * scaling).float().to(self.a_all.device), persistent=False)
+        raw = torch.tensor([[f.raw] for f in factors])
+        self.register_buffer("raw_rows", raw.to(self.a_all.device) if raw.any() else None, persistent=False)
         self.register_buffer("b0", self.b_all.detach().clone(), persistent=False)
         self.register_buffer("fixed_gates", clamp_ste(self.scale_all.detach()) * self.gate_mask, persistent=False)
         self.a, self.b, self.scale = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
-        for a, _, _, trainable in factors:
-            width = a.shape[0]
+        for f in factors:
+            width = f.a.shape[0]
             self.a.append(nn.Parameter(torch.empty(0), requires_grad=width > 0))
             self.b.append(nn.Parameter(torch.empty(0), requires_grad=width > 0))
-            self.scale.append(nn.Parameter(torch.empty(0), requires_grad=trainable and width > 0))
-        self.widths = [a.shape[0] for a, _, _, _ in factors]
+            self.scale.append(nn.Parameter(torch.empty(0), requires_grad=f.trainable and width > 0))
+        self.widths = [f.a.shape[0] for f in factors]
         self._bind_views()
 
     def _bind_views(self) -> None:
@@ -108,8 +126,22 @@ class StackedLoRALinear(nn.Module):
         return self
 
     def gates(self) -> torch.Tensor:
-        """K x rank: each run's clamped multipliers times the LoRA scaling, 0 on padded ranks."""
-        return clamp_ste(self.scale_all) * self.gate_mask if self.scale_all.requires_grad else self.fixed_gates
+        """K x rank: each run's multipliers (clamped, or as they are for AdaLoRA's E) times its scaling, 0 on padded
+        ranks."""
+        if not self.scale_all.requires_grad:
+            return self.fixed_gates
+        scales = clamp_ste(self.scale_all)
+        if self.raw_rows is not None:
+            scales = torch.where(self.raw_rows, self.scale_all, scales)
+        return scales * self.gate_mask
+
+    def orthogonality(self, rows: torch.Tensor) -> torch.Tensor:
+        """For the runs ``rows``, AdaLoRA's penalty terms here: ||A A^T - I||_F + ||B^T B - I||_F over each run's own
+        ranks (its padding is zero, and so is the identity's diagonal there)."""
+        a, b = self.a_all[rows], self.b_all[rows]
+        identity = torch.diag_embed((self.gate_mask[rows] > 0).to(a.dtype))
+        return (torch.linalg.matrix_norm(a @ a.transpose(1, 2) - identity)
+                + torch.linalg.matrix_norm(b.transpose(1, 2) @ b - identity))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
@@ -131,6 +163,8 @@ class StackedLoRALinear(nn.Module):
         lambda_i, sum_i log lambda_i and sum_i lambda_i over the run's real ranks."""
         real = (self.gate_mask > 0).to(self.scale_all.dtype)
         scales = clamp_ste(self.scale_all)
+        if self.raw_rows is not None:  # AdaLoRA's E may be 0 or negative: no prior for it (weight 0), no NaN either
+            scales = torch.where(self.raw_rows, torch.ones_like(scales), scales)
         change = (self.b_all - self.b0).abs().sum(1)
         return (change / scales * real).sum(1), (scales.log() * real).sum(1), (scales * real).sum(1)
 
@@ -188,30 +222,44 @@ def share_dropout_masks(model: nn.Module, runs: int) -> None:
             config._attn_implementation = implementation
 
 
+def _factors_of(module: nn.Module, adalora: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A PEFT layer's (A, B, E) for its default adapter: AdaLoRA keeps them as bare parameters, LoRA as linears."""
+    if adalora:
+        return (module.lora_A["default"].detach(), module.lora_B["default"].detach(),
+                module.lora_E["default"].detach().flatten())
+    return module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach(), None
+
+
 INIT_CACHE_SIZE = 16  # LoRA inits kept per process: a client's budgets and rank maps, a few MB each
 _inits: OrderedDict[tuple, dict[str, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
 
 
-def peft_init(base_model: nn.Module, ranks: dict[str, int], seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(A, B) of every module as PEFT initialises a LoRA with ``ranks`` from ``seed`` (the library's own init, so a
-    batched run starts where a separate one does). Read-only: the result is shared.
+def peft_init(base_model: nn.Module, ranks: dict[str, int], seed: int, adalora: AdaLoraConfig | None = None
+              ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(A, B, E) of every module as PEFT initialises a LoRA with ``ranks`` from ``seed`` (E is None), or, with an
+    ``adalora`` config, its AdaLoRA (E: its singular values, flattened): the library's own init, so a batched run
+    starts where a separate one does. Read-only: the result is shared.
 
-    The init depends only on which modules get which rank, their shapes and the seed (PEFT draws A from the seeded
-    stream module by module and zeroes B), never on the base weights' values, so it is drawn once per process and
-    layout and reused: wrapping the model with PEFT costs ~0.3 s on multilingual-e5-small, about a tenth of a
-    personalization run, and a client's runs, FedL2P's outer steps and every client's uniform-rank LoRA repeat the
-    same few layouts."""
+    The init depends only on which modules get which rank, their shapes, the kind and the seed (PEFT draws the
+    factors from the seeded stream module by module), never on the base weights' values, so it is drawn once per
+    process and layout and reused: wrapping the model with PEFT costs ~0.3 s on multilingual-e5-small, about a tenth
+    of a personalization run, and a client's runs, FedL2P's outer steps and every client's uniform-rank LoRA repeat
+    the same few layouts."""
     modules = dict(base_model.named_modules())
     layout = tuple((name, rank, tuple(modules[name].weight.shape), modules[name].weight.dtype,
                     str(modules[name].weight.device)) for name, rank in sorted(ranks.items()) if name in modules)
-    key = (type(base_model).__name__, layout, seed)
+    key = (type(base_model).__name__, layout, seed, adalora is not None)
     if key in _inits:
         _inits.move_to_end(key)
         return _inits[key]
-    peft_model = attach_lora(frozen_copy(base_model), ranks, LORA_SCALING, seed=seed)
+    if adalora is None:
+        peft_model = attach_lora(frozen_copy(base_model), ranks, LORA_SCALING, seed=seed)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(frozen_copy(base_model), adalora)
     adapted = dict(peft_model.base_model.model.named_modules())
-    init = {name: (adapted[name].lora_A["default"].weight.detach(), adapted[name].lora_B["default"].weight.detach())
-            for name in ranks}
+    init = {name: _factors_of(adapted[name], adalora is not None) for name in ranks}
     _inits[key] = init
     if len(_inits) > INIT_CACHE_SIZE:
         _inits.popitem(last=False)
@@ -231,28 +279,33 @@ class MultiLoRAModel(nn.Module):
         inits: dict[tuple, dict] = {}  # runs with the same ranks and seed start from the same init
         for run in runs:
             if run.init_key not in inits:
-                inits[run.init_key] = peft_init(base_model, {n: r for n, r in run.ranks.items() if r > 0}, run.seed)
+                inits[run.init_key] = peft_init(base_model, {n: r for n, r in run.ranks.items() if r > 0}, run.seed,
+                                                run.adalora)
         adapted = [name for name, module in self.model.named_modules()
                    if isinstance(module, nn.Linear) and any(run.ranks.get(name, 0) for run in runs)]
         self.layers: dict[str, StackedLoRALinear] = {}
         for name in adapted:
             base = self.model.get_submodule(name)
             factors = [self._factors(base, name, run, inits[run.init_key]) for run in runs]
-            self.layers[name] = StackedLoRALinear(base, factors, LORA_SCALING)
+            self.layers[name] = StackedLoRALinear(base, factors)
             parent, _, attribute = name.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, attribute, self.layers[name])
         if len(runs) > 1:
             share_dropout_masks(self.model, len(runs))
+        self.allocator = RankAllocation(self) if any(run.adalora for run in runs) else None
 
     @staticmethod
-    def _factors(base: nn.Linear, name: str, run: LoRARun, init: dict) -> tuple:
+    def _factors(base: nn.Linear, name: str, run: LoRARun, init: dict) -> Factors:
         rank = run.ranks.get(name, 0)
         if rank == 0:
-            return (base.weight.new_zeros(0, base.in_features), base.weight.new_zeros(base.out_features, 0),
-                    base.weight.new_zeros(0), False)
-        a, b = init[name]
+            return Factors(base.weight.new_zeros(0, base.in_features), base.weight.new_zeros(base.out_features, 0),
+                           base.weight.new_zeros(0))
+        a, b, singular_values = init[name]
+        if run.adalora is not None:  # PEFT's SVDLinear: B diag(E) A x * alpha / (init_r + 1e-5)
+            alpha = run.adalora.lora_alpha if run.adalora.lora_alpha > 0 else float(rank)
+            return Factors(a, b, singular_values, trainable=True, raw=True, scaling=alpha / (rank + 1e-5))
         scales = run.scales[name] if run.scales is not None else torch.ones(rank)
-        return a, b, scales.to(a.device), run.searches
+        return Factors(a, b, scales.to(a.device), trainable=run.searches)
 
     @property
     def run_count(self) -> int:
@@ -262,6 +315,8 @@ class MultiLoRAModel(nn.Module):
         tiled = {key: value.repeat(self.run_count, *[1] * (value.dim() - 1)) for key, value in inputs.items()}
         logits = self.model(**tiled).logits
         loss = None if labels is None else self.task.run_losses(logits, labels, self.run_count)
+        if loss is not None and self.allocator is not None and self.training:
+            loss = loss + self.allocator.orthogonality_penalty()
         return ClassifierOutput(loss=loss, logits=logits)
 
     def forward_rows(self, **inputs):
@@ -285,10 +340,14 @@ class MultiLoRAModel(nn.Module):
                            for tensor, lr in zip((layer.a[index], layer.b[index]), run.tensor_lrs[name])]
             else:
                 groups.append({"params": self.run_parameters(index), "lr": run.lr})
-            if run.searches:
-                groups.append({"params": self.run_parameters(index, scales=True), "lr": run.scale_lr})
+            if run.searches or run.adalora is not None:
+                groups.append({"params": self.run_parameters(index, scales=True),
+                               "lr": run.scale_lr if run.searches else run.lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         optimizer.register_step_pre_hook(self._share_gradients)
+        if self.allocator is not None:  # after the step, while the stacked gradients are still there
+            self.allocator.restart()
+            optimizer.register_step_post_hook(lambda *_: self.allocator.step())
         optimizer.register_step_post_hook(self._clear_gradients)
         return optimizer
 
@@ -317,19 +376,140 @@ class MultiLoRAModel(nn.Module):
         """Run ``run``'s Lambda: its clamped multipliers of every module it adapts, concatenated in module order."""
         return torch.cat([clamp_ste(layer.scale[run]) for layer in self.layers.values() if layer.scale[run].numel()])
 
+    def kept_ranks(self, run: int) -> dict[str, int]:
+        """The ranks run ``run`` ends with: its own, or for AdaLoRA the singular values its allocation kept."""
+        if self.runs[run].adalora is None:
+            return dict(self.runs[run].ranks)
+        return {name: int((layer.scale[run] != 0).sum()) for name, layer in self.layers.items()
+                if layer.widths[run]}
+
     def trainable_count(self, run: int) -> int:
         return sum(p.numel() for p in self.run_parameters(run) + self.run_parameters(run, scales=True))
 
     def export(self, run: int) -> PeftModel:
-        """Run ``run`` as a standard PEFT LoRA on a copy of the base model (its multipliers folded into B), which
-        saves with ``save_pretrained`` and computes what the run computes."""
-        ranks = {name: rank for name, rank in self.runs[run].ranks.items() if rank > 0}
-        peft_model = attach_lora(frozen_copy(self.base_model), ranks, LORA_SCALING, seed=self.runs[run].seed,
-                                 carry=self.carry)
+        """Run ``run`` as a standard PEFT adapter on a copy of the base model, which saves with ``save_pretrained``
+        and computes what the run computes: a LoRA (its multipliers folded into B) or its AdaLoRA."""
+        spec = self.runs[run]
+        ranks = {name: rank for name, rank in spec.ranks.items() if rank > 0}
+        if spec.adalora is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed)
+                peft_model = carry_frozen(get_peft_model(frozen_copy(self.base_model), spec.adalora))
+        else:
+            peft_model = attach_lora(frozen_copy(self.base_model), ranks, LORA_SCALING, seed=spec.seed,
+                                     carry=self.carry)
         modules = dict(peft_model.base_model.model.named_modules())
         with torch.no_grad():
             for name in ranks:
-                layer = self.layers[name]
-                modules[name].lora_A["default"].weight.copy_(layer.a[run])
-                modules[name].lora_B["default"].weight.copy_(layer.b[run] * clamp_ste(layer.scale[run]))
+                layer, target = self.layers[name], modules[name]
+                if spec.adalora is not None:
+                    target.lora_A["default"].copy_(layer.a[run])
+                    target.lora_B["default"].copy_(layer.b[run])
+                    target.lora_E["default"].copy_(layer.scale[run].view(-1, 1))
+                else:
+                    target.lora_A["default"].weight.copy_(layer.a[run])
+                    target.lora_B["default"].weight.copy_(layer.b[run] * clamp_ste(layer.scale[run]))
         return peft_model.eval()
+
+
+class RankAllocation:
+    """AdaLoRA's rank allocation (PEFT's ``RankAllocator`` and ``AdaLoraModel.update_and_allocate``, Zhang et al.,
+    ICLR 2023) for the AdaLoRA runs of a ``MultiLoRAModel``, on the stacked factors: after every optimizer step, each
+    run's sensitivity |p * grad| of A, E and B is smoothed (EMA beta1) with its uncertainty (EMA beta2); on its
+    schedule (no pruning for ``tinit`` steps, a cubic fall from the initial to the target budget, the final
+    ``tfinal`` steps at the target) each run zeroes the singular values whose triplet score, E's plus the mean of
+    A's row and B's column, lies at or below the k-th smallest of that run's scores; after the final allocation its
+    pattern is applied again after every step. Tested against PEFT's own on both tiny models."""
+
+    def __init__(self, model: MultiLoRAModel) -> None:
+        self.model = model
+        self.rows = [index for index, run in enumerate(model.runs) if run.adalora is not None]
+        configs = [model.runs[index].adalora for index in self.rows]
+        if len({(c.beta1, c.beta2) for c in configs}) > 1:
+            raise FedP2EFTError("AdaLoRA runs trained in one pass must share beta1 and beta2; train them apart")
+        self.beta1, self.beta2 = configs[0].beta1, configs[0].beta2
+        device = next(iter(model.layers.values())).a_all.device
+        self.index = torch.tensor(self.rows, device=device)
+        self.weights = torch.zeros(model.run_count, device=device)
+        self.weights[self.index] = torch.tensor([c.orth_reg_weight for c in configs], device=device)
+        self.restart()
+
+    def restart(self) -> None:
+        """A fresh training: step 0, no smoothed scores, no final pattern."""
+        self.steps = 0
+        self.smoothed: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.patterns: dict[int, dict[str, torch.Tensor]] = {}
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """Per run (K): orth_reg_weight times the mean over its A and B matrices of ||P P^T - I||_F (0 for a run
+        that is not AdaLoRA), which PEFT's AdaLoraModel adds to the loss of every forward pass; added in training
+        only, so that an evaluation's loss is the task's, as a PEFT model scores it."""
+        layers = list(self.model.layers.values())
+        total = sum(layer.orthogonality(self.index) for layer in layers)
+        counts = sum((layer.gate_mask[self.index] > 0).any(1).to(total.dtype) * 2 for layer in layers)
+        penalty = torch.zeros_like(self.weights).index_copy(0, self.index, total / counts)
+        return self.weights * penalty
+
+    def _scores(self) -> dict[str, torch.Tensor]:
+        """Each layer's triplet scores, (AdaLoRA runs) x rank."""
+        scores = {}
+        for name, terms in self.smoothed.items():
+            (a_ipt, a_unc), (b_ipt, b_unc), (e_ipt, e_unc) = terms
+            scores[name] = e_ipt * e_unc + ((a_ipt * a_unc).mean(2) + (b_ipt * b_unc).mean(1))
+        return scores
+
+    def _smooth(self) -> None:
+        for name, layer in self.model.layers.items():
+            tensors = (layer.a_all, layer.b_all, layer.scale_all)
+            sensitivities = [(t.detach()[self.index] * t.grad[self.index]).abs() for t in tensors]
+            if name not in self.smoothed:
+                self.smoothed[name] = [(torch.zeros_like(s), torch.zeros_like(s)) for s in sensitivities]
+            updated = []
+            for (ipt, unc), sensitivity in zip(self.smoothed[name], sensitivities):
+                ipt = self.beta1 * ipt + (1 - self.beta1) * sensitivity
+                updated.append((ipt, self.beta2 * unc + (1 - self.beta2) * (sensitivity - ipt).abs()))
+            self.smoothed[name] = updated
+
+    def _mask(self, slot: int, pattern: dict[str, torch.Tensor]) -> None:
+        run = self.rows[slot]
+        with torch.no_grad():
+            for name, keep in pattern.items():
+                layer = self.model.layers[name]
+                layer.scale_all[run, : len(keep)].masked_fill_(~keep, 0.0)
+
+    def _allocate(self, slot: int, budget: int, initial: int, every_score: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+        run = self.rows[slot]
+        scores = {name: score[slot, : self.model.layers[name].widths[run]] for name, score in every_score.items()
+                  if self.model.layers[name].widths[run]}
+        threshold = torch.kthvalue(torch.cat(list(scores.values())), k=initial - budget)[0].item()
+        pattern = {name: score > threshold for name, score in scores.items()}
+        self._mask(slot, pattern)
+        return pattern
+
+    def step(self) -> None:
+        """What PEFT's ``update_and_allocate(global_step)`` does after optimizer step ``global_step``, for every
+        AdaLoRA run."""
+        step, self.steps = self.steps, self.steps + 1
+        configs = [self.model.runs[run].adalora for run in self.rows]
+        if any(step < c.total_step - c.tfinal for c in configs):
+            self._smooth()
+        scores: dict[str, torch.Tensor] = {}
+        for slot, (run, config) in enumerate(zip(self.rows, configs)):
+            final = config.total_step - config.tfinal
+            if step > final:
+                self._mask(slot, self.patterns[slot])
+                continue
+            widths = [layer.widths[run] for layer in self.model.layers.values() if layer.widths[run]]
+            initial, target = sum(widths), config.target_r * len(widths)
+            if step <= config.tinit:
+                budget, masks = initial, False
+            else:
+                remaining = 1 - (step - config.tinit) / (final - config.tinit)
+                budget = int((initial - target) * remaining**3 + target)
+                masks = step % config.deltaT == 0
+            if step == final or masks:
+                scores = scores or self._scores()
+                pattern = self._allocate(slot, budget, initial, scores)
+                if step == final:
+                    self.patterns[slot] = pattern

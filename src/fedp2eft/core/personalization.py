@@ -260,5 +260,5 @@ def train_plans(context: ClientContext, plans: list[RunPlan]) -> list[Personaliz
     outcomes = []
     for index, plan in enumerate(plans):
         metrics = {**train_metrics(result.run(index), model.trainable_count(index)), **plan.metrics}
-        outcomes.append(Personalized(model, dict(plan.run.ranks), metrics, dict(plan.report), run=index))
+        outcomes.append(Personalized(model, model.kept_ranks(index), metrics, dict(plan.report), run=index))
     return outcomes
