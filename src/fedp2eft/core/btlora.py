@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
@@ -88,6 +88,14 @@ def attach_lora(model: nn.Module, ranks: dict[str, int], scaling: float, seed: i
         alpha_pattern={re.escape(name): scaling * rank for name, rank in ranks.items()},
         modules_to_save=list(carry) or None,
     )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return carry_frozen(get_peft_model(model, config))
+
+
+def attach_adalora(model: nn.Module, config: AdaLoraConfig, seed: int = 0) -> PeftModel:
+    """Wrap ``model`` with PEFT's AdaLoRA of ``config``, its init drawn from ``seed`` (as ``attach_lora``), the
+    modules it carries frozen."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return carry_frozen(get_peft_model(model, config))

@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from peft import AdaLoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, PeftModel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from torch import nn
 from torch.nn.functional import dropout, pad
 
-from fedp2eft.core.btlora import LORA_SCALING, PriorConfig, attach_lora, carry_frozen, clamp_ste
+from fedp2eft.core.btlora import LORA_SCALING, PriorConfig, attach_adalora, attach_lora, clamp_ste
 from fedp2eft.core.modeling import ClassifierOutput, frozen_copy
 from fedp2eft.errors import FedP2EFTError
 
@@ -231,7 +231,7 @@ def _factors_of(module: nn.Module, adalora: bool) -> tuple[torch.Tensor, torch.T
 
 
 INIT_CACHE_SIZE = 16  # LoRA inits kept per process: a client's budgets and rank maps, a few MB each
-_inits: OrderedDict[tuple, dict[str, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+_inits: OrderedDict[tuple, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = OrderedDict()
 
 
 def peft_init(base_model: nn.Module, ranks: dict[str, int], seed: int, adalora: AdaLoraConfig | None = None
@@ -252,12 +252,8 @@ def peft_init(base_model: nn.Module, ranks: dict[str, int], seed: int, adalora: 
     if key in _inits:
         _inits.move_to_end(key)
         return _inits[key]
-    if adalora is None:
-        peft_model = attach_lora(frozen_copy(base_model), ranks, LORA_SCALING, seed=seed)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            peft_model = get_peft_model(frozen_copy(base_model), adalora)
+    peft_model = (attach_lora(frozen_copy(base_model), ranks, LORA_SCALING, seed=seed) if adalora is None
+                  else attach_adalora(frozen_copy(base_model), adalora, seed))
     adapted = dict(peft_model.base_model.model.named_modules())
     init = {name: _factors_of(adapted[name], adalora is not None) for name in ranks}
     _inits[key] = init
@@ -391,13 +387,9 @@ class MultiLoRAModel(nn.Module):
         and computes what the run computes: a LoRA (its multipliers folded into B) or its AdaLoRA."""
         spec = self.runs[run]
         ranks = {name: rank for name, rank in spec.ranks.items() if rank > 0}
-        if spec.adalora is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(spec.seed)
-                peft_model = carry_frozen(get_peft_model(frozen_copy(self.base_model), spec.adalora))
-        else:
-            peft_model = attach_lora(frozen_copy(self.base_model), ranks, LORA_SCALING, seed=spec.seed,
-                                     carry=self.carry)
+        peft_model = (attach_adalora(frozen_copy(self.base_model), spec.adalora, spec.seed) if spec.adalora
+                      else attach_lora(frozen_copy(self.base_model), ranks, LORA_SCALING, seed=spec.seed,
+                                       carry=self.carry))
         modules = dict(peft_model.base_model.model.named_modules())
         with torch.no_grad():
             for name in ranks:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from peft import AdaLoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, PeftModel
 
-from fedp2eft.core.btlora import carry_frozen, resolve_target_modules
+from fedp2eft.core.btlora import attach_adalora, resolve_target_modules
 from fedp2eft.core.modeling import adapter_carried_modules
 from fedp2eft.core.multi_lora import LoRARun
 from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, RunPlan, frozen_copy, \
@@ -37,9 +37,7 @@ def plan_adalora(context: ClientContext, budget: int, config: PersonalizeConfig)
 def personalize_adalora(context: ClientContext, budget: int, config: PersonalizeConfig) -> Personalized:
     """PEFT's AdaLoRA at ``adalora_config``, trained alone (the ``personalize`` command's path)."""
     adalora = adalora_config(context, budget, config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model: PeftModel = carry_frozen(get_peft_model(frozen_copy(context.base_model), adalora))
+    model = attach_adalora(frozen_copy(context.base_model), adalora, config.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.adalora_lr,
                                   weight_decay=0.0)
     # Trained through PEFT's AdaLoraModel, whose forward adds the orthogonality penalty to the loss: a PeftModel
