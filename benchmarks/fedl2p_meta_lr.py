@@ -18,24 +18,18 @@ profile's, base learning rates at uniform LoRA's selected scale), and prints per
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
+from fedp2eft.benchmark.runner import finished_base, read_chosen_scales, saved_config, stage_lr_scale
 from fedp2eft.core.fedl2p import FedL2PConfig, FedL2PTask
+from fedp2eft.core.methods import stage_named
 from fedp2eft.core.personalization import PersonalizeConfig, features_for
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
-
-
-def selected_lora_scale(run: Path) -> float:
-    """The learning-rate scale the run's selection chose for uniform LoRA (FedL2P's ``lr_scale: lora``)."""
-    chosen = json.loads((run / "selection.json").read_text())["chosen"]["lora"]  # budget -> scale, one pooled
-    return float(next(iter(chosen.values())))
 
 
 def main() -> None:
@@ -48,10 +42,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quiet_third_party()
-    config = yaml.safe_load((args.run / "config.yaml").read_text())
-    setup = Setup.from_config({**config, "model": str(args.run / "base" / "model")})
+    config = saved_config(args.run)
+    base_path = finished_base(config, args.run)
+    if base_path is None:
+        parser.error(f"{args.run} has no finished base model")
+    setup = Setup.from_config({**config, "model": base_path})
     base = setup.load_base_model("cpu")
-    scale = selected_lora_scale(args.run)
+    # the rate the stage itself trains at (fedl2p.lr_scale, e.g. uniform LoRA's selected scale)
+    chosen = read_chosen_scales(args.run / "selection.json", config["methods"], config["budgets"])
+    scale = stage_lr_scale(config, stage_named("fedl2p"), chosen)
     personalize = PersonalizeConfig.from_dict(config["personalize"]).with_lr_scale(scale)
     training = {key: value for key, value in config["fedl2p"]["training"].items() if key != "meta_lr"}
     seen, unseen = setup.data.pool("seen"), setup.data.pool("unseen")
@@ -59,7 +58,7 @@ def main() -> None:
     order = sorted(range(len(seen)), key=lambda client: (client % per_language, client))  # one of each language first
     if args.rounds * args.clients > len(seen):
         parser.error(f"{args.rounds} rounds x {args.clients} clients need more than the {len(seen)} seen clients")
-    print(f"base model {args.run / 'base' / 'model'}; uniform LoRA's scale x{scale:g}; {args.rounds} rounds x "
+    print(f"base model {base_path}; uniform LoRA's scale x{scale:g}; {args.rounds} rounds x "
           f"{args.clients} seen clients per meta learning rate; multipliers on {len(unseen)} unseen clients")
     for meta_lr in args.meta_lrs:
         fedl2p = replace(FedL2PConfig.from_dict({**training, "meta_lr": meta_lr}), personalize=personalize)
