@@ -1,15 +1,15 @@
-"""Personalization and federated-round speed on a device, in the paper's setting or the default profile's.
+"""Personalization and federated-round speed on a device, in the paper's setting or the intent benchmark's.
 
 ``--setting paper``: the paper's XNLI client (docs/method.md, "Benchmark regime"; `paper` profile): 100 training
 and 25 test premise/hypothesis pairs, at most 128 tokens, batch 32, 2 epochs, max rank R=32, budget r=8, on a model
 of mBERT's shape (vocabulary 119547, 12 layers, hidden 768).
 
-``--setting default``: a client of the default profile (`src/fedp2eft/benchmark/profiles/default.yaml`, read for
-every setting and count): 48 training and 48 test intent-length sentences (2-12 words, as the embedded intents
+``--setting default``: a client of the intent benchmark's complete protocol (the `full` profile, read for every
+setting and count; the main job `default` is a subset of its cells): 48 training and 48 test intent-length sentences (2-12 words, as the embedded intents
 average 9 tokens), at most 64 tokens, the profile's personalization settings and budgets, on a model of the
 embedded multilingual-e5-small's shape. It also times one client update of each federated stage (base model,
 PS generator, FedL2P) through the tasks the Flower apps run, and with ``--estimate`` prices the profile's whole
-main job on this device from those unit times (below).
+three-seed job on this device from those unit times (below).
 
 Models have random weights, built from a config, so nothing is downloaded: the time of a step does not depend on
 the weights. Texts are random words of a synthetic word-level tokenizer (one token per word), lengths drawn so
@@ -27,7 +27,7 @@ personalized at the same time on one device (the benchmark's ``workers``): that 
 model, warm up, wait for a common start and run ``--repeats`` cells; the throughput is all their cells over the
 time from that start to the last one's end.
 
-``--estimate`` (default setting) adds up the main job from the profile's counts: stage 3 = seeds x pools x
+``--estimate`` (default setting) adds up the full profile's job from the profile's counts: stage 3 = seeds x pools x
 clients cells, selection = its clients x grid x a cell of the methods with a learning rate to select (on all of a
 client's data, so an upper bound for its 80%), each spread over the largest measured process count; each federated
 round = clients-per-round updates spread over that many processes at the measured speed-up for that count, plus
@@ -48,15 +48,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, PreTrainedTokenizerFast
 
 from fedp2eft.core.base_training import BaseModelTask, BaseTrainingConfig
 from fedp2eft.core.device import resolve_device
+from fedp2eft.benchmark.config import load_profile
 from fedp2eft.core.fedl2p import FedL2PConfig, FedL2PTask, LRMetaNet, metanet_spec
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
@@ -66,7 +65,6 @@ from fedp2eft.core.tasks import ClassificationTask
 from fedp2eft.data.types import ClientData
 from fedp2eft.errors import config_from_mapping
 
-PROFILE = Path(__file__).resolve().parents[1] / "src/fedp2eft/benchmark/profiles/default.yaml"
 WORDS = [f"w{i}" for i in range(5000)]
 FLOWER_ROUND_OVERHEAD_S = 0.2  # Flower/Ray per round, measured on the CPU machine (docs/federation.md)
 MODEL_NAME = "random-weights"
@@ -90,7 +88,9 @@ class Setting:
 
 
 def profile() -> dict:
-    return yaml.safe_load(PROFILE.read_text())
+    """The full protocol (three seeds, every method and budget): the job whose time ``--estimate`` adds up; the main
+    job is a subset of its cells."""
+    return load_profile("full")
 
 
 def setting(name: str) -> Setting:
@@ -188,7 +188,7 @@ def setup(args: argparse.Namespace):
 
 
 def federated_updates(base, task, shape: Setting, device, repeats: int) -> dict[str, float]:
-    """Median seconds of one client update of each federated stage of the default profile, through the tasks the
+    """Median seconds of one client update of each federated stage of the full profile, through the tasks the
     Flower apps run (after one warm-up update; rounds after the first, so features are already cached)."""
     default = profile()
     clients = [ClientData(f"c{i}", "xx", examples(shape, shape.train, seed=10 + i), []) for i in range(2)]
@@ -211,7 +211,7 @@ def federated_updates(base, task, shape: Setting, device, repeats: int) -> dict[
 
 
 def estimate(cell: float, selection_cell: float, updates: dict[str, float], speedups: dict[int, float]) -> None:
-    """The default profile's main job on this device from the measured unit times (see the module docstring)."""
+    """The full profile's job on this device from the measured unit times (see the module docstring)."""
     default = profile()
     workers = max(speedups)
     clients = len(default["dataset_options"]["languages"]) * default["dataset_options"]["clients_per_language"]
@@ -236,7 +236,7 @@ def estimate(cell: float, selection_cell: float, updates: dict[str, float], spee
         "fedl2p": federated("fedl2p", seeds),
         "personalize": seeds * pools * clients * cell / speedups[workers],
     }
-    print(f"\nmain job of the default profile on this device ({workers} processes for stage 3 and selection; "
+    print(f"\nthe full profile's job on this device ({workers} processes for stage 3 and selection; "
           f"Ray start and actor model loads not counted):")
     for stage, seconds in stages.items():
         print(f"  {stage:<12}{seconds / 60:>7.1f} min")
@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument("--setting", choices=["paper", "default"], default="paper")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="default: the paper setting's five methods, or the default profile's methods")
+                        help="default: the paper setting's five methods, or the full profile's methods")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline-cpu", action="store_true", help="also time one cell on the CPU")
     parser.add_argument("--layers", type=int, default=None, help="encoder layers (default: the setting's 12)")
@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="*", default=[],
                         help="also time this many concurrent clients on the device, per value")
     parser.add_argument("--estimate", action="store_true",
-                        help="price the default profile's main job (default setting)")
+                        help="price the full profile's job (default setting)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one of the concurrent clients
     args = parser.parse_args()
     if args.estimate and (args.setting != "default" or not args.processes):

@@ -13,11 +13,15 @@ def test_profiles_load_and_share_one_schema(profile):
     assert all(1 <= b <= config["personalize"]["max_rank"] for b in config["budgets"])
 
 
-def test_the_main_job_runs_one_seed_and_full_the_same_protocol_with_three():
+def test_the_main_job_is_the_full_protocol_cut_to_one_seed_two_budgets_and_four_methods():
     default, full = load_profile("default"), load_profile("full")
     assert default["seeds"] == [0] and full["seeds"] == [0, 1, 2]
-    assert {key: value for key, value in full.items() if key not in ("seeds", "name")} == \
-        {key: value for key, value in default.items() if key not in ("seeds", "name")}
+    cut = ("seeds", "name", "budgets", "methods")
+    assert {key: value for key, value in full.items() if key not in cut} == \
+        {key: value for key, value in default.items() if key not in cut}
+    # the budget diagnostic compares the smallest and largest budget, so the cut keeps both ends
+    assert default["budgets"] == [min(full["budgets"]), max(full["budgets"])]
+    assert set(default["methods"]) < set(full["methods"]) and "fedp2eft" in default["methods"]
 
 
 def test_overrides_parse_yaml_values():
