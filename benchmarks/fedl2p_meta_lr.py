@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fedp2eft.benchmark.runner import finished_base, read_chosen_scales, saved_config, stage_lr_scale
+from fedp2eft.benchmark.runner import finished_base, read_chosen_scales, saved_config, selected_methods, stage_lr_scale
 from fedp2eft.core.fedl2p import FedL2PConfig, FedL2PTask
 from fedp2eft.core.methods import stage_named
 from fedp2eft.core.personalization import PersonalizeConfig, features_for
@@ -49,7 +49,7 @@ def main() -> None:
     setup = Setup.from_config({**config, "model": base_path})
     base = setup.load_base_model("cpu")
     # the rate the stage itself trains at (fedl2p.lr_scale, e.g. uniform LoRA's selected scale)
-    chosen = read_chosen_scales(args.run / "selection.json", config["methods"], config["budgets"])
+    chosen = read_chosen_scales(args.run / "selection.json", selected_methods(config), config["budgets"])
     scale = stage_lr_scale(config, stage_named("fedl2p"), chosen)
     personalize = PersonalizeConfig.from_dict(config["personalize"]).with_lr_scale(scale)
     training = {key: value for key, value in config["fedl2p"]["training"].items() if key != "meta_lr"}

@@ -42,7 +42,8 @@ def test_overrides_parse_yaml_values():
     ("selection.grid=[]", "selection.grid must list positive"),
     ("selection.grid=[1,-3]", "selection.grid must list positive"),
     ("selection.validation_fraction=1.5", "validation_fraction must be between 0 and 1"),
-    ("psg.lr_scale=fast", "psg.lr_scale: fast takes that method's selected learning-rate scale"),
+    ("psg.lr_scale=fast", "psg.lr_scale: fast cannot lend its selected learning-rate scale"),
+    ("psg.lr_scale=fedp2eft", r"psg.lr_scale: fedp2eft cannot lend .* lora, adalora, btlora"),
     ("psg.lr_scale=-1", "psg.lr_scale must be a method name"),
     ("psg.training.bogus=1", "bogus"),
     ("fedl2p.training.outer_steps=0", "outer_steps must be >= 1"),
@@ -178,6 +179,23 @@ def test_selection_pools_the_budgets_unless_told_to_choose_per_budget():
     tied = _validation_records({("lora", 2, 3.0): 5, ("lora", 2, 30.0): 6, ("lora", 8, 3.0): 7,
                                 ("lora", 8, 30.0): 6})
     assert chosen_scales(config, tied)["lora"] == {2: 3.0, 8: 3.0}
+
+
+def test_a_stage_rate_borrowed_from_a_method_that_is_not_a_row_is_still_selected():
+    """`methods=[fedp2eft]` on a profile whose generator trains at btlora's selected scale is a fair request: btlora
+    is selected for the generator's stage and is no row of the results."""
+    from fedp2eft.benchmark.runner import chosen_scales, selected_methods, stage_lr_scale
+    from fedp2eft.core.methods import stage_named
+
+    config = resolve("quick", ["methods=[fedp2eft]"])
+    assert config["psg"]["lr_scale"] == "btlora" and selected_methods(config) == ["fedp2eft", "btlora"]
+    records = _validation_records({("btlora", 2, 3.0): 4, ("btlora", 2, 30.0): 7, ("btlora", 8, 3.0): 5,
+                                   ("btlora", 8, 30.0): 6, ("fedp2eft", 2, 3.0): 8, ("fedp2eft", 2, 30.0): 2,
+                                   ("fedp2eft", 8, 3.0): 8, ("fedp2eft", 8, 30.0): 2})
+    chosen = chosen_scales(config, records)
+    assert chosen == {"fedp2eft": {2: 3.0, 8: 3.0}, "btlora": {2: 30.0, 8: 30.0}}
+    assert stage_lr_scale(config, stage_named("psg"), chosen) == 30.0
+    assert selected_methods(resolve("quick", ["methods=[fedp2eft,btlora]"])) == ["fedp2eft", "btlora"]
 
 
 def test_an_override_of_one_key_of_a_free_form_section_keeps_the_profiles_others():

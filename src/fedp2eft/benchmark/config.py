@@ -342,9 +342,12 @@ def validate_stage(config: dict, stage: Stage) -> None:
     section = config[stage.name]
     lr_scale = section["lr_scale"]
     if isinstance(lr_scale, str):
-        if lr_scale not in config["methods"]:
-            raise FedP2EFTError(f"{stage.name}.lr_scale: {lr_scale} takes that method's selected learning-rate scale, "
-                                f"but it is not among the methods; add it or give {stage.name}.lr_scale a number")
+        spec = METHODS.get(lr_scale)
+        if spec is None or spec.stage is not None or spec.lr_field is None:
+            usable = ", ".join(name for name, other in METHODS.items() if other.stage is None and other.lr_field)
+            raise FedP2EFTError(f"{stage.name}.lr_scale: {lr_scale} cannot lend its selected learning-rate scale (it "
+                                f"must be a method whose rate is selected before the federated stages: {usable}); "
+                                f"give one of them or a number")
     elif not _positive_number(lr_scale):
         raise FedP2EFTError(f"{stage.name}.lr_scale must be a method name (whose selected scale it takes) or a "
                             f"positive number, got {lr_scale!r}")

@@ -368,6 +368,14 @@ def validation_counts(records: list[dict]) -> tuple[dict, dict]:
     return correct, count
 
 
+def selected_methods(config: dict) -> list[str]:
+    """The methods whose learning-rate scale a run selects: its methods, plus a method that the ``lr_scale`` of a
+    stage it uses names (e.g. ``psg.lr_scale: btlora`` for ``methods=[fedp2eft]``): selected for that stage's
+    training only, never a row of the results."""
+    named = [config[stage.name]["lr_scale"] for stage in stages(config["methods"])]
+    return config["methods"] + [m for m in dict.fromkeys(named) if isinstance(m, str) and m not in config["methods"]]
+
+
 def chosen_scales(config: dict, records: list[dict]) -> dict[str, dict[int, float]]:
     """Per method, the grid scale with the best pooled validation accuracy (ties: the smaller scale): per budget
     with ``selection.per_budget``, else one scale for all budgets, chosen on the validation rows of every budget
@@ -383,7 +391,7 @@ def chosen_scales(config: dict, records: list[dict]) -> dict[str, dict[int, floa
         return max(scored)[2] if scored else grid[0]
 
     chosen: dict[str, dict[int, float]] = {}
-    for method in config["methods"]:
+    for method in selected_methods(config):
         if method_spec(method).lr_field is None:
             chosen[method] = dict.fromkeys(config["budgets"], 1.0)
         elif config["selection"]["per_budget"]:
@@ -438,7 +446,7 @@ def reused_scales(config: dict, path: Path, run_dir: Path) -> dict[str, dict[int
     """The learning-rate scales another run chose (its ``selection.json``), for this run's methods and budgets;
     that file is copied here, with where it came from, so the report shows the choice."""
     try:
-        scales = read_chosen_scales(path, config["methods"], config["budgets"])
+        scales = read_chosen_scales(path, selected_methods(config), config["budgets"])
     except FedP2EFTError as error:
         raise FedP2EFTError(f"selection.reuse: {error}; reuse a run with the same methods and budgets") from None
     tmp = run_dir / "selection.json.tmp"
@@ -454,9 +462,6 @@ def stage_lr_scale(config: dict, stage: Stage, chosen: dict[str, dict[int, float
     setting = config[stage.name]["lr_scale"]
     if not isinstance(setting, str):
         return float(setting)
-    if setting not in chosen:
-        raise FedP2EFTError(f"{stage.name}.lr_scale: {setting} needs method {setting} among the methods; give a "
-                            f"number instead")
     votes = Counter(chosen[setting].values())
     return min(votes, key=lambda scale: (-votes[scale], scale))
 
@@ -518,7 +523,8 @@ def run(config: dict, results_root: Path = Path("results"), command: str = "") -
     base_model = clock.time("base", stage_base, config, run_dir)
     reused = config["selection"].get("reuse")
     with WorkerPool(config, base_model) as pool:
-        plain = [m for m in config["methods"] if method_spec(m).stage is None and method_spec(m).lr_field is not None]
+        plain = [m for m in selected_methods(config)
+                 if method_spec(m).stage is None and method_spec(m).lr_field is not None]
         records = [] if reused else clock.time("select", stage_select, config, run_dir, pool, plain, {})
         scales = reused_scales(config, Path(reused), run_dir) if reused else chosen_scales(config, records)
         artifacts: dict[int, dict[str, Path]] = {seed: {} for seed in config["seeds"]}
