@@ -3,8 +3,9 @@ Shared by the federated tasks, the benchmark and the CLI, so every stage reads i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -115,6 +116,15 @@ def make_stage_task(stage: str, config: dict) -> FederatedTask:
     task = stage_named(stage).build(base, setup.task, setup.data.seen, config.get("training", {}), setup.model,
                                     list(config.get("budgets", [])))
     return task if setup.pfl is None else OnPersonalBases(task, setup, base)
+
+
+def federated_tasks() -> dict[str, Callable[[dict], FederatedTask]]:
+    """The federated tasks of this package by the name a job gives them: the base model's training (``base``) and
+    the federated stage of every method (``psg``, ``fedl2p``, ...). The Flower layer finds them through the
+    ``fedp2eft.tasks`` entry point (pyproject.toml), so it never imports this module itself."""
+    from fedp2eft.core.methods import STAGES
+
+    return {"base": make_base_task, **{name: partial(make_stage_task, name) for name in STAGES}}
 
 
 class OnPersonalBases:

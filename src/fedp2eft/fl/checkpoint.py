@@ -119,3 +119,9 @@ def check_resumable(state: RunState, job: Job) -> None:
             f"cannot resume {job.output_dir}: {changed} differ from the checkpointed run; "
             "use the original settings or a new output directory"
         )
+
+
+def last_accepted_round(history: list[dict[str, Any]], client: int) -> int:
+    """The last round whose update from ``client`` entered the aggregate (0: none): a stateful client continues
+    from its state of that round, whatever it computed in rounds whose update was refused."""
+    return max((row["round"] for row in history if client in row["clients"]), default=0)

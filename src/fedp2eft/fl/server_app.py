@@ -25,8 +25,8 @@ from fedp2eft.core.federation import FederatedTask
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl import protocol as P
 from fedp2eft.fl.aggregation import aggregate, make_strategy, strip_to_aggregate
-from fedp2eft.fl.checkpoint import RunState, check_resumable, checkpoint_name, is_new_best, load_state, load_weights, \
-    save_best, save_round
+from fedp2eft.fl.checkpoint import RunState, check_resumable, checkpoint_name, is_new_best, last_accepted_round, \
+    load_state, load_weights, save_best, save_round
 from fedp2eft.fl.job import Job
 from fedp2eft.fl.privacy import epsilon_spent
 from fedp2eft.fl.report import RoundReporter
@@ -240,12 +240,6 @@ def gather_statistics(grid: Grid, job: Job, clients: dict[int, int]) -> Weights:
         for name, tensor in from_record(reply.content.array_records[P.STATISTICS]).items():
             totals[name] = totals[name] + tensor if name in totals else tensor
     return totals
-
-
-def last_accepted_round(history: list[dict[str, Any]], client: int) -> int:
-    """The last round whose update from ``client`` entered the aggregate (0: none): a stateful client continues
-    from its state of that round, whatever it computed in rounds whose update was refused."""
-    return max((row["round"] for row in history if client in row["clients"]), default=0)
 
 
 def round_config(job: Job, task_config: str, server_round: int, client: int,
