@@ -18,7 +18,7 @@ Reads a finished benchmark run (``--run``, default results/default) and changes 
     bootstrap over clients (seeds pooled, stratified by language), as in the report. The first client's uniform
     LoRA cell is recomputed and must equal the run's row.
 
-    python benchmarks/allocation_probe.py [--run results/default] [--fill 0.9]
+    python docs/experiments/allocation_probe.py [--run results/default] [--fill 0.9]
 
 Part (3) runs in the benchmark's own worker pool (the run's ``workers`` setting).
 """
@@ -83,7 +83,8 @@ def _cell(config: dict, seed: int, pool: str, index: int, method: str, rank: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, default=Path("results/default"))
+    parser.add_argument("--run", type=Path, default=Path("results/full"),
+                        help="a finished run with fedp2eft-structure rows (the full profile)")
     parser.add_argument("--fill", type=float, default=0.9, help="share of one module type that triggers part (3)")
     args = parser.parse_args()
     quiet_third_party()

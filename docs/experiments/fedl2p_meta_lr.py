@@ -12,7 +12,7 @@ profile's, base learning rates at uniform LoRA's selected scale), and prints per
   last round (``val_loss_before``), and within a client's update after its outer steps (``val_loss_after``):
   the signal FedL2P itself trains on, from the *training* data of seen clients (their 80/20 split). No test data.
 
-    python benchmarks/fedl2p_meta_lr.py --run results/default [--meta-lrs 1e-4 1e-3 1e-2] [--rounds 2] [--clients 2]
+    python docs/experiments/fedl2p_meta_lr.py --run results/default [--meta-lrs 1e-4 1e-3 1e-2] [--rounds 2] [--clients 2]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from fedp2eft.logs import quiet_third_party
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="a finished default-profile run folder")
+    parser.add_argument("--run", type=Path, required=True, help="a finished run folder of the intent benchmark (default or full profile)")
     parser.add_argument("--meta-lrs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=2, help="seen clients per round")

@@ -11,7 +11,7 @@ validation row of those clients in ``selection.jsonl``.
     rules choose on the others, and each choice is scored on the held-out clients' validation rows; the counts are
     summed over the k folds. So each rule is judged on validation sentences it did not choose on.
 
-    python benchmarks/selection_stability.py --run results/default-sel3
+    python docs/experiments/selection_stability.py --run results/default-sel3
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where one client's personalization time (benchmark stage 3) goes, on the embedded model and data.
 
-    .venv/bin/python benchmarks/stage3_profile.py [--threads 1] [--client 0]
+    .venv/bin/python docs/experiments/stage3_profile.py [--threads 1] [--client 0]
 
 Everything runs in one process with one thread count (``torch.set_num_threads``):
 

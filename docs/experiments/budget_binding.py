@@ -1,7 +1,7 @@
 """Where the budget binds: uniform LoRA at the smallest and the largest budget, scored on validation rows only, in
 settings that change one thing at a time (docs/discussion.md, "Where the budget binds").
 
-Each setting is the default profile with a few overrides, run as ``fedp2eft benchmark`` with ``methods=[lora]``,
+Each setting is the default profile (the decoder's: the `llm` profile) with a few overrides, run as ``fedp2eft benchmark`` with ``methods=[lora]``,
 the two budgets and learning-rate selection on every unseen client (``selection.clients_per_language=3``: each
 client's *training* data split 80/20). Its validation rows (``selection.jsonl``: every client, budget and
 learning-rate scale) are read back; the run's test scores are never read. The learning-rate scale is chosen as the
@@ -11,7 +11,7 @@ the *other* fold chose, so no client's score chose its own scale. The table give
 LoRA's validation accuracy at r_min and r_max, the difference with the 95% paired client-bootstrap interval
 (stratified by language, as the report's), and the run's wall time.
 
-    python benchmarks/budget_binding.py [--settings default more-sentences ...] [--results results/budget-binding]
+    python docs/experiments/budget_binding.py [--settings default more-sentences ...] [--results results/budget-binding]
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ SETTINGS = {
     "balanced-labels": ["dataset_options.alpha=5.0"],
     "more-sentences": ["dataset_options.train_size=192"],
     "more-sentences-and-epochs": ["dataset_options.train_size=192", "personalize.epochs=8"],
+    # The embedded decoder instruction-tuned on intents-chat (the `llm` profile: Gemma 3 270M, ROUGE-L of greedy
+    # replies), with the encoder's selection grid and three clients per language so that clients can be replicates.
+    "decoder": ["dataset_options.clients_per_language=3", "selection.grid=[1.0,3.0,10.0,30.0,100.0]",
+                "selection.per_budget=false"],
 }
+PROFILE = {"decoder": "llm"}  # the profile a setting starts from; the others start from `default`
 
 
 Units = dict[tuple[int, str], tuple[str, int, int]]  # the report's: (seed, client) -> (language, correct, count)
@@ -74,7 +79,9 @@ def run_setting(name: str, overrides: list[str], results: Path) -> dict:
     """Run (or resume) one setting and summarize its validation rows."""
     run_dir = results / name
     overrides = [o.format(default_base=results / "default" / "base" / "model") for o in overrides]
-    if fedp2eft(["-q", "benchmark", "--results", str(results), f"name={name}", *COMMON, *overrides]) != 0:
+    profile = PROFILE.get(name, "default")
+    if fedp2eft(["-q", "benchmark", "--config", profile, "--results", str(results), f"name={name}", *COMMON,
+                 *overrides]) != 0:
         raise SystemExit(f"setting {name} failed")
     records = [json.loads(line) for line in (run_dir / "selection.jsonl").read_text().splitlines() if line.strip()]
     seconds = json.loads((run_dir / "timings.json").read_text())

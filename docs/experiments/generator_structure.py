@@ -10,8 +10,8 @@ the training curve and, for the final generators, how much the rank maps of two 
 language and across languages, for seen and unseen clients, next to the overlap of local BT-LoRA searches of the
 same clients. Only training data are used; nothing is evaluated on test data.
 
-    python benchmarks/generator_structure.py --base results/default/base/model [--rounds 40] [--budgets 2 8]
-    python benchmarks/generator_structure.py --base results/default/base/model --local-epochs 2 10 --local-only
+    python docs/experiments/generator_structure.py --base results/default/base/model [--rounds 40] [--budgets 2 8]
+    python docs/experiments/generator_structure.py --base results/default/base/model --local-epochs 2 10 --local-only
 
 ``--local-epochs`` with several values compares the local searches' structure at each number of stage-1 epochs
 (the generators, unless ``--local-only``, train with the first): whether longer local training gives the targets

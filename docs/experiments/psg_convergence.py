@@ -2,7 +2,7 @@
 scales of its stage 1 and print mean lambda and the stage-1 loss per round, with the round from which each curve
 stays within ±5% of its final value (the report's rule). Only training curves are looked at, never test data.
 
-    python benchmarks/psg_convergence.py --scales 3 10 30 --rounds 30
+    python docs/experiments/psg_convergence.py --scales 3 10 30 --rounds 30
 
 The base model is trained once (as the benchmark would) and shared by every scale; runs go to
 ``results/psg-convergence/`` and resume like the benchmark's stages.
