@@ -11,6 +11,7 @@ import yaml
 
 from fedp2eft.config_yaml import load_yaml
 from fedp2eft.errors import FedP2EFTError
+from fedp2eft.fl.job import Job
 
 def commands() -> dict[str, tuple[str, str]]:
     """``train-base`` plus ``train-<stage>`` for the federated stage of every registered method."""
@@ -87,13 +88,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--config", type=Path, required=True, help="YAML file with the task config")
         parser.add_argument("--rounds", type=int, required=True, help="federated rounds to train")
         parser.add_argument("--clients-per-round", type=int, required=True, help="clients sampled per round")
-        parser.add_argument("--min-clients", type=int, default=1,
+        parser.add_argument("--min-clients", type=int, default=Job.min_clients,
                             help="fewest valid client updates a round needs (default: %(default)s)")
         parser.add_argument("--output", type=Path, required=True, help="directory for checkpoints and metrics")
         parser.add_argument("--resume", action="store_true", help="continue the run in --output (default: start anew)")
         parser.add_argument("--num-cpus", type=float, default=1.0,
                             help="CPU cores per simulated client (default: %(default)s)")
-        parser.add_argument("--seed", type=int, default=0, help="client sampling seed (default: %(default)s)")
-        parser.add_argument("--round-timeout", type=float, default=600.0,
+        parser.add_argument("--seed", type=int, default=Job.seed, help="client sampling seed (default: %(default)s)")
+        parser.add_argument("--round-timeout", type=float, default=Job.round_timeout_s,
                             help="seconds to wait for a round's replies (default: %(default)s)")
         parser.set_defaults(func=run, task=task)
