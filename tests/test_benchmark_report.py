@@ -9,20 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedp2eft.benchmark.report import (
-    bootstrap,
-    client_units,
-    compare,
-    flattening_round,
-    lambda_spread,
-    main_table_markdown,
-    metric,
-    paired_bootstrap,
-    rank_agreement,
-    rank_overlap,
-    summarize,
-    write_report,
-)
+from fedp2eft.benchmark.report import write_report
+from fedp2eft.benchmark.report.psg import flattening_round
+from fedp2eft.benchmark.report.rank_maps import lambda_spread, rank_agreement, rank_overlap
+from fedp2eft.benchmark.report.records import client_units
+from fedp2eft.benchmark.report.stats import bootstrap, compare, metric, paired_bootstrap, summarize
+from fedp2eft.benchmark.report.tables import main_table_markdown
 
 MODULES = [f"encoder.layer.{i}.attention.self.{p}" for i in range(3) for p in ("query", "value")]
 
@@ -290,7 +282,7 @@ def test_report_says_so_when_fedp2eft_loses(tmp_path):
 
 
 def test_relative_growth_tells_a_slowing_curve_from_a_steady_one():
-    from fedp2eft.benchmark.report import relative_growth
+    from fedp2eft.benchmark.report.psg import relative_growth
 
     slowing = [1 - 0.9 ** r for r in range(1, 41)]
     steady = [0.1 * r for r in range(1, 41)]
@@ -346,7 +338,7 @@ def test_one_client_per_language_gives_no_verdict():
     units = {("seen", "fedp2eft", 2): ours, ("seen", "lora", 2): theirs}
     (comparison,) = compare(units, ["seen"], [2], ["lora", "fedp2eft"])
     assert comparison["ci_low"] == comparison["ci_high"] and comparison["outcome"] == "untested"
-    from fedp2eft.benchmark.report import verdict
+    from fedp2eft.benchmark.report.verdicts import verdict
 
     summary = {setting: {"mean": metric(per)} for setting, per in units.items()}
     text = verdict([comparison], summary)
@@ -357,7 +349,7 @@ def test_one_client_per_language_gives_no_verdict():
 def test_the_verdict_is_against_the_best_baseline_and_keeps_own_ablations_apart(tmp_path):
     """The headline counts FedP²EFT against the best baseline of each cell, not wins over every row; its own
     ablation (fedp2eft-structure) is never that baseline, even when it scores highest, and is listed apart."""
-    from fedp2eft.benchmark.report import verdict
+    from fedp2eft.benchmark.report.verdicts import verdict
 
     records = _records(methods=("lora", "btlora", "fedp2eft", "fedp2eft-structure"), seeds=(0,),
                        margin={"lora": 0, "btlora": 3, "fedp2eft": 6, "fedp2eft-structure": 12})
@@ -400,7 +392,7 @@ def test_a_reference_run_is_compared_cell_by_cell(tmp_path):
 
 
 def test_the_heatmap_shows_every_language_at_the_most_varied_budget():
-    from fedp2eft.benchmark.report import heatmap_budget, mean_rank_grid
+    from fedp2eft.benchmark.report.rank_maps import heatmap_budget, mean_rank_grid
 
     languages = tuple(f"l{i}" for i in range(10))
     records = _records(methods=("fedp2eft",), budgets=(2, 8), seeds=(0,), pools=("seen",), languages=languages)
@@ -414,7 +406,7 @@ def test_the_heatmap_shows_every_language_at_the_most_varied_budget():
 
 
 def test_per_language_differences_are_called_descriptive_with_few_clients_per_language():
-    from fedp2eft.benchmark.report import CLIENTS_FOR_LANGUAGE_CLAIMS, per_language_note
+    from fedp2eft.benchmark.report.tables import CLIENTS_FOR_LANGUAGE_CLAIMS, per_language_note
 
     rng = np.random.default_rng(1)
     few = {("seen", "lora", 2): _units(rng, clients=3), ("unseen", "lora", 2): _units(rng, clients=12)}
@@ -428,7 +420,7 @@ def test_the_budget_diagnostic_says_whether_more_rank_buys_anything(tmp_path, ca
     """Uniform LoRA's gain from the smallest to the largest budget, paired over clients, decides the sentence: a
     user whose data does not reward rank is told to pick the cheapest budget, and where rank pays, a method that
     does not gain from it is named."""
-    from fedp2eft.benchmark.report import budget_effects, budget_verdict
+    from fedp2eft.benchmark.report.budget import budget_effects, budget_verdict
 
     def effects(records):
         units = client_units(records)
@@ -473,7 +465,7 @@ def test_the_budget_diagnostic_says_whether_more_rank_buys_anything(tmp_path, ca
 
 
 def test_fedl2ps_multipliers_say_whether_its_meta_nets_moved_the_rates():
-    from fedp2eft.benchmark.report import fedl2p_markdown, fedl2p_rates
+    from fedp2eft.benchmark.report.fedl2p import fedl2p_markdown, fedl2p_rates
 
     records = _records(methods=("lora", "fedl2p"), budgets=(2, 8), seeds=(0,), pools=("seen",))
     for record in records:

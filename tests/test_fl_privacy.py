@@ -81,7 +81,7 @@ def test_bad_privacy_settings_are_named(dp: dict, message: str) -> None:
 
 
 def test_the_report_lists_each_private_stage_with_its_final_epsilon(private_run: Path, tmp_path: Path) -> None:
-    from fedp2eft.benchmark.report import privacy_markdown, privacy_spent
+    from fedp2eft.benchmark.report.privacy import privacy_markdown, privacy_spent
 
     (tmp_path / "seed0" / "psg").mkdir(parents=True)
     (tmp_path / "seed0" / "psg" / "metrics.jsonl").write_text((private_run / "metrics.jsonl").read_text())

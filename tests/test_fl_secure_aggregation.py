@@ -155,7 +155,7 @@ def test_dp_and_secure_aggregation_together_are_refused(tmp_path) -> None:
 
 
 def test_the_report_lists_each_securely_aggregated_stage(secure_run, tmp_path: Path) -> None:
-    from fedp2eft.benchmark.report import privacy_markdown, privacy_spent
+    from fedp2eft.benchmark.report.privacy import privacy_markdown, privacy_spent
 
     out, _ = secure_run
     (tmp_path / "base").mkdir()

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from fedp2eft.benchmark.report import client_units, paired_bootstrap
+from fedp2eft.benchmark.report.records import client_units
+from fedp2eft.benchmark.report.stats import paired_bootstrap
 from fedp2eft.benchmark.runner import (WorkerPool, finished_artifact, finished_base, personalize_cell,
                                        read_chosen_scales, read_jsonl, run_config, seeded_personalize_config,
                                        task_config, worker_artifacts, worker_model)

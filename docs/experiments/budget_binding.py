@@ -21,7 +21,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from fedp2eft.benchmark.report import metric, paired_bootstrap
+from fedp2eft.benchmark.report.stats import metric, paired_bootstrap
 from fedp2eft.cli import main as fedp2eft
 
 BUDGETS = (2, 16)

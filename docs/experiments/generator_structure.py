@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fedp2eft.benchmark.config import resolve
-from fedp2eft.benchmark.report import rank_agreement
+from fedp2eft.benchmark.report.rank_maps import rank_agreement
 from fedp2eft.core.budget import select_top_ranks
 from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
 from fedp2eft.core.personalization import PersonalizeConfig, features_for, generator_spec, new_btlora, \

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedp2eft.benchmark import runner
 from fedp2eft.benchmark.config import resolve
-from fedp2eft.benchmark.report import flattening_round
+from fedp2eft.benchmark.report.psg import flattening_round
 from fedp2eft.core.methods import STAGES
 
 

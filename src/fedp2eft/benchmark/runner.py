@@ -6,7 +6,7 @@ killed run resumes where it stopped; a run folder made with another config is re
     seed<s>/<stage>/                  artifact of each method's federated stage per seed (Flower, seen pool
                                       only), e.g. seed0/psg/generator.safetensors
     personalize.jsonl                 one row per (seed, pool, client): every method x budget evaluated
-    report.md ...                     tables and figures (``report.py``)
+    report.md ...                     tables and figures (``report/``)
 
 The learning rate of every method and budget is chosen on a validation split of some clients' *training* data
 (by default clients the base model and generator never saw) with the same grid for every method
