@@ -34,8 +34,9 @@ def private_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_updates_are_clipped_averaged_equally_and_noised(private_run: Path) -> None:
     task = make_task(TOY_CONFIG)
     weights = task.initial_weights()
-    for server_round in range(1, ROUNDS + 1):
-        clients = sample_clients(list(range(task.num_clients())), PER_ROUND, SEED, server_round)
+    rows = [json.loads(line) for line in (private_run / "metrics.jsonl").read_text().splitlines()]
+    for server_round, row in zip(range(1, ROUNDS + 1), rows):
+        clients = row["clients"]  # drawn in secret: the run's record is the only way to know them
         clipped = []
         for client in clients:
             update = task.client_update(weights, client, server_round)
@@ -48,6 +49,26 @@ def test_updates_are_clipped_averaged_equally_and_noised(private_run: Path) -> N
     saved = load_file(str(private_run / state["checkpoint"]))
     for name in weights:
         torch.testing.assert_close(saved[name], weights[name], atol=1e-5, rtol=0)
+
+
+def test_dp_runs_with_the_same_seed_sample_different_clients(private_run: Path, tmp_path: Path) -> None:
+    """Privacy amplification by sampling needs a sample nobody can recompute: with DP the server draws each
+    round's clients from the operating system, not from the run's public seed. Same seed, 20 clients, 2 per round,
+    3 rounds: the two runs' samples coincide by chance with probability (1/190)^3; seeded sampling (no DP) always does."""
+    def samples(out: Path) -> list[list[int]]:
+        return [json.loads(line)["clients"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    config = {**TOY_CONFIG, "num_clients": 20}
+    runs = {}
+    for name in ("a", "b"):
+        run_federated("toy", config, ROUNDS, PER_ROUND, output_dir=tmp_path / name, seed=SEED, dp=DP)
+        runs[name] = samples(tmp_path / name)
+    assert runs["a"] != runs["b"]
+    assert all(len(set(clients)) == PER_ROUND for clients in runs["a"] + runs["b"])
+    plain = [sample_clients(list(range(20)), PER_ROUND, SEED, server_round) for server_round in (1, 2, 3)]
+    assert plain == [sample_clients(list(range(20)), PER_ROUND, SEED, server_round) for server_round in (1, 2, 3)]
+    rows = [json.loads(line) for line in (private_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["privacy/secret_sampling"] == 1.0 for row in rows)
 
 
 def test_privacy_spent_is_reported_per_round(private_run: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,10 +48,15 @@ def main(grid: Grid, context: Context) -> None:
     serve(grid, Job.from_run_config(dict(context.run_config)))
 
 
-def sample_clients(available: list[int], k: int, seed: int, server_round: int) -> list[int]:
-    """Deterministic in (seed, round, available), so a resumed run samples exactly the same clients."""
-    rng = np.random.default_rng([seed, server_round])
-    picks = rng.choice(len(available), size=min(k, len(available)), replace=False)
+def sample_clients(available: list[int], k: int, seed: int, server_round: int, secret: bool = False) -> list[int]:
+    """``k`` of ``available``, uniformly without replacement. Deterministic in (seed, round, available), so a
+    resumed run samples exactly the same clients; with ``secret`` (a DP run) drawn from the operating system's
+    randomness instead, since privacy amplification by sampling holds only for a sample nobody can recompute from
+    the run's public seed (docs/federation.md, "Differential privacy")."""
+    size = min(k, len(available))
+    if secret:
+        return sorted(secrets.SystemRandom().sample(available, size))
+    picks = np.random.default_rng([seed, server_round]).choice(len(available), size=size, replace=False)
     return sorted(available[int(i)] for i in picks)
 
 
@@ -301,7 +307,8 @@ def secure_exchange(grid: Grid, job: Job, weights: Weights, server_round: int, n
 def run_round(grid: Grid, job: Job, strategy: Strategy, weights: Weights, server_round: int,
               clients: dict[int, int], history: list[dict[str, Any]]) -> tuple[Weights, dict[str, Any]]:
     start = time.perf_counter()
-    sampled = sample_clients(sorted(clients), job.clients_per_round, job.seed, server_round)
+    sampled = sample_clients(sorted(clients), job.clients_per_round, job.seed, server_round,
+                             secret=job.dp is not None)
     task_config = json.dumps(job.task_config, sort_keys=True)
     configs = {client: round_config(job, task_config, server_round, client, history) for client in sampled}
     outcome, sent, aggregated = (
@@ -336,7 +343,7 @@ def privacy_row(job: Job, server_round: int, population: int) -> dict[str, float
     sample = min(job.clients_per_round, population)
     return {"privacy/epsilon": epsilon_spent(dp, server_round, population, sample), "privacy/delta": dp.delta,
             "privacy/noise_multiplier": dp.noise_multiplier, "privacy/clipping_norm": dp.clipping_norm,
-            "privacy/sampling_rate": sample / population}
+            "privacy/sampling_rate": sample / population, "privacy/secret_sampling": 1.0}
 
 
 def serve(grid: Grid, job: Job, task: FederatedTask | None = None) -> Path:
