@@ -20,11 +20,12 @@ def floor(module: str) -> int:
 
 
 def imports(path: Path) -> list[str]:
-    """Every fedp2eft module ``path`` imports, at module level or inside a function."""
+    """Every fedp2eft module ``path`` imports, at module level or inside a function (``from a import b`` counts as
+    ``a`` and ``a.b``, since ``b`` may be a module)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append(node.module)
+            found += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
     return [name for name in found if name.startswith("fedp2eft.")]
@@ -38,6 +39,19 @@ def test_every_module_imports_only_from_its_floor_or_below():
         offenders += [f"{module} (floor {own}) imports {name} (floor {floor(name)})"
                       for name in imports(path) if floor(name) > own]
     assert not offenders
+
+
+def test_the_flower_layer_knows_no_method_and_no_two_of_its_modules_import_each_other():
+    """Below the floor rule, fl/ also stays out of the method registry (core.methods): tasks reach it by name through
+    the ``fedp2eft.tasks`` entry point, not by an import, and not by a module path written into it either."""
+    folder = PACKAGE / "fl"
+    graph = {path.stem: imports(path) for path in folder.glob("*.py")}
+    assert not {module: names for module, names in graph.items()
+                if any(name.startswith(("fedp2eft.core.methods", "fedp2eft.experiment")) for name in names)}
+    local = {module: {name.split(".")[2] for name in names if name.startswith("fedp2eft.fl.")} & set(graph)
+             for module, names in graph.items()}
+    assert not [(a, b) for a in local for b in local[a] if a in local.get(b, ())]
+    assert "fedp2eft.experiment" not in (folder / "tasks.py").read_text()
 
 
 def test_a_method_is_one_module_and_one_registry_entry():

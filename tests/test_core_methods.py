@@ -170,23 +170,6 @@ def test_lr_scale_keeps_the_paper_ratios():
     assert (scaled.lora_lr, scaled.scale_lr, scaled.adalora_lr) == pytest.approx((1e-3, 1e-1, 1e-2))
 
 
-def test_core_never_imports_a_higher_layer():
-    """core/ is the method, independent of the FL engine, the benchmark, the CLI and the experiment glue."""
-    import ast
-    from pathlib import Path
-
-    import fedp2eft.core
-
-    higher = ("fedp2eft.experiment", "fedp2eft.fl", "fedp2eft.benchmark", "fedp2eft.commands", "fedp2eft.cli")
-    offenders = []
-    for path in Path(fedp2eft.core.__file__).parent.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
-                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
-            offenders += [f"{path.name}: {name}" for name in names if name.startswith(higher)]
-    assert not offenders
-
-
 def test_every_method_declares_a_known_learning_rate_and_stage_loads_refuse_foreign_files(setup, tmp_path):
     from fedp2eft.core.methods import STAGES, method_lr, method_spec
 

@@ -21,37 +21,6 @@ from fedp2eft.fl.weights import from_record, to_record, update_problem
 JOB = {"task": "toy", "output_dir": "/tmp/x", "rounds": 2, "clients_per_round": 2}
 
 
-def _fedp2eft_imports(path) -> list[str]:
-    """Every fedp2eft module a file imports, at module level or inside a function."""
-    import ast
-
-    names = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-    return [name for name in names if name.startswith("fedp2eft")]
-
-
-def test_the_flower_layer_knows_no_method_nor_experiment_and_has_no_import_cycle() -> None:
-    """fl/ is a thin layer over core: tasks reach it by name through entry points, never by importing the method
-    registry, the experiment glue or anything above; and no two of its modules import each other."""
-    from pathlib import Path
-
-    import fedp2eft.fl
-
-    folder = Path(fedp2eft.fl.__file__).parent
-    above = ("fedp2eft.experiment", "fedp2eft.core.methods", "fedp2eft.benchmark", "fedp2eft.commands", "fedp2eft.cli")
-    graph = {path.stem: _fedp2eft_imports(path) for path in folder.glob("*.py")}
-    assert not {module: [n for n in names if n.startswith(above)] for module, names in graph.items()
-                if any(n.startswith(above) for n in names)}
-    local = {module: {n.split(".")[2] for n in names if n.startswith("fedp2eft.fl.") and n.split(".")[2] in graph}
-             for module, names in graph.items()}
-    assert not [(a, b) for a in local for b in local[a] if a in local.get(b, ())]
-    assert "fedp2eft.experiment" not in (folder / "tasks.py").read_text()
-
-
 def test_build_task_resolves_builtin_and_dotted_paths() -> None:
     assert build_task("toy", {"num_clients": 3}).num_clients() == 3
     assert build_task("fedp2eft.fl.toy_task:make_task", {"num_clients": 5}).num_clients() == 5
