@@ -16,11 +16,12 @@ from fedp2eft.core.personalization import frozen_copy, runs_per_pass
 from test_core_methods import artifact_for, trained_like_generator
 
 CONFIG = PersonalizeConfig(max_rank=8, epochs=2, batch_size=8, lora_lr=1e-2, scale_lr=5e-2, bayestune_epochs=2)
-# every LoRA-shaped method, two budgets, two learning-rate scales: runs of different ranks per module, fixed or
-# unit multipliers, and two BayesTune searches (one per scale) that train lambda under the priors
+# every LoRA-shaped method at two budgets, each at its own learning-rate scale: runs of different ranks per
+# module and learning rates in one pass, fixed or unit multipliers, and two BayesTune searches (one per scale) that
+# train lambda under the priors
 CELLS = [(method, budget, CONFIG.with_lr_scale(scale))
          for method in ("lora", "adalora", "btlora", "fedp2eft", "fedp2eft-structure", "fedl2p")
-         for budget in (2, 4) for scale in (1.0, 3.0)]
+         for budget, scale in ((2, 1.0), (4, 3.0))]
 
 
 def lora_weights(model) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from fedp2eft.errors import FedP2EFTError
+from fedp2eft.interrupt import stop_on_interrupt
 from fedp2eft.logs import configure
 
 COMMAND_MODULES = ["models", "data", "personalize", "federated", "benchmark"]
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = "fedp2eft " + shlex.join(argv)
     configure(quiet=args.quiet, verbose=args.verbose)
     try:
-        return int(args.func(args) or 0)
+        with stop_on_interrupt():
+            return int(args.func(args) or 0)
     except FedP2EFTError as error:
         print(f"fedp2eft: error: {error}", file=sys.stderr)
         return 2

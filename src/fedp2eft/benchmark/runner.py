@@ -39,6 +39,7 @@ from fedp2eft.experiment import Setup
 from fedp2eft.fl.checkpoint import load_state
 from fedp2eft.fl.simulation import run_federated
 from fedp2eft.fl.tasks import export_final
+from fedp2eft.interrupt import ignore_interrupts, resumable
 from fedp2eft.logs import console, quiet_third_party
 from fedp2eft.models.registry import resolve_model
 
@@ -165,6 +166,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(config: dict, base_model: str) -> None:
+    ignore_interrupts()  # the main process stops the workers on Ctrl-C (interrupt.py)
     torch.set_num_threads(1)
     quiet_third_party()
     setup = Setup.from_config(task_config(config, base_model, {}))
@@ -491,7 +493,9 @@ class StageClock:
     def time(self, stage: str, function, *args):
         start = time.perf_counter()
         try:
-            return function(*args)
+            with resumable(f"the {stage} stage", "the same command resumes the run there (finished stages, rounds "
+                                                 "and clients are kept)"):
+                return function(*args)
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
             tmp = self.path.with_suffix(".tmp")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fedp2eft.interrupt import resumable
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -34,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from fedp2eft.benchmark.runner import run as run_benchmark
 
     config = resolve(args.config, args.overrides)
-    run_dir = run_benchmark(config, args.results, args.command_line)
+    with resumable(f"run {config['name']}", "the same command resumes it (finished stages are kept)"):
+        run_dir = run_benchmark(config, args.results, args.command_line)
     print(f"report: {run_dir / 'report.md'}")
     return 0
 

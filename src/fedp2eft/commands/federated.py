@@ -12,6 +12,7 @@ import yaml
 from fedp2eft.config_yaml import load_yaml
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl.job import Job
+from fedp2eft.interrupt import resumable
 
 def commands() -> dict[str, tuple[str, str]]:
     """``train-base`` plus ``train-<stage>`` for the federated stage of every registered method."""
@@ -73,11 +74,13 @@ def run(args: argparse.Namespace) -> int:
     stage = STAGES.get(args.task)
     if stage is not None and stage.counts_rounds:
         config.setdefault("training", {}).setdefault("total_rounds", args.rounds)  # e.g. a warm-up share
-    run_federated(
-        args.task, config, args.rounds, args.clients_per_round,
-        output_dir=args.output, min_clients=args.min_clients, seed=args.seed,
-        round_timeout_s=args.round_timeout, resume=args.resume, num_cpus_per_client=args.num_cpus,
-    )
+    with resumable(f"federated training of {args.task}", "the same command with --resume continues from the last "
+                   "finished round"):
+        run_federated(
+            args.task, config, args.rounds, args.clients_per_round,
+            output_dir=args.output, min_clients=args.min_clients, seed=args.seed,
+            round_timeout_s=args.round_timeout, resume=args.resume, num_cpus_per_client=args.num_cpus,
+        )
     print(export_final(args.task, config, args.output))
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -28,6 +29,7 @@ from fedp2eft.fl import protocol as P
 from fedp2eft.fl.secure_aggregation import decode_instructions, encode_update, is_secure, secure_aggregation_mod
 from fedp2eft.fl.tasks import build_task
 from fedp2eft.fl.weights import Weights, from_record, to_record
+from fedp2eft.interrupt import ignore_interrupts
 from fedp2eft.logs import quiet_third_party
 
 app = ClientApp(mods=[secure_aggregation_mod])
@@ -45,6 +47,8 @@ def cached_task(name: str, config_json: str) -> tuple[FederatedTask, bool]:
     if not reused:
         _cached = None  # free the old model before building the new one
         quiet_third_party()
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # a simulated client: a Ray actor
+            ignore_interrupts()  # the simulation's process stops the actors on Ctrl-C (interrupt.py)
         _cached = (key, build_task(name, json.loads(config_json)))
     return _cached[1], reused
 
