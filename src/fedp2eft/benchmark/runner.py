@@ -38,7 +38,7 @@ from fedp2eft.errors import FedP2EFTError
 from fedp2eft.experiment import Setup
 from fedp2eft.fl.checkpoint import load_state
 from fedp2eft.fl.simulation import run_federated
-from fedp2eft.fl.tasks import export_final
+from fedp2eft.fl.tasks import build_task, export_final
 from fedp2eft.interrupt import ignore_interrupts, resumable
 from fedp2eft.logs import console, quiet_third_party
 from fedp2eft.models.registry import resolve_model
@@ -80,11 +80,12 @@ def federated(name: str, config: dict, section: dict, model: str, training: dict
     output.mkdir(parents=True, exist_ok=True)
     state = load_state(output)
     job = task_config(config, model, training)
+    task = build_task(name, job)  # once for the server's side and the export
     if state is None or state.round < section["rounds"]:
         run_federated(name, job, section["rounds"], section["clients_per_round"], output_dir=output, seed=seed,
                       resume=state is not None, min_clients=stage_min_clients(section["clients_per_round"]),
-                      dp=section["privacy"]["dp"], secagg=section["privacy"]["secagg"])
-    return export_final(name, job, output)
+                      dp=section["privacy"]["dp"], secagg=section["privacy"]["secagg"], task=task)
+    return export_final(name, job, output, task)
 
 
 def saved_config(run_dir: Path) -> dict:

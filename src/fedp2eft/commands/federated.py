@@ -65,7 +65,7 @@ def check_task_config(task: str, config: dict[str, Any], where: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedp2eft.fl.simulation import run_federated  # pulls in Flower and Ray only when used
-    from fedp2eft.fl.tasks import export_final
+    from fedp2eft.fl.tasks import build_task, export_final
 
     from fedp2eft.core.methods import STAGES
 
@@ -74,14 +74,15 @@ def run(args: argparse.Namespace) -> int:
     stage = STAGES.get(args.task)
     if stage is not None and stage.counts_rounds:
         config.setdefault("training", {}).setdefault("total_rounds", args.rounds)  # e.g. a warm-up share
+    task = build_task(args.task, config)  # once for the server's side and the export
     with resumable(f"federated training of {args.task}", "the same command with --resume continues from the last "
                    "finished round"):
         run_federated(
             args.task, config, args.rounds, args.clients_per_round,
             output_dir=args.output, min_clients=args.min_clients, seed=args.seed,
-            round_timeout_s=args.round_timeout, resume=args.resume, num_cpus_per_client=args.num_cpus,
+            round_timeout_s=args.round_timeout, resume=args.resume, num_cpus_per_client=args.num_cpus, task=task,
         )
-    print(export_final(args.task, config, args.output))
+    print(export_final(args.task, config, args.output, task))
     return 0
 
 

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedp2eft.core.device import visible_gpus
+from fedp2eft.core.federation import FederatedTask
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl.client_app import app as client_app
 from fedp2eft.fl.job import Job
@@ -89,6 +90,7 @@ def run_federated(
     strategy: str = Job.strategy,
     dp: dict[str, float] | None = Job.dp,
     secagg: dict[str, float] | None = Job.secagg,
+    task: FederatedTask | None = None,
 ) -> Path:
     """Train ``task_name`` for ``rounds`` FedAvg rounds in simulation; return the final checkpoint path.
 
@@ -106,7 +108,7 @@ def run_federated(
               round_timeout_s=round_timeout_s, startup_timeout_s=startup_timeout_s, resume=resume,
               strategy=strategy, dp=dp, secagg=secagg, client_state_dir=str(Path(output_dir).resolve() / CLIENT_STATE_FOLDER))
     settings = backend_settings(num_cpus_per_client, backend_config, num_gpus_per_client, clients_per_round)
-    task = build_task(job.task, job.task_config)
+    task = build_task(job.task, job.task_config) if task is None else task
     finished: list[Path] = []
     server_app = ServerApp()
 

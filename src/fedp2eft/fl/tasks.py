@@ -58,17 +58,19 @@ def _load(target: str, name: str) -> TaskFactory:
     return factory
 
 
-def export_final(name_or_path: str, config: dict[str, Any], output_dir: Path) -> Path:
+def export_final(name_or_path: str, config: dict[str, Any], output_dir: Path,
+                 task: FederatedTask | None = None) -> Path:
     """Turn a finished run into the task's artifact (``ExportableTask.export``): the best weights kept for a task
     that names a ``best_metric`` (early stopping), else the last checkpoint; tasks without ``export`` keep the
     weights checkpoint as their result. A stateful task's artifact also notes where its clients keep their states
-    and from which round (the simulation's client folder)."""
+    and from which round (the simulation's client folder). ``task``: the task already built from this config, if
+    the caller holds one (building it again loads the model again)."""
     from fedp2eft.fl.checkpoint import load_best, load_state, load_weights
 
     state = load_state(output_dir)
     if state is None:
         raise FedP2EFTError(f"{output_dir} holds no finished federated run to export")
-    task = build_task(name_or_path, config)
+    task = build_task(name_or_path, config) if task is None else task
     if not callable(getattr(task, "export", None)):
         return output_dir / state.checkpoint
     best = load_best(output_dir) if getattr(task, "best_metric", None) else None
