@@ -27,10 +27,11 @@ TOY_DEFAULT = {"num_clients": 8, "dim": 64, "hidden": 256, "local_steps": 20, "b
 
 
 class PeakRss:
-    """Samples the resident memory of this process and all its descendants in the background."""
+    """Samples the resident memory of this process (``peak_self``: in a simulation, the ServerApp and Flower's
+    engine) and of it with all its descendants (``peak``: plus Ray's processes) in the background."""
 
     def __init__(self, interval_s: float = 0.1) -> None:
-        self.peak = 0
+        self.peak = self.peak_self = 0
         self._interval = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -41,9 +42,12 @@ class PeakRss:
             total = 0
             for proc in [root, *root.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
+                    rss = proc.memory_info().rss
                 except psutil.Error:
-                    pass
+                    continue
+                total += rss
+                if proc is root:
+                    self.peak_self = max(self.peak_self, rss)
             self.peak = max(self.peak, total)
             self._stop.wait(self._interval)
 

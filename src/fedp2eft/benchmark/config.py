@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from fedp2eft.config_yaml import load_yaml
+from fedp2eft.config_yaml import load_yaml, load_yaml_mapping
 from fedp2eft.core.methods import METHODS, STAGES, Stage, stages
 from fedp2eft.errors import FedP2EFTError
 
@@ -28,10 +28,7 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
     if not path.is_file():
         raise FedP2EFTError(f"no config file or profile named '{name_or_path}'; profiles: {', '.join(PROFILES)}")
-    try:
-        raw = load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise FedP2EFTError(f"{path} is not valid YAML: {error}") from error
+    raw = load_yaml_mapping(path, "config file")
     base = load_profile(raw.pop("profile", "default"))
     return merge(base, raw, str(path))
 

@@ -7,12 +7,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fedp2eft.config_yaml import load_yaml
+from fedp2eft.config_yaml import load_yaml_mapping
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl.job import Job
 from fedp2eft.interrupt import resumable
+
 
 def commands() -> dict[str, tuple[str, str]]:
     """``train-base`` plus ``train-<stage>`` for the federated stage of every registered method."""
@@ -25,15 +24,7 @@ def commands() -> dict[str, tuple[str, str]]:
 
 
 def read_task_config(path: Path) -> dict[str, Any]:
-    try:
-        data = load_yaml(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise FedP2EFTError(f"cannot read task config {path}: {error}") from error
-    except yaml.YAMLError as error:
-        raise FedP2EFTError(f"task config {path} is not valid YAML: {error}") from error
-    if not isinstance(data, dict):
-        raise FedP2EFTError(f"task config {path} must be a YAML mapping (key: value lines)")
-    return data
+    return load_yaml_mapping(path, "task config")
 
 
 TASK_KEYS = {"model", "dataset", "dataset_options", "max_length", "device", "budgets", "generation_tokens", "training"}

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
@@ -73,12 +76,13 @@ class SequenceClassifier(nn.Module):
             raise FedP2EFTError(f"{directory} holds no label list; pass the dataset's labels")
         if saved != labels and new_head_seed is None:
             raise FedP2EFTError(head_mismatch(directory, saved, labels))
-        encoder = AutoModel.from_pretrained(directory, **_without_pooler(AutoConfig.from_pretrained(directory)))
-        with torch.random.fork_rng(devices=[]):  # a new head comes from its seed alone, the caller's stream untouched
-            torch.manual_seed(new_head_seed or 0)
-            model = cls(encoder, labels)
-        if saved == labels:
-            model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        with readable_checkpoint(directory):
+            encoder = AutoModel.from_pretrained(directory, **_without_pooler(AutoConfig.from_pretrained(directory)))
+            with torch.random.fork_rng(devices=[]):  # a new head comes from its seed alone, the caller's stream untouched
+                torch.manual_seed(new_head_seed or 0)
+                model = cls(encoder, labels)
+            if saved == labels:
+                model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
         return model
 
 
@@ -145,7 +149,21 @@ def load_causal_lm(directory: str | Path) -> nn.Module:
             f"{directory} holds a {', '.join(architectures)} ('{config.model_type}'), not a decoder: instruction "
             "datasets need a causal language model (e.g. model gemma-3-270m, or a Hugging Face decoder such as "
             "Llama); use a classification dataset with this model")
-    return AutoModelForCausalLM.from_pretrained(directory)
+    with readable_checkpoint(directory):
+        return AutoModelForCausalLM.from_pretrained(directory)
+
+
+@contextmanager
+def readable_checkpoint(directory: str | Path) -> Iterator[None]:
+    """Turn the errors of a damaged checkpoint file (cut off by a full disk or a killed copy: safetensors refuses
+    it, or the file cannot be read) into one error that names the folder and what to do."""
+    try:
+        yield
+    except (SafetensorError, OSError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise FedP2EFTError(f"the checkpoint in {directory} is damaged or unreadable ({reason}); copy or "
+                            "train it again (a base model: `fedp2eft benchmark` redoes a stage whose folder is "
+                            "deleted)") from None
 
 
 def frozen_copy(base_model: nn.Module) -> nn.Module:
