@@ -31,7 +31,9 @@ def measure(registered: int, per_round: int, rounds: int) -> dict[str, float]:
         wall = time.perf_counter() - start
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rounds_s = [row["round_time_s"] for row in rows]
+    sampled = {client for row in rows for client in row["clients"]}  # proof that the whole population was reachable
     return {"registered": registered, "per_round": per_round, "startup_s": wall - sum(rounds_s),
+            "largest_client_sampled": max(sampled),
             "round_s": statistics.median(rounds_s[1:] or rounds_s), "server_peak_mib": rss.peak_self / 2**20,
             "tree_peak_mib": rss.peak / 2**20}
 
@@ -45,10 +47,11 @@ def main() -> None:
     results = [measure(n, args.per_round, args.rounds) for n in args.clients]
     print(f"\ntoy task {TOY}, {args.per_round} clients per round, {args.rounds} rounds (round time: median of "
           f"rounds 2..{args.rounds})")
-    print(f"{'registered':>10} {'start-up s':>10} {'round s':>8} {'server peak MiB':>15} {'tree peak MiB':>13}")
+    print(f"{'registered':>10} {'largest sampled':>15} {'start-up s':>10} {'round s':>8} {'server peak MiB':>15} "
+          f"{'tree peak MiB':>13}")
     for r in results:
-        print(f"{r['registered']:>10} {r['startup_s']:>10.1f} {r['round_s']:>8.2f} {r['server_peak_mib']:>15.0f} "
-              f"{r['tree_peak_mib']:>13.0f}")
+        print(f"{r['registered']:>10} {r['largest_client_sampled']:>15} {r['startup_s']:>10.1f} {r['round_s']:>8.2f} "
+              f"{r['server_peak_mib']:>15.0f} {r['tree_peak_mib']:>13.0f}")
     first, last = results[0], results[-1]
     print(f"ratio {last['registered']} / {first['registered']} clients: start-up "
           f"{last['startup_s'] / first['startup_s']:.2f}, round {last['round_s'] / first['round_s']:.2f}, "
