@@ -60,6 +60,16 @@ class PeakRss:
         self._thread.join()
 
 
+def print_table(results: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    """One line per result, a column per (header, key, format spec), right-aligned under its header; then the
+    results as JSON, for scripts."""
+    widths = [len(header) for header, _, _ in columns]
+    print(" ".join(header for header, _, _ in columns))
+    for result in results:
+        print(" ".join(f"{result[key]:>{width}{spec}}" for (_, key, spec), width in zip(columns, widths)))
+    print(json.dumps(results))
+
+
 def measure(task: str, config: dict[str, Any], clients: int, rounds: int, num_cpus: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as out, PeakRss() as rss:
         run_federated(task, config, rounds, clients, output_dir=out, num_cpus_per_client=num_cpus)
@@ -93,13 +103,10 @@ def main() -> None:
     results = [measure(args.task, config, n, args.rounds, args.num_cpus) for n in args.clients]
     print(f"\ntask={args.task} rounds={args.rounds} (median of rounds 2..{args.rounds}) "
           f"cores={psutil.cpu_count()} cpus/client={args.num_cpus}")
-    header = ("clients", "round wall s", "client sum s", "wall/sum", "slots", "overhead s", "peak RSS MiB")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (7, 12, 12, 8, 5, 10, 12))))
-    for r in results:
-        print(f"{r['clients_per_round']:>7} {r['round_wall_s']:>12.3f} {r['client_compute_sum_s']:>12.3f} "
-              f"{r['wall_over_compute']:>8.2f} {r['parallel_slots']:>5} {r['overhead_s']:>10.3f} "
-              f"{r['peak_rss_mib']:>12.0f}")
-    print(json.dumps(results))
+    print_table(results, [("clients", "clients_per_round", "d"), ("round wall s", "round_wall_s", ".3f"),
+                          ("client sum s", "client_compute_sum_s", ".3f"), ("wall/sum", "wall_over_compute", ".2f"),
+                          ("slots", "parallel_slots", "d"), ("overhead s", "overhead_s", ".3f"),
+                          ("peak RSS MiB", "peak_rss_mib", ".0f")])
 
 
 if __name__ == "__main__":

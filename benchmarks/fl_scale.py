@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fl_round_overhead import PeakRss
+from fl_round_overhead import PeakRss, print_table
 
 from fedp2eft.fl.simulation import run_federated
 
@@ -47,16 +47,13 @@ def main() -> None:
     results = [measure(n, args.per_round, args.rounds) for n in args.clients]
     print(f"\ntoy task {TOY}, {args.per_round} clients per round, {args.rounds} rounds (round time: median of "
           f"rounds 2..{args.rounds})")
-    print(f"{'registered':>10} {'largest sampled':>15} {'start-up s':>10} {'round s':>8} {'server peak MiB':>15} "
-          f"{'tree peak MiB':>13}")
-    for r in results:
-        print(f"{r['registered']:>10} {r['largest_client_sampled']:>15} {r['startup_s']:>10.1f} {r['round_s']:>8.2f} "
-              f"{r['server_peak_mib']:>15.0f} {r['tree_peak_mib']:>13.0f}")
+    print_table(results, [("registered", "registered", "d"), ("largest sampled", "largest_client_sampled", "d"),
+                          ("start-up s", "startup_s", ".1f"), ("round s", "round_s", ".2f"),
+                          ("server peak MiB", "server_peak_mib", ".0f"), ("tree peak MiB", "tree_peak_mib", ".0f")])
     first, last = results[0], results[-1]
     print(f"ratio {last['registered']} / {first['registered']} clients: start-up "
           f"{last['startup_s'] / first['startup_s']:.2f}, round {last['round_s'] / first['round_s']:.2f}, "
           f"server peak memory {last['server_peak_mib'] / first['server_peak_mib']:.2f}")
-    print(json.dumps(results))
 
 
 if __name__ == "__main__":
