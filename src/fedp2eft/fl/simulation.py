@@ -7,6 +7,7 @@ initial weights; each Ray actor builds its own copy once and keeps it for the wh
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +106,19 @@ def run_federated(
     GPUs otherwise; see :func:`backend_settings`). Clients of a stateful task keep their state under
     ``output_dir/clients`` (one folder per virtual node: ``core/client_state.py``). ``dp`` ({noise_multiplier,
     clipping_norm, delta}) trains with user-level differential privacy (``privacy.py``); ``secagg`` (SecAgg+
-    settings, ``{}`` for the defaults) aggregates with secure aggregation (``secure_aggregation.py``).
+    settings, ``{}`` for the defaults) aggregates with secure aggregation (``secure_aggregation.py``). ``task``, the
+    task already built from (``task_name``, ``task_config``), spares the server side a second model load (the
+    caller exports from it too: ``export_final``). ``startup_timeout_s`` defaults to Job's, or to 0.1 s per virtual
+    client when that is longer (``DISCOVERY_S_PER_CLIENT``).
     """
-    task = build_task(task_name, dict(task_config)) if task is None else task
-    if startup_timeout_s is None:
-        startup_timeout_s = max(Job.startup_timeout_s, DISCOVERY_S_PER_CLIENT * task.num_clients())
+    startup = Job.startup_timeout_s if startup_timeout_s is None else startup_timeout_s
     job = Job(task=task_name, task_config=dict(task_config), rounds=rounds, clients_per_round=clients_per_round,
               min_clients=min_clients, seed=seed, output_dir=str(Path(output_dir).resolve()),
-              round_timeout_s=round_timeout_s, startup_timeout_s=startup_timeout_s, resume=resume,
-              strategy=strategy, dp=dp, secagg=secagg, client_state_dir=str(Path(output_dir).resolve() / CLIENT_STATE_FOLDER))
+              round_timeout_s=round_timeout_s, startup_timeout_s=startup, resume=resume, strategy=strategy, dp=dp,
+              secagg=secagg, client_state_dir=str(Path(output_dir).resolve() / CLIENT_STATE_FOLDER))  # checked first
+    task = build_task(job.task, job.task_config) if task is None else task
+    if startup_timeout_s is None:
+        job = replace(job, startup_timeout_s=max(job.startup_timeout_s, DISCOVERY_S_PER_CLIENT * task.num_clients()))
     settings = backend_settings(num_cpus_per_client, backend_config, num_gpus_per_client, clients_per_round)
     finished: list[Path] = []
     server_app = ServerApp()
