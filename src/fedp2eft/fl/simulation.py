@@ -27,7 +27,7 @@ from fedp2eft.logs import plain_flower_logs
 
 
 # The server asks every virtual node once for its client index; through the simulation engine a query costs about
-# 33 ms of the machine (10,000 virtual clients on 2 cores: 330 s, benchmarks/fl_scale.py), so the start-up may take
+# 31 ms of the machine (10,000 virtual clients on 2 cores: 313 s, benchmarks/fl_scale.py), so the start-up may take
 # 0.1 s per virtual client, not only Job's default (queries still unanswered at the deadline would delay the rounds).
 DISCOVERY_S_PER_CLIENT = 0.1
 MAX_CLIENTS_PER_GPU = 4  # more actors per GPU than this mostly add model copies to its memory
