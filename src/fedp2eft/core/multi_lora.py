@@ -339,7 +339,7 @@ class MultiLoRAModel(nn.Module):
             if run.searches or run.adalora is not None:
                 groups.append({"params": self.run_parameters(index, scales=True),
                                "lr": run.scale_lr if run.searches else run.lr})
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0, foreach=True)
         optimizer.register_step_pre_hook(self._share_gradients)
         if self.allocator is not None:  # after the step, while the stacked gradients are still there
             self.allocator.restart()
