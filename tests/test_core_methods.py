@@ -199,3 +199,36 @@ def test_fedl2p_plugs_in_and_asks_for_its_meta_nets(setup, tmp_path):
         STAGES["fedl2p"].load(tmp_path, base, FAST, "tiny")
     metanets[4].save(tmp_path / "fedl2p-r4.safetensors")
     assert list(STAGES["fedl2p"].load(tmp_path, base, FAST, "tiny")) == [4]
+
+
+@pytest.mark.parametrize("method", ["lora", "fedp2eft", "fedp2eft-structure"])
+def test_rank_lr_exponent_fine_tunes_at_the_rate_of_the_budget(setup, method):
+    """With rank_lr_exponent 1, budget 4 fine-tunes at lora_lr x 2/4: the same run, to the bit, as halving lora_lr
+    by hand; the batched path's run gets that rate too."""
+    from fedp2eft.core.methods import personalize_many
+
+    base, task, train, test = setup
+    artifact = artifact_for(method, base)
+    scaled_config = replace(FAST, rank_lr_exponent=1.0)
+    scaled = personalize(method, base, task, train, budget=4, config=scaled_config, artifact=artifact)
+    by_hand = personalize(method, base, task, train, budget=4, config=replace(FAST, lora_lr=FAST.lora_lr / 2),
+                          artifact=artifact)
+    plain = personalize(method, base, task, train, budget=4, config=FAST, artifact=artifact)
+    assert scaled.metrics == by_hand.metrics != plain.metrics
+    assert task.evaluate(scaled.model, test)["loss"] == task.evaluate(by_hand.model, test)["loss"]
+    [batched] = personalize_many(ClientContext(base, task, train, {"psg": artifact}), [(method, 4, scaled_config)])
+    assert batched.model.runs[batched.run].lr == FAST.lora_lr / 2
+
+
+def test_rank_lr_exponent_leaves_the_bayestune_search_alone(setup):
+    """BayesTune's search runs at lora_lr whatever the exponent (one search for every budget); at the reference
+    rank 2 the fine-tuning is the exponent-free one, to the bit."""
+    base, task, train, _ = setup
+    scaled_config = replace(FAST, rank_lr_exponent=1.0)
+    context = ClientContext(base, task, train)
+    at_two = personalize("btlora", context, budget=2, config=scaled_config)
+    personalize("btlora", context, budget=4, config=scaled_config)
+    assert len(bayestune_searches(context)) == 1
+    plain_two = personalize("btlora", base, task, train, budget=2, config=FAST)
+    assert at_two.metrics == plain_two.metrics and at_two.ranks == plain_two.ranks
+    assert PersonalizeConfig(lora_lr=1e-3, rank_lr_exponent=1.0).finetune_lr(16) == pytest.approx(1.25e-4)

@@ -56,6 +56,9 @@ def section_defaults() -> dict[str, dict]:
             # and budget (true, how runs were made before the key existed) or one per method over all budgets
             "selection": {"reuse": None, "per_budget": True},
             "report": {"reference_run": None},  # a finished run's folder to compare every cell against
+            # fine-tuning at budget r runs at lora_lr x (2 / r) ** rank_lr_exponent; 0 is the paper's one rate for
+            # every rank (docs/method.md, "Learning rate and rank")
+            "personalize": {"rank_lr_exponent": 0.0},
             **{stage: copy.deepcopy(private) for stage in STAGES}}
 
 

@@ -263,7 +263,7 @@ def cell_row(method: str, budget: int, tuned: PersonalizeConfig, lr_scale: float
              seconds: float) -> dict:
     """The row ``personalize.jsonl`` keeps for one cell, with what its method declares it reports."""
     row = {"method": method, "budget": budget, **_scores(score), "seconds": seconds, "lr_scale": lr_scale,
-           "lr": method_lr(tuned, method), "train_loss_last_epoch": result.metrics["train_loss_last_epoch"]}
+           "lr": method_lr(tuned, method, budget), "train_loss_last_epoch": result.metrics["train_loss_last_epoch"]}
     for field in method_spec(method).reports:
         row[field] = result.ranks if field == "ranks" else result.report[field]
     return row
@@ -410,7 +410,7 @@ def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: di
     correct, count = validation_counts(records)
     personal = PersonalizeConfig.from_dict(config["personalize"])
     results = [{"method": m, "budget": b, "scale": s,
-                "lr": method_lr(personal.with_lr_scale(s), m),
+                "lr": method_lr(personal.with_lr_scale(s), m, b),
                 "val_accuracy": correct[(m, b, s)] / count[(m, b, s)], "val_count": count[(m, b, s)]}
                for (m, b, s) in sorted(count)]
     metric = next((row.get("metric", "accuracy") for record in records for row in record["rows"]), "accuracy")

@@ -488,7 +488,7 @@ def plan_fedl2p(context: ClientContext, budget: int, config: PersonalizeConfig, 
     """``personalize_fedl2p`` as a plan: the uniform-rank LoRA with one learning rate per tensor."""
     expected, rates, described = client_rates(context, budget, config, metanet)
     values = rates.detach().cpu().tolist()
-    plan = lora_plan({name: budget for name in expected.module_names}, config)
+    plan = lora_plan({name: budget for name in expected.module_names}, config, budget)  # its rates: tensor_lrs
     plan.run.tensor_lrs = {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(expected.module_names)}
     plan.metrics.update(described)
     return plan

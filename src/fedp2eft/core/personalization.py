@@ -28,6 +28,9 @@ from fedp2eft.core.tasks import Task, iterate_batches
 from fedp2eft.core.training import TrainResult, train
 from fedp2eft.errors import FedP2EFTError, config_from_mapping
 
+REFERENCE_RANK = 2  # the budget at which ``rank_lr_exponent`` leaves lora_lr as it is: the paper's smallest
+
+
 @dataclass
 class PersonalizeConfig:
     """Paper defaults (docs/method.md). ``scale_lr``, ``bayestune_epochs`` and ``priors`` are BayesTune's, shared
@@ -43,6 +46,10 @@ class PersonalizeConfig:
     priors: PriorConfig = field(default_factory=PriorConfig)
     target_modules: list[str] | None = None
     seed: int = 0
+    # LoRA's fine-tuning rate at budget r is lora_lr x (REFERENCE_RANK / r) ** rank_lr_exponent: 0 keeps one rate
+    # for every rank (the paper); 1 makes a rank-r update's size under Adam independent of r, as AdaLoRA's alpha / r
+    # scaling does (docs/method.md, "Learning rate and rank"). Not applied to AdaLoRA, FedL2P or the BayesTune search.
+    rank_lr_exponent: float = 0.0
 
     @classmethod
     def from_dict(cls, raw: dict) -> PersonalizeConfig:
@@ -56,6 +63,10 @@ class PersonalizeConfig:
         so one number per method is what a learning-rate search has to choose."""
         return replace(self, lora_lr=self.lora_lr * factor, scale_lr=self.scale_lr * factor,
                        adalora_lr=self.adalora_lr * factor)
+
+    def finetune_lr(self, budget: int) -> float:
+        """The rate a LoRA of budget ``budget`` (mean rank per module) fine-tunes at (``rank_lr_exponent``)."""
+        return self.lora_lr * (REFERENCE_RANK / budget) ** self.rank_lr_exponent
 
 
 @dataclass
@@ -179,15 +190,16 @@ def train_metrics(result: TrainResult, model: nn.Module | int) -> dict[str, floa
             "steps": result.steps, "trainable_parameters": trainable}
 
 
-def finetune_selection(context: ClientContext, selection: Selection, config: PersonalizeConfig,
+def finetune_selection(context: ClientContext, selection: Selection, config: PersonalizeConfig, budget: int,
                        unit_scales: bool = False) -> Personalized:
     """docs/method.md, personalization steps 3-4: a fresh LoRA with the kept ranks and the kept lambdas as fixed
-    multipliers (all 1 with ``unit_scales``: the rank structure alone), fine-tuned on the client's data."""
-    plan = selection_plan(selection, config, unit_scales)
+    multipliers (all 1 with ``unit_scales``: the rank structure alone), fine-tuned on the client's data at the
+    rate of ``budget``."""
+    plan = selection_plan(selection, config, budget, unit_scales)
     model = BTLoRAModel(frozen_copy(context.base_model), selection.ranks, LORA_SCALING, init_scales=plan.run.scales,
                         trainable_scales=False, lora_seed=config.seed,
                         carry=adapter_carried_modules(context.base_model))
-    optimizer = torch.optim.AdamW(model.lora_parameters(), lr=config.lora_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.lora_parameters(), lr=plan.run.lr, weight_decay=0.0)
     result = train(model, context.task, context.examples, optimizer, config.epochs, config.batch_size,
                    seed=config.seed)
     return Personalized(model, selection.ranks, train_metrics(result, model), plan.report)
@@ -205,16 +217,17 @@ class RunPlan:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def lora_plan(ranks: dict[str, int], config: PersonalizeConfig) -> RunPlan:
-    """A plain LoRA with ``ranks`` fine-tuned at ``config.lora_lr``."""
-    return RunPlan(LoRARun(ranks, config.lora_lr, config.seed), config.epochs, config.batch_size)
+def lora_plan(ranks: dict[str, int], config: PersonalizeConfig, budget: int) -> RunPlan:
+    """A plain LoRA with ``ranks`` fine-tuned at the rate of ``budget``."""
+    return RunPlan(LoRARun(ranks, config.finetune_lr(budget), config.seed), config.epochs, config.batch_size)
 
 
-def selection_plan(selection: Selection, config: PersonalizeConfig, unit_scales: bool = False) -> RunPlan:
+def selection_plan(selection: Selection, config: PersonalizeConfig, budget: int, unit_scales: bool = False
+                   ) -> RunPlan:
     """``finetune_selection`` as a plan: the kept ranks with the kept lambdas (or all 1) as fixed multipliers."""
     values = {name: torch.ones_like(v) for name, v in selection.values.items()} if unit_scales else selection.values
     kept = {name: [round(float(v), 6) for v in values[name]] for name in selection.ranks}
-    return RunPlan(LoRARun(selection.ranks, config.lora_lr, config.seed, scales=values), config.epochs,
+    return RunPlan(LoRARun(selection.ranks, config.finetune_lr(budget), config.seed, scales=values), config.epochs,
                    config.batch_size, {"lambdas": kept})
 
 

@@ -51,11 +51,13 @@ def stage_named(name: str) -> Stage:
     return STAGES[name]
 
 
-def method_lr(config: PersonalizeConfig, method: str) -> float | None:
-    """The learning rate of ``method``'s LoRA weights (the config field its declaration names); None for a method
-    that learns its own."""
+def method_lr(config: PersonalizeConfig, method: str, budget: int | None = None) -> float | None:
+    """The learning rate of ``method``'s LoRA weights (the config field its declaration names; for ``lora_lr`` at
+    ``budget``, the rate its fine-tuning runs at, ``finetune_lr``); None for a method that learns its own."""
     field = method_spec(method).lr_field
-    return None if field is None else getattr(config, field)
+    if field is None:
+        return None
+    return config.finetune_lr(budget) if field == "lora_lr" and budget is not None else getattr(config, field)
 
 
 def personalize(method: str, base_model: nn.Module | ClientContext, task: Task | None = None,

@@ -15,7 +15,8 @@ from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Pers
 
 def search_key(config: PersonalizeConfig) -> tuple:
     """One search per search setting (the config without the fine-tuning epochs), shared by every budget."""
-    return ("bayestune", repr(sorted((key, value) for key, value in asdict(config).items() if key != "epochs")))
+    return ("bayestune", repr(sorted((key, value) for key, value in asdict(config).items()
+                                     if key not in ("epochs", "rank_lr_exponent"))))
 
 
 def bayestune_scales(context: ClientContext, config: PersonalizeConfig) -> tuple[torch.Tensor, list[str], float]:
@@ -56,14 +57,15 @@ def prepare_searches(context: ClientContext, configs: list[PersonalizeConfig]) -
 
 def personalize_btlora(context: ClientContext, budget: int, config: PersonalizeConfig) -> Personalized:
     scales, module_names, search_loss = bayestune_scales(context, config)
-    result = finetune_selection(context, select_top_ranks(scales, module_names, config.max_rank, budget), config)
+    result = finetune_selection(context, select_top_ranks(scales, module_names, config.max_rank, budget), config,
+                                budget)
     result.metrics["search_loss_last_epoch"] = search_loss
     return result
 
 
 def plan_btlora(context: ClientContext, budget: int, config: PersonalizeConfig) -> RunPlan:
     scales, module_names, search_loss = bayestune_scales(context, config)
-    plan = selection_plan(select_top_ranks(scales, module_names, config.max_rank, budget), config)
+    plan = selection_plan(select_top_ranks(scales, module_names, config.max_rank, budget), config, budget)
     plan.metrics["search_loss_last_epoch"] = search_loss
     return plan
 

@@ -63,19 +63,20 @@ def generator_selection(context: ClientContext, budget: int, config: Personalize
 
 
 def personalize_fedp2eft(context: ClientContext, budget: int, config: PersonalizeConfig) -> Personalized:
-    return finetune_selection(context, generator_selection(context, budget, config), config)
+    return finetune_selection(context, generator_selection(context, budget, config), config, budget)
 
 
 def personalize_fedp2eft_structure(context: ClientContext, budget: int, config: PersonalizeConfig) -> Personalized:
-    return finetune_selection(context, generator_selection(context, budget, config), config, unit_scales=True)
+    return finetune_selection(context, generator_selection(context, budget, config), config, budget,
+                              unit_scales=True)
 
 
 def plan_fedp2eft(context: ClientContext, budget: int, config: PersonalizeConfig) -> RunPlan:
-    return selection_plan(generator_selection(context, budget, config), config)
+    return selection_plan(generator_selection(context, budget, config), config, budget)
 
 
 def plan_fedp2eft_structure(context: ClientContext, budget: int, config: PersonalizeConfig) -> RunPlan:
-    return selection_plan(generator_selection(context, budget, config), config, unit_scales=True)
+    return selection_plan(generator_selection(context, budget, config), config, budget, unit_scales=True)
 
 
 METHOD = MethodSpec("fedp2eft", personalize_fedp2eft, reports=("ranks", "lambdas"), stage=PSG_STAGE,

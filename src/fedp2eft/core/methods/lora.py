@@ -18,7 +18,7 @@ def uniform_ranks(context: ClientContext, budget: int, config: PersonalizeConfig
 def personalize_lora(context: ClientContext, budget: int, config: PersonalizeConfig) -> Personalized:
     ranks = uniform_ranks(context, budget, config)
     model = personal_lora(context.base_model, ranks, config.seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lora_lr,
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.finetune_lr(budget),
                                   weight_decay=0.0)
     result = train(model, context.task, context.examples, optimizer, config.epochs, config.batch_size,
                    seed=config.seed)
@@ -26,7 +26,7 @@ def personalize_lora(context: ClientContext, budget: int, config: PersonalizeCon
 
 
 def plan_lora(context: ClientContext, budget: int, config: PersonalizeConfig) -> RunPlan:
-    return lora_plan(uniform_ranks(context, budget, config), config)
+    return lora_plan(uniform_ranks(context, budget, config), config, budget)
 
 
 METHOD = MethodSpec("lora", personalize_lora, plan=plan_lora)
