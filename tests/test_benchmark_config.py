@@ -13,12 +13,18 @@ def test_profiles_load_and_share_one_schema(profile):
     assert all(1 <= b <= config["personalize"]["max_rank"] for b in config["budgets"])
 
 
-def test_the_main_job_is_the_full_protocol_cut_to_one_seed_two_budgets_and_four_methods():
+def test_the_main_job_is_the_full_protocol_cut_as_method_md_prices_it():
+    """One seed, the two end budgets, four methods, the grid without its top scale and fewer base and generator
+    rounds (docs/method.md, "The main job's arithmetic"); everything else is the full protocol's."""
     default, full = load_profile("default"), load_profile("full")
     assert default["seeds"] == [0] and full["seeds"] == [0, 1, 2]
-    cut = ("seeds", "name", "budgets", "methods")
+    cut = ("seeds", "name", "budgets", "methods", "selection", "base", "psg")
     assert {key: value for key, value in full.items() if key not in cut} == \
         {key: value for key, value in default.items() if key not in cut}
+    assert default["selection"] == {**full["selection"], "grid": full["selection"]["grid"][:-1]}
+    for stage in ("base", "psg"):
+        assert default[stage] == {**full[stage], "rounds": default[stage]["rounds"]}
+        assert default[stage]["rounds"] < full[stage]["rounds"]
     # the budget diagnostic compares the smallest and largest budget, so the cut keeps both ends
     assert default["budgets"] == [min(full["budgets"]), max(full["budgets"])]
     assert set(default["methods"]) < set(full["methods"]) and "fedp2eft" in default["methods"]
@@ -167,7 +173,7 @@ def _validation_records(correct: dict[tuple[str, int, float], int], count: int =
 def test_selection_pools_the_budgets_unless_told_to_choose_per_budget():
     """A scale that wins one budget by a sentence loses to one that is better over all budgets; per budget, each
     budget gets its own winner; ties go to the smaller scale; a learned-rate method keeps 1."""
-    from fedp2eft.benchmark.runner import chosen_scales
+    from fedp2eft.benchmark.lr_selection import chosen_scales
 
     config = resolve("quick", ["methods=[lora,fedl2p]", "budgets=[2,8]"])
     assert config["selection"]["per_budget"] is False and config["selection"]["grid"] == [3.0, 30.0]
@@ -184,7 +190,7 @@ def test_selection_pools_the_budgets_unless_told_to_choose_per_budget():
 def test_a_stage_rate_borrowed_from_a_method_that_is_not_a_row_is_still_selected():
     """`methods=[fedp2eft]` on a profile whose generator trains at btlora's selected scale is a fair request: btlora
     is selected for the generator's stage and is no row of the results."""
-    from fedp2eft.benchmark.runner import chosen_scales, selected_methods, stage_lr_scale
+    from fedp2eft.benchmark.lr_selection import chosen_scales, selected_methods, stage_lr_scale
     from fedp2eft.core.methods import stage_named
 
     config = resolve("quick", ["methods=[fedp2eft]"])

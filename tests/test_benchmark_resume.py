@@ -76,7 +76,7 @@ def test_a_changed_config_is_refused_and_runtime_keys_are_not(tmp_path, capsys):
     assert main(["benchmark", "--config", "quick", "--results", str(tmp_path), *SMALL[:-1], "base.rounds=5"]) == 2
     err = capsys.readouterr().err
     assert "another config" in err and "base" in err and "name=" in err
-    from fedp2eft.benchmark.runner import check_run_folder
+    from fedp2eft.benchmark.run_folder import check_run_folder
 
     check_run_folder(run, resolve("quick", [*SMALL, "workers=1"]))  # how fast, not what: accepted
     # a run made before generation_tokens existed resumes: a key it lacks counts as the key's default
@@ -87,7 +87,7 @@ def test_a_changed_config_is_refused_and_runtime_keys_are_not(tmp_path, capsys):
     with pytest.raises(FedP2EFTError, match="differs in: generation_tokens"):
         check_run_folder(run, resolve("quick", [*SMALL, "generation_tokens=4"]))
     # federated stages checkpoint their task config: a default-valued new key stays out of it, so they resume too
-    from fedp2eft.benchmark.runner import task_config
+    from fedp2eft.benchmark.run_folder import task_config
 
     assert "generation_tokens" not in task_config(resolve("quick", SMALL), "m", {})
     assert task_config(resolve("quick", [*SMALL, "generation_tokens=4"]), "m", {})["generation_tokens"] == 4
@@ -95,7 +95,7 @@ def test_a_changed_config_is_refused_and_runtime_keys_are_not(tmp_path, capsys):
 
 @pytest.mark.parametrize("cut", ['{"seed": 0, "pool"', ""])
 def test_a_results_file_cut_by_a_kill_keeps_its_complete_lines(tmp_path, caplog, cut):
-    from fedp2eft.benchmark.runner import read_jsonl
+    from fedp2eft.benchmark.run_folder import read_jsonl
 
     path = tmp_path / "personalize.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}\n' + cut)

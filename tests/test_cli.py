@@ -122,7 +122,7 @@ def test_quiet_hides_progress_but_not_warnings(capsys):
     try:
         configure(quiet=True)
         console.rule("Stage 1/5")
-        logging.getLogger("fedp2eft.benchmark.runner").warning("a results line was dropped")
+        logging.getLogger("fedp2eft.benchmark.run_folder").warning("a results line was dropped")
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err == "fedp2eft: warning: a results line was dropped\n"
     finally:

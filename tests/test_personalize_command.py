@@ -10,7 +10,7 @@ import pytest
 from peft import PeftModel
 
 from fedp2eft.benchmark.config import resolve
-from fedp2eft.benchmark.runner import run_config, task_config
+from fedp2eft.benchmark.run_folder import run_config, task_config
 from fedp2eft.cli import build_parser, main
 from fedp2eft.commands.personalize import command_config, max_rank_of
 from fedp2eft.experiment import Setup

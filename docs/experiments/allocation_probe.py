@@ -35,9 +35,10 @@ import torch
 
 from fedp2eft.benchmark.report.records import client_units
 from fedp2eft.benchmark.report.stats import paired_bootstrap
-from fedp2eft.benchmark.runner import (WorkerPool, finished_artifact, finished_base, personalize_cell,
-                                       read_chosen_scales, read_jsonl, run_config, seeded_personalize_config,
-                                       task_config, worker_artifacts, worker_model)
+from fedp2eft.benchmark.cells import personalize_cell, seeded_personalize_config
+from fedp2eft.benchmark.run_folder import finished_artifact, finished_base, read_jsonl, run_config, task_config
+from fedp2eft.benchmark.lr_selection import read_chosen_scales
+from fedp2eft.benchmark.workers import WorkerPool, worker_artifacts, worker_model
 from fedp2eft.core.btlora import resolve_target_modules
 from fedp2eft.core.methods import ClientContext, stage_named
 from fedp2eft.core.pfl import apply_overlay

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from fedp2eft.benchmark.runner import finished_base, read_chosen_scales, saved_config, selected_methods, stage_lr_scale
+from fedp2eft.benchmark.run_folder import finished_base, saved_config
+from fedp2eft.benchmark.lr_selection import read_chosen_scales, selected_methods, stage_lr_scale
 from fedp2eft.core.fedl2p import FedL2PConfig, FedL2PTask
 from fedp2eft.core.methods import stage_named
 from fedp2eft.core.personalization import PersonalizeConfig, features_for

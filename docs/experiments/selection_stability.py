@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedp2eft.benchmark.runner import chosen_scales, read_jsonl, run_config
+from fedp2eft.benchmark.run_folder import read_jsonl, run_config
+from fedp2eft.benchmark.lr_selection import chosen_scales
 
 
 def choices(config: dict, records: list[dict], per_budget: bool) -> dict[str, dict[int, float]]:

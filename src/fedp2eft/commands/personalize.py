@@ -1,7 +1,7 @@
 """``fedp2eft personalize``: one client, one method, one budget; evaluate and optionally export the adapter.
 
 With ``--run`` every setting comes from a benchmark run folder, and the cell is computed by the benchmark's own
-code (``benchmark.runner.personalize_cell``), so it reproduces that run's row; without it the settings are the
+code (``benchmark.cells.personalize_cell``), so it reproduces that run's row; without it the settings are the
 default profile's. An option given on the command line overrides either."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def command_config(args: argparse.Namespace) -> dict:
     """A benchmark config for this cell: the run's or the default profile's, with the command line's overrides."""
-    from fedp2eft.benchmark.runner import run_config
+    from fedp2eft.benchmark.run_folder import run_config
 
     config = run_config(args.run) if args.run is not None else default_profile()
     if args.data is not None and args.data != config["dataset"]:
@@ -97,7 +97,7 @@ def command_config(args: argparse.Namespace) -> dict:
 
 
 def base_model_of(args: argparse.Namespace, config: dict) -> str:
-    from fedp2eft.benchmark.runner import finished_base
+    from fedp2eft.benchmark.run_folder import finished_base
 
     if args.model is not None:
         return args.model
@@ -112,7 +112,7 @@ def base_model_of(args: argparse.Namespace, config: dict) -> str:
 def artifact_of(args: argparse.Namespace, config: dict, seed: int) -> Path | None:
     """The artifact of the method's federated stage: given, or the run's for ``seed``; None for a method without
     a stage."""
-    from fedp2eft.benchmark.runner import finished_artifact
+    from fedp2eft.benchmark.run_folder import finished_artifact
     from fedp2eft.core.methods import method_spec
 
     stage = method_spec(args.method).stage
@@ -141,7 +141,7 @@ def max_rank_of(args: argparse.Namespace, config: dict, artifact: Path | None) -
 
 def lr_scale_of(args: argparse.Namespace) -> float:
     """The learning-rate scale: given, else the one the run selected for this method and budget, else 1."""
-    from fedp2eft.benchmark.runner import read_chosen_scales
+    from fedp2eft.benchmark.lr_selection import read_chosen_scales
 
     if args.lr_scale is not None:
         return args.lr_scale
@@ -180,7 +180,7 @@ class Cell:
 
 def cell_of(args: argparse.Namespace) -> Cell:
     """The cell the command line asks for; every setting is checked before the model is loaded."""
-    from fedp2eft.benchmark.runner import task_config
+    from fedp2eft.benchmark.run_folder import task_config
     from fedp2eft.core.budget import check_budget
     from fedp2eft.experiment import Setup
 
@@ -198,7 +198,7 @@ def cell_of(args: argparse.Namespace) -> Cell:
 
 def compute(cell: Cell) -> tuple[dict, Personalized]:
     """The cell's row (as in the run's ``personalize.jsonl``, with the client and its pool) and its model."""
-    from fedp2eft.benchmark.runner import personalize_cell, seeded_personalize_config
+    from fedp2eft.benchmark.cells import personalize_cell, seeded_personalize_config
     from fedp2eft.core.methods import ClientContext, PersonalizeConfig, method_spec
     from fedp2eft.core.pfl import apply_overlay
 
@@ -232,7 +232,7 @@ def torch_threads(count: int | None) -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     cell = cell_of(args)
-    # with --run, one thread as each of the benchmark's workers (runner._init_worker): a parallel reduction may
+    # with --run, one thread as each of the benchmark's workers (workers._init_worker): a parallel reduction may
     # round differently, and the result is to be the run's to the last bit
     with torch_threads(1 if args.run is not None else None):
         report, result = compute(cell)
