@@ -30,6 +30,10 @@ def artifact_for(method: str, base):
     stage = METHODS[method].stage
     if stage is None:
         return None
+    if stage.name == "nested":  # a rank-R adapter as its stage starts it (B = 0: the cut starts as the base model)
+        from fedp2eft.core.nested_lora import NestedLoRAConfig, NestedLoRATask, from_weights
+
+        return from_weights(NestedLoRATask(base, None, [], NestedLoRAConfig(personalize=FAST), "tiny").initial_weights())
     if stage.name == "fedl2p":
         return {b: LRMetaNet(metanet_spec(base, FAST, "tiny", b), base_lr=FAST.lora_lr) for b in (2, 4)}
     return trained_like_generator(base)

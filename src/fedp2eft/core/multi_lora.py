@@ -44,7 +44,8 @@ class LoRARun:
     ``scale_lr`` the multipliers are trained at that rate under BayesTune's ``priors`` (a search). ``tensor_lrs``
     gives each module's A and B their own learning rates instead of ``lr`` (FedL2P). ``adalora`` makes the run
     PEFT's AdaLoRA of that config (``ranks`` = its ``init_r``): the multipliers are its singular values E, trained at
-    ``lr`` and unclamped, with its orthogonality penalty and its rank allocation after every step."""
+    ``lr`` and unclamped, with its orthogonality penalty and its rank allocation after every step. ``start`` gives
+    every module's starting (A, B) instead of PEFT's init (a nested-rank LoRA's leading components)."""
 
     ranks: dict[str, int]
     lr: float
@@ -54,6 +55,7 @@ class LoRARun:
     priors: PriorConfig | None = None
     tensor_lrs: dict[str, tuple[float, float]] | None = None
     adalora: AdaLoraConfig | None = None
+    start: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def searches(self) -> bool:
@@ -61,6 +63,8 @@ class LoRARun:
 
     @property
     def init_key(self) -> tuple:
+        if self.start is not None:
+            return ("start", id(self.start))
         return tuple(sorted(self.ranks.items())), self.seed, self.adalora is not None
 
 
@@ -274,7 +278,11 @@ class MultiLoRAModel(nn.Module):
         self.model = frozen_copy(base_model).requires_grad_(False)
         inits: dict[tuple, dict] = {}  # runs with the same ranks and seed start from the same init
         for run in runs:
-            if run.init_key not in inits:
+            if run.init_key in inits:
+                continue
+            if run.start is not None:
+                inits[run.init_key] = {name: (a, b, None) for name, (a, b) in run.start.items()}
+            else:
                 inits[run.init_key] = peft_init(base_model, {n: r for n, r in run.ranks.items() if r > 0}, run.seed,
                                                 run.adalora)
         adapted = [name for name, module in self.model.named_modules()

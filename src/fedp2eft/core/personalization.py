@@ -100,6 +100,16 @@ def personal_lora(base_model: nn.Module, ranks: dict[str, int], seed: int) -> Pe
                        carry=adapter_carried_modules(base_model))
 
 
+def finetune_lora(context: ClientContext, model: PeftModel, ranks: dict[str, int], budget: int,
+                  config: PersonalizeConfig) -> Personalized:
+    """Fine-tune a PEFT LoRA ``model`` (with ``ranks``) on the client's data at the rate of ``budget``."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.finetune_lr(budget),
+                                  weight_decay=0.0)
+    result = train(model, context.task, context.examples, optimizer, config.epochs, config.batch_size,
+                   seed=config.seed)
+    return Personalized(model, ranks, train_metrics(result, model))
+
+
 def validation_split(examples: list[dict], fraction: float, key: int | str) -> tuple[list[dict], list[dict]]:
     """A split of a client's *training* data into (inner-train, validation), seeded by ``key`` (a seed or a client
     id), each part in the original order and neither empty: learning-rate selection and FedL2P's meta-training

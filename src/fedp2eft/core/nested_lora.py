@@ -1,0 +1,144 @@
+"""Federated nested-rank LoRA (DyLoRA-style; docs/method.md, "Nested-rank LoRA"), engine-free: one LoRA of the
+maximum rank R on every target module is trained with FedAvg, and each local step of a client trains only its
+leading b components for a b drawn uniformly from 1..R. The components are then ordered by how much they matter
+to every smaller rank, so the averaged adapter can be cut at any budget r <= R (its first r components) and
+fine-tuned there: one federated training serves every budget, the promise the PS generator makes too.
+
+Factors follow PEFT's layout (A: rank x in, B: out x rank) and its scaling alpha / r = 2 at every rank, so the
+first r components of the rank-R LoRA compute what a rank-r LoRA with the same factors computes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedp2eft.core.artifacts import ArtifactKind, load_artifact, save_artifact
+from fedp2eft.core.btlora import LORA_SCALING, BTLoRAModel, resolve_target_modules
+from fedp2eft.core.federation import ClientUpdate
+from fedp2eft.core.modeling import adapter_carried_modules, frozen_copy
+from fedp2eft.core.multi_lora import peft_init
+from fedp2eft.core.personalization import PersonalizeConfig
+from fedp2eft.core.tasks import Task
+from fedp2eft.core.training import steps_per_epoch, train
+from fedp2eft.data.types import ClientData
+from fedp2eft.errors import FedP2EFTError, config_from_mapping
+
+STAGE_NAME = "nested"
+ARTIFACT_FILE = "nested_lora.safetensors"
+ARTIFACT = ArtifactKind("fedp2eft_nested_lora", "nested-rank LoRA",
+                        "let `fedp2eft benchmark` train one (stage `nested`) or point --artifact at its file")
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A: R x in, B: out x R)
+
+
+@dataclass
+class NestedLoRAConfig:
+    """A client's local work per round: ``local_epochs`` over its data at ``personalize.lora_lr`` (the benchmark
+    scales it like the other stages' rates), a rank drawn per step from 1..``personalize.max_rank``."""
+
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
+    local_epochs: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> NestedLoRAConfig:
+        raw = dict(raw)
+        personalize = PersonalizeConfig.from_dict(raw.pop("personalize", {}))
+        return config_from_mapping(cls, {**raw, "personalize": personalize}, "training")
+
+
+def step_ranks(seed: int, server_round: int, client_index: int, steps: int, max_rank: int) -> list[int]:
+    """The rank b of each local step of one client's round, uniform in 1..max_rank, reproducible from the run's
+    seed, the round and the client."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + server_round * 10_007 + client_index)
+    return torch.randint(1, max_rank + 1, (steps,), generator=generator).tolist()
+
+
+def leading(factors: Factors, rank: int) -> Factors:
+    """Every module's first ``rank`` components: the nested adapter cut at budget ``rank``."""
+    return {name: (a[:rank], b[:, :rank]) for name, (a, b) in factors.items()}
+
+
+def to_weights(factors: Factors) -> dict[str, torch.Tensor]:
+    return {f"{name}.{part}": tensor for name, pair in factors.items() for part, tensor in zip("AB", pair)}
+
+
+def from_weights(weights: dict[str, torch.Tensor]) -> Factors:
+    names = dict.fromkeys(key.rpartition(".")[0] for key in weights)
+    return {name: (weights[f"{name}.A"], weights[f"{name}.B"]) for name in names}
+
+
+class NestedLoRATask:
+    """Nested-rank LoRA's federated job over the seen clients; implements ``FederatedTask`` and ``ExportableTask``."""
+
+    def __init__(self, base_model: nn.Module, task: Task, clients: list[ClientData], config: NestedLoRAConfig,
+                 base_model_name: str) -> None:
+        self.base_model, self.task, self.clients, self.config = base_model, task, clients, config
+        self.base_model_name = base_model_name
+        rank = config.personalize.max_rank
+        self.ranks = dict.fromkeys(resolve_target_modules(base_model, config.personalize.target_modules), rank)
+
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        """PEFT's LoRA init of rank R from the run's seed (B = 0, so the adapter starts as the base model)."""
+        init = peft_init(self.base_model, self.ranks, self.config.seed)
+        return to_weights({name: (a.clone(), b.clone()) for name, (a, b, _) in init.items()})
+
+    def client_update(self, weights: dict[str, torch.Tensor], client_index: int, server_round: int) -> ClientUpdate:
+        config, personal = self.config, self.config.personalize
+        client = self.clients[client_index]
+        torch.manual_seed(config.seed * 100_003 + server_round * 1_009 + client_index)  # dropout masks
+        model = BTLoRAModel(frozen_copy(self.base_model), self.ranks, LORA_SCALING, init_scales=1.0,
+                            trainable_scales=False, lora_seed=config.seed,
+                            carry=adapter_carried_modules(self.base_model))
+        layers = model.lora_layers
+        with torch.no_grad():
+            for name, (a, b) in from_weights(weights).items():
+                layers[name].lora_A[model.adapter_name].weight.copy_(a)
+                layers[name].lora_B[model.adapter_name].weight.copy_(b)
+        steps = config.local_epochs * steps_per_epoch(len(client.train), personal.batch_size)
+        ranks = step_ranks(config.seed, server_round, client_index, steps, personal.max_rank)
+        rank_positions = torch.arange(personal.max_rank)
+
+        def use_rank(rank: int) -> None:  # the gates switch the trailing components off: no output, no gradient
+            model.set_masks({name: rank_positions < rank for name in model.module_names})
+
+        use_rank(ranks[0])
+        optimizer = torch.optim.AdamW(model.lora_parameters(), lr=personal.lora_lr, weight_decay=0.0)
+        result = train(model, self.task, client.train, optimizer, config.local_epochs, personal.batch_size,
+                       seed=config.seed * 1_000 + server_round,
+                       after_step=lambda step: use_rank(ranks[min(step + 1, steps - 1)]))
+        trained = {name: (layers[name].lora_A[model.adapter_name].weight.detach().clone(),
+                          layers[name].lora_B[model.adapter_name].weight.detach().clone()) for name in self.ranks}
+        metrics = {"train_loss": result.epoch_losses[-1], "mean_step_rank": sum(ranks) / len(ranks)}
+        return ClientUpdate(to_weights(trained), len(client.train), metrics)
+
+    def export(self, weights: dict[str, torch.Tensor], directory: Path) -> Path:
+        """The averaged rank-R factors as ``directory/nested_lora.safetensors``, with the model and R they fit."""
+        path = directory / ARTIFACT_FILE
+        save_artifact(path, weights, ARTIFACT, {"base_model": self.base_model_name,
+                                                "max_rank": self.config.personalize.max_rank})
+        return path
+
+
+def load_nested(path: Path, base_model: nn.Module, config: PersonalizeConfig) -> Factors:
+    """A nested-rank adapter, checked against the base model's target modules and shapes (a foreign or
+    mismatched file is refused naming what differs)."""
+    _, weights = load_artifact(path, ARTIFACT)
+    factors = from_weights(weights)
+    modules = dict(base_model.named_modules())
+    expected = resolve_target_modules(base_model, config.target_modules)
+    if sorted(factors) != sorted(expected):
+        raise FedP2EFTError(f"{path} adapts {len(factors)} modules, this base model and target_modules "
+                            f"{len(expected)}; use the adapter trained for this model")
+    for name, (a, b) in factors.items():
+        weight = modules[name].weight
+        if a.shape[1] != weight.shape[1] or b.shape[0] != weight.shape[0]:
+            raise FedP2EFTError(f"{path}: module {name} is {b.shape[0]} x {a.shape[1]} there but "
+                                f"{weight.shape[0]} x {weight.shape[1]} in this base model")
+    return factors

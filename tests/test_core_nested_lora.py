@@ -1,0 +1,111 @@
+"""Nested-rank LoRA (core/nested_lora.py, core/methods/nested_lora.py): the cut at a budget, the per-step ranks, a
+client's step training only its leading components, personalization starting from the cut on both paths, and one
+round on Flower in simulation equal to FedAvg of the clients' updates."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedp2eft.core.methods import ClientContext, PersonalizeConfig, personalize, personalize_many
+from fedp2eft.core.nested_lora import NestedLoRAConfig, NestedLoRATask, from_weights, leading, load_nested, step_ranks
+from fedp2eft.data.types import ClientData
+from fedp2eft.errors import FedP2EFTError
+
+CONFIG = PersonalizeConfig(max_rank=4, epochs=1, batch_size=8, lora_lr=1e-2)
+
+
+def test_the_cut_at_a_budget_computes_the_leading_components_update():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]])  # rank 3 x in 2
+    b = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, -1.0]])  # out 2 x rank 3
+    ((cut_a, cut_b),) = leading({"m": (a, b)}, 2).values()
+    # by hand: B[:, :2] @ A[:2] = [[1*1 + 1*0, 1*0 + 1*2], [0*1 + 1*0, 0*0 + 1*2]]
+    assert torch.equal(cut_b @ cut_a, torch.tensor([[1.0, 2.0], [0.0, 2.0]]))
+
+
+def test_step_ranks_are_reproducible_and_cover_one_to_r():
+    ranks = step_ranks(seed=3, server_round=2, client_index=1, steps=400, max_rank=4)
+    assert ranks == step_ranks(3, 2, 1, 400, 4) != step_ranks(3, 2, 2, 400, 4)
+    assert set(ranks) == {1, 2, 3, 4}
+
+
+def nested_task(setup, epochs: int = 1) -> NestedLoRATask:
+    base, task, train, _ = setup
+    clients = [ClientData(f"c{i}", "xx", train[8 * i: 8 * i + 8], []) for i in range(2)]  # one step per epoch each
+    config = NestedLoRAConfig(personalize=CONFIG, local_epochs=epochs)
+    return NestedLoRATask(base, task, clients, config, "tiny")
+
+
+def test_a_local_step_trains_only_the_components_of_its_rank(setup):
+    task = nested_task(setup)
+    weights = task.initial_weights()  # B = 0, so only B gets a gradient in the first step
+    update = task.client_update(weights, client_index=0, server_round=1)
+    (rank,) = step_ranks(0, 1, 0, 1, CONFIG.max_rank)
+    for name, (a, b) in from_weights(update.weights).items():
+        before_a, before_b = from_weights(weights)[name]
+        assert torch.equal(a, before_a), name
+        assert torch.equal(b[:, rank:], before_b[:, rank:]), (name, rank)  # switched off: no gradient, no step
+        assert not torch.equal(b[:, :rank], before_b[:, :rank]), (name, rank)
+    assert update.metrics["mean_step_rank"] == rank and update.num_examples == 8
+
+
+@pytest.mark.parametrize("model_kind", ["bert"])
+def test_personalization_starts_from_the_cut_on_both_paths(setup, tmp_path):
+    """With a learning rate of 0 a personalized run keeps its start: exactly the adapter's first r components."""
+    base, task_, train, _ = setup
+    job = nested_task(setup)
+    trained = job.client_update(job.initial_weights(), 0, 1).weights
+    path = job.export(trained, tmp_path)
+    factors = load_nested(path, base, CONFIG)
+    frozen = replace(CONFIG, lora_lr=0.0)
+    alone = personalize("nested-lora", base, task_, train, budget=2, config=frozen, artifact=factors)
+    modules = dict(alone.model.base_model.model.named_modules())
+    [batched] = personalize_many(ClientContext(base, task_, train, {"nested": factors}), [("nested-lora", 2, frozen)])
+    layers = batched.model.layers
+    for name, (a, b) in leading(factors, 2).items():
+        assert torch.equal(modules[name].lora_A["default"].weight, a) and torch.equal(
+            modules[name].lora_B["default"].weight, b), name
+        assert torch.equal(layers[name].a[batched.run], a) and torch.equal(layers[name].b[batched.run], b), name
+    assert alone.ranks == batched.ranks == dict.fromkeys(factors, 2)
+    with pytest.raises(FedP2EFTError, match="does not fit a nested-rank LoRA of rank 4"):
+        personalize("nested-lora", base, task_, train, budget=8, config=replace(CONFIG, max_rank=8), artifact=factors)
+
+
+def test_one_round_on_flower_is_fedavg_of_the_clients_updates(tmp_path):
+    from fedp2eft.experiment import Setup, make_stage_task
+    from fedp2eft.fl.server_app import sample_clients
+    from fedp2eft.fl.simulation import run_federated
+
+    config = {"model": "multilingual-e5-small", "dataset": "intents", "max_length": 32,
+              "dataset_options": {"clients_per_language": 1, "train_size": 16, "test_size": 4, "languages": "en,de"},
+              "training": {"local_epochs": 1, "personalize": {"max_rank": 4, "batch_size": 8}}}
+    setup = Setup.from_config(config)
+    setup.load_base_model(new_head_seed=0).save_pretrained(tmp_path / "base")
+    setup.tokenizer.save_pretrained(tmp_path / "base")
+    config["model"] = str(tmp_path / "base")
+    out = tmp_path / "nested"
+    run_federated("nested", config, 1, 2, output_dir=out, min_clients=2, seed=5)
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["successes"] == 2 and 1 <= row["train/mean_step_rank"] <= 4
+    state = json.loads((out / "state.json").read_text())
+    got = load_file(str(out / state["checkpoint"]))
+
+    task = make_stage_task("nested", config)
+    start = task.initial_weights()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the simulation's actors train: the same sums in the same order
+    try:
+        updates = [task.client_update(start, c, 1) for c in sample_clients(list(range(task.num_clients())), 2, 5, 1)]
+    finally:
+        torch.set_num_threads(threads)
+    total = sum(u.num_examples for u in updates)
+    for key in start:
+        expected = sum(u.weights[key].double() * u.num_examples for u in updates) / total
+        # Flower averages in float32: each weighted term and the sum rounded once, a few ulps of the largest value
+        tolerance = 4 * torch.finfo(torch.float32).eps * float(expected.abs().max())
+        torch.testing.assert_close(got[key].double(), expected, atol=tolerance, rtol=0)
+        assert not torch.equal(got[key], start[key]) or key.endswith(".A")  # every B moved
