@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from fedp2eft.benchmark.config import OPTIONAL_KEYS, with_optional_keys, with_stage_sections
+from fedp2eft.benchmark.config import OPTIONAL_KEYS, with_stage_sections
 from fedp2eft.core.methods import Stage
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.interrupt import resumable
@@ -31,14 +31,19 @@ def task_config(config: dict, model: str, training: dict) -> dict:
     return job | {key: config[key] for key, default in OPTIONAL_KEYS.items() if config.get(key, default) != default}
 
 
+def read_saved(path: Path) -> dict:
+    """A run's saved ``config.yaml`` as this version reads it: a key or a method's stage added after the run was
+    made counts as its default there (OPTIONAL_KEYS, STAGES)."""
+    return with_stage_sections(yaml.safe_load(path.read_text()) or {})
+
+
 def check_run_folder(run_dir: Path, config: dict) -> None:
     """Refuse a run folder whose saved config differs from ``config`` in anything that shapes the results, so a
     changed config never silently reuses stages computed with another one."""
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return
-    # a key or a method's stage added after the run was made counts as its default there (OPTIONAL_KEYS, STAGES)
-    previous = with_stage_sections(yaml.safe_load(saved.read_text()) or {})
+    previous = read_saved(saved)
     changed = sorted(key for key in set(previous) | set(config)
                      if key not in RUNTIME_KEYS and previous.get(key) != config.get(key))
     if changed:
@@ -54,7 +59,7 @@ def saved_config(run_dir: Path) -> dict:
     if not saved.is_file():
         raise FedP2EFTError(f"{run_dir} is not a benchmark run folder (no config.yaml); give the folder "
                             "`fedp2eft benchmark` wrote, e.g. results/default")
-    return with_optional_keys(yaml.safe_load(saved.read_text()) or {})
+    return read_saved(saved)
 
 
 def run_config(run_dir: Path) -> dict:
