@@ -31,7 +31,8 @@ def artifact_for(method: str, base):
     if stage is None:
         return None
     if stage.name == "nested":  # a rank-R adapter as its stage starts it (B = 0: the cut starts as the base model)
-        from fedp2eft.core.nested_lora import NestedLoRAConfig, NestedLoRATask, from_weights
+        from fedp2eft.core.nested_lora import NestedLoRAConfig, NestedLoRATask
+        from fedp2eft.core.prefix_lora import from_weights
 
         return from_weights(NestedLoRATask(base, None, [], NestedLoRAConfig(personalize=FAST), "tiny").initial_weights())
     if stage.name == "fedl2p":

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, personalize, personalize_many
-from fedp2eft.core.nested_lora import NestedLoRAConfig, NestedLoRATask, from_weights, leading, load_nested, step_ranks
+from fedp2eft.core.nested_lora import ARTIFACT, NestedLoRAConfig, NestedLoRATask, step_ranks
+from fedp2eft.core.prefix_lora import from_weights, leading
 from fedp2eft.data.types import ClientData
 from fedp2eft.errors import FedP2EFTError
 
@@ -60,7 +61,7 @@ def test_personalization_starts_from_the_cut_on_both_paths(setup, tmp_path):
     job = nested_task(setup)
     trained = job.client_update(job.initial_weights(), 0, 1).weights
     path = job.export(trained, tmp_path)
-    factors = load_nested(path, base, CONFIG)
+    factors = ARTIFACT.load(path, base, CONFIG)
     frozen = replace(CONFIG, lora_lr=0.0)
     alone = personalize("nested-lora", base, task_, train, budget=2, config=frozen, artifact=factors)
     modules = dict(alone.model.base_model.model.named_modules())
@@ -71,7 +72,7 @@ def test_personalization_starts_from_the_cut_on_both_paths(setup, tmp_path):
             modules[name].lora_B["default"].weight, b), name
         assert torch.equal(layers[name].a[batched.run], a) and torch.equal(layers[name].b[batched.run], b), name
     assert alone.ranks == batched.ranks == dict.fromkeys(factors, 2)
-    with pytest.raises(FedP2EFTError, match="does not fit a nested-rank LoRA of rank 4"):
+    with pytest.raises(FedP2EFTError, match="does not fit the rank-4 LoRA of stage .nested."):
         personalize("nested-lora", base, task_, train, budget=8, config=replace(CONFIG, max_rank=8), artifact=factors)
 
 

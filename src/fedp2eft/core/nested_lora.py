@@ -2,36 +2,31 @@
 maximum rank R on every target module is trained with FedAvg, and each local step of a client trains only its
 leading b components for a b drawn uniformly from 1..R. The components are then ordered by how much they matter
 to every smaller rank, so the averaged adapter can be cut at any budget r <= R (its first r components) and
-fine-tuned there: one federated training serves every budget, the promise the PS generator makes too.
-
-Factors follow PEFT's layout (A: rank x in, B: out x rank) and its scaling alpha / r = 2 at every rank, so the
-first r components of the rank-R LoRA compute what a rank-r LoRA with the same factors computes."""
+fine-tuned there: one federated training serves every budget, the promise the PS generator makes too. The factors'
+layout, file and cut are the peers' common ground (``core/prefix_lora.py``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from fedp2eft.core.artifacts import ArtifactKind, load_artifact, save_artifact
-from fedp2eft.core.btlora import LORA_SCALING, BTLoRAModel, resolve_target_modules
+from fedp2eft.core.artifacts import ArtifactKind
+from fedp2eft.core.btlora import LORA_SCALING, BTLoRAModel
 from fedp2eft.core.federation import ClientUpdate
 from fedp2eft.core.modeling import adapter_carried_modules, frozen_copy
-from fedp2eft.core.multi_lora import peft_init
 from fedp2eft.core.personalization import PersonalizeConfig
+from fedp2eft.core.prefix_lora import FactorsArtifact, PrefixLoRATask, from_weights, to_weights
 from fedp2eft.core.tasks import Task
 from fedp2eft.core.training import steps_per_epoch, train
 from fedp2eft.data.types import ClientData
-from fedp2eft.errors import FedP2EFTError, config_from_mapping
+from fedp2eft.errors import config_from_mapping
 
 STAGE_NAME = "nested"
-ARTIFACT_FILE = "nested_lora.safetensors"
-ARTIFACT = ArtifactKind("fedp2eft_nested_lora", "nested-rank LoRA",
-                        "let `fedp2eft benchmark` train one (stage `nested`) or point --artifact at its file")
-
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A: R x in, B: out x R)
+ARTIFACT = FactorsArtifact("nested_lora.safetensors", ArtifactKind(
+    "fedp2eft_nested_lora", "nested-rank LoRA",
+    "let `fedp2eft benchmark` train one (stage `nested`) or point --artifact at its file"))
 
 
 @dataclass
@@ -57,37 +52,13 @@ def step_ranks(seed: int, server_round: int, client_index: int, steps: int, max_
     return torch.randint(1, max_rank + 1, (steps,), generator=generator).tolist()
 
 
-def leading(factors: Factors, rank: int) -> Factors:
-    """Every module's first ``rank`` components: the nested adapter cut at budget ``rank``."""
-    return {name: (a[:rank], b[:, :rank]) for name, (a, b) in factors.items()}
-
-
-def to_weights(factors: Factors) -> dict[str, torch.Tensor]:
-    return {f"{name}.{part}": tensor for name, pair in factors.items() for part, tensor in zip("AB", pair)}
-
-
-def from_weights(weights: dict[str, torch.Tensor]) -> Factors:
-    names = dict.fromkeys(key.rpartition(".")[0] for key in weights)
-    return {name: (weights[f"{name}.A"], weights[f"{name}.B"]) for name in names}
-
-
-class NestedLoRATask:
+class NestedLoRATask(PrefixLoRATask):
     """Nested-rank LoRA's federated job over the seen clients; implements ``FederatedTask`` and ``ExportableTask``."""
 
     def __init__(self, base_model: nn.Module, task: Task, clients: list[ClientData], config: NestedLoRAConfig,
                  base_model_name: str) -> None:
-        self.base_model, self.task, self.clients, self.config = base_model, task, clients, config
-        self.base_model_name = base_model_name
-        rank = config.personalize.max_rank
-        self.ranks = dict.fromkeys(resolve_target_modules(base_model, config.personalize.target_modules), rank)
-
-    def num_clients(self) -> int:
-        return len(self.clients)
-
-    def initial_weights(self) -> dict[str, torch.Tensor]:
-        """PEFT's LoRA init of rank R from the run's seed (B = 0, so the adapter starts as the base model)."""
-        init = peft_init(self.base_model, self.ranks, self.config.seed)
-        return to_weights({name: (a.clone(), b.clone()) for name, (a, b, _) in init.items()})
+        super().__init__(base_model, task, clients, config.personalize, config.seed, ARTIFACT, base_model_name)
+        self.config = config
 
     def client_update(self, weights: dict[str, torch.Tensor], client_index: int, server_round: int) -> ClientUpdate:
         config, personal = self.config, self.config.personalize
@@ -117,28 +88,3 @@ class NestedLoRATask:
                           layers[name].lora_B[model.adapter_name].weight.detach().clone()) for name in self.ranks}
         metrics = {"train_loss": result.epoch_losses[-1], "mean_step_rank": sum(ranks) / len(ranks)}
         return ClientUpdate(to_weights(trained), len(client.train), metrics)
-
-    def export(self, weights: dict[str, torch.Tensor], directory: Path) -> Path:
-        """The averaged rank-R factors as ``directory/nested_lora.safetensors``, with the model and R they fit."""
-        path = directory / ARTIFACT_FILE
-        save_artifact(path, weights, ARTIFACT, {"base_model": self.base_model_name,
-                                                "max_rank": self.config.personalize.max_rank})
-        return path
-
-
-def load_nested(path: Path, base_model: nn.Module, config: PersonalizeConfig) -> Factors:
-    """A nested-rank adapter, checked against the base model's target modules and shapes (a foreign or
-    mismatched file is refused naming what differs)."""
-    _, weights = load_artifact(path, ARTIFACT)
-    factors = from_weights(weights)
-    modules = dict(base_model.named_modules())
-    expected = resolve_target_modules(base_model, config.target_modules)
-    if sorted(factors) != sorted(expected):
-        raise FedP2EFTError(f"{path} adapts {len(factors)} modules, this base model and target_modules "
-                            f"{len(expected)}; use the adapter trained for this model")
-    for name, (a, b) in factors.items():
-        weight = modules[name].weight
-        if a.shape[1] != weight.shape[1] or b.shape[0] != weight.shape[0]:
-            raise FedP2EFTError(f"{path}: module {name} is {b.shape[0]} x {a.shape[1]} there but "
-                                f"{weight.shape[0]} x {weight.shape[1]} in this base model")
-    return factors
