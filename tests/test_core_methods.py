@@ -24,17 +24,18 @@ def trained_like_generator(base, seed=0) -> PSGenerator:
 
 
 def artifact_for(method: str, base):
-    """What the method's federated stage would have produced: a PS generator or FedL2P's meta-nets per budget."""
+    """What the method's federated stage would have produced: a PS generator, FedL2P's meta-nets per budget, or a
+    budget-heterogeneous peer's rank-R LoRA."""
     from fedp2eft.core.fedl2p import LRMetaNet, metanet_spec
 
     stage = METHODS[method].stage
     if stage is None:
         return None
-    if stage.name == "nested":  # a rank-R adapter as its stage starts it (B = 0: the cut starts as the base model)
-        from fedp2eft.core.nested_lora import NestedLoRAConfig, NestedLoRATask
-        from fedp2eft.core.prefix_lora import from_weights
+    if stage.name in ("nested", "hetlora", "flexlora"):  # a rank-R adapter as a peer's stage starts it (B = 0)
+        from fedp2eft.core.nested_lora import NestedLoRATask
+        from fedp2eft.core.prefix_lora import PeerConfig, from_weights
 
-        return from_weights(NestedLoRATask(base, None, [], NestedLoRAConfig(personalize=FAST), "tiny").initial_weights())
+        return from_weights(NestedLoRATask(base, None, [], PeerConfig(personalize=FAST), "tiny").initial_weights())
     if stage.name == "fedl2p":
         return {b: LRMetaNet(metanet_spec(base, FAST, "tiny", b), base_lr=FAST.lora_lr) for b in (2, 4)}
     return trained_like_generator(base)

@@ -24,7 +24,7 @@ JOB = {"task": "toy", "output_dir": "/tmp/x", "rounds": 2, "clients_per_round": 
 def test_build_task_resolves_builtin_and_dotted_paths() -> None:
     assert build_task("toy", {"num_clients": 3}).num_clients() == 3
     assert build_task("fedp2eft.fl.toy_task:make_task", {"num_clients": 5}).num_clients() == 5
-    with pytest.raises(FedP2EFTError, match=r"unknown task 'nope': use one of \['base', 'fedl2p', 'nested', 'psg', 'toy'\]"):
+    with pytest.raises(FedP2EFTError, match=r"unknown task 'nope': use one of \['base', 'fedl2p', 'flexlora', 'hetlora', 'nested', 'psg', 'toy'\]"):
         build_task("nope", {})
     with pytest.raises(FedP2EFTError, match="cannot import task module"):
         build_task("no_such_module_xyz:make_task", {})

@@ -16,7 +16,7 @@ from fedp2eft.core.federation import ClientUpdate
 from fedp2eft.core.tasks import Task
 from fedp2eft.core.training import train
 from fedp2eft.data.types import ClientData
-from fedp2eft.errors import FedP2EFTError, config_from_mapping
+from fedp2eft.errors import FedP2EFTError
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -80,3 +80,32 @@ class StatefulTask(FederatedTask, Protocol):
                       state: dict[str, torch.Tensor] | None = None) -> ClientUpdate:
         """The local step from the global ``weights`` and this client's own ``state``."""
         ...
+
+
+class Reply(NamedTuple):
+    """One vetted client reply, as an ``AggregatingTask`` combines it."""
+
+    client: int
+    weights: dict[str, torch.Tensor]
+    num_examples: int
+
+
+class AggregatingTask(FederatedTask, Protocol):
+    """A task whose server does more than average (HetLoRA's norm-weighted zero-padded factors, FlexLoRA's SVD of
+    the averaged update): the engine sends client i ``client_weights(weights, i)`` instead of the global weights,
+    vets its reply against that, and takes ``aggregate`` of the round's vetted replies as the new global weights.
+    Differential privacy and secure aggregation assume an average of same-shaped updates, so such a task runs
+    without them."""
+
+    def client_weights(self, weights: dict[str, torch.Tensor], client_index: int) -> dict[str, torch.Tensor]:
+        """What client ``client_index`` receives of the global ``weights`` (e.g. its own rank's share)."""
+        ...
+
+    def aggregate(self, weights: dict[str, torch.Tensor], replies: list[Reply],
+                  server_round: int) -> dict[str, torch.Tensor]:
+        """The new global weights from the current ones and the round's replies (sorted by client)."""
+        ...
+
+
+def aggregates_itself(task: FederatedTask) -> bool:
+    return callable(getattr(task, "aggregate", None)) and callable(getattr(task, "client_weights", None))

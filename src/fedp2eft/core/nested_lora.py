@@ -7,42 +7,19 @@ layout, file and cut are the peers' common ground (``core/prefix_lora.py``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-from torch import nn
 
 from fedp2eft.core.artifacts import ArtifactKind
 from fedp2eft.core.btlora import LORA_SCALING, BTLoRAModel
 from fedp2eft.core.federation import ClientUpdate
 from fedp2eft.core.modeling import adapter_carried_modules, frozen_copy
-from fedp2eft.core.personalization import PersonalizeConfig
 from fedp2eft.core.prefix_lora import FactorsArtifact, PrefixLoRATask, from_weights, to_weights
-from fedp2eft.core.tasks import Task
 from fedp2eft.core.training import steps_per_epoch, train
-from fedp2eft.data.types import ClientData
-from fedp2eft.errors import config_from_mapping
 
 STAGE_NAME = "nested"
 ARTIFACT = FactorsArtifact("nested_lora.safetensors", ArtifactKind(
     "fedp2eft_nested_lora", "nested-rank LoRA",
     "let `fedp2eft benchmark` train one (stage `nested`) or point --artifact at its file"))
-
-
-@dataclass
-class NestedLoRAConfig:
-    """A client's local work per round: ``local_epochs`` over its data at ``personalize.lora_lr`` (the benchmark
-    scales it like the other stages' rates), a rank drawn per step from 1..``personalize.max_rank``."""
-
-    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
-    local_epochs: int = 2
-    seed: int = 0
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> NestedLoRAConfig:
-        raw = dict(raw)
-        personalize = PersonalizeConfig.from_dict(raw.pop("personalize", {}))
-        return config_from_mapping(cls, {**raw, "personalize": personalize}, "training")
 
 
 def step_ranks(seed: int, server_round: int, client_index: int, steps: int, max_rank: int) -> list[int]:
@@ -55,10 +32,7 @@ def step_ranks(seed: int, server_round: int, client_index: int, steps: int, max_
 class NestedLoRATask(PrefixLoRATask):
     """Nested-rank LoRA's federated job over the seen clients; implements ``FederatedTask`` and ``ExportableTask``."""
 
-    def __init__(self, base_model: nn.Module, task: Task, clients: list[ClientData], config: NestedLoRAConfig,
-                 base_model_name: str) -> None:
-        super().__init__(base_model, task, clients, config.personalize, config.seed, ARTIFACT, base_model_name)
-        self.config = config
+    artifact = ARTIFACT
 
     def client_update(self, weights: dict[str, torch.Tensor], client_index: int, server_round: int) -> ClientUpdate:
         config, personal = self.config, self.config.personalize

@@ -9,25 +9,41 @@ factors computes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from peft import PeftModel
 from torch import nn
 
 from fedp2eft.core.artifacts import ArtifactKind, load_artifact, save_artifact
 from fedp2eft.core.btlora import resolve_target_modules
+from fedp2eft.core.federation import ClientUpdate
 from fedp2eft.core.multi_lora import peft_init
 from fedp2eft.core.personalization import PersonalizeConfig, personal_lora
 from fedp2eft.core.tasks import Task
 from fedp2eft.core.training import TrainResult, train
 from fedp2eft.data.types import ClientData
-from fedp2eft.errors import FedP2EFTError
+from fedp2eft.errors import FedP2EFTError, config_from_mapping
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A: rank x in, B: out x rank)
+
+
+@dataclass
+class PeerConfig:
+    """A client's local work per round: ``local_epochs`` over its data at ``personalize.lora_lr`` (the benchmark
+    scales it like the other stages' rates), with LoRA factors of rank up to ``personalize.max_rank``."""
+
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
+    local_epochs: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> PeerConfig:
+        raw = dict(raw)
+        personalize = PersonalizeConfig.from_dict(raw.pop("personalize", {}))
+        return config_from_mapping(cls, {**raw, "personalize": personalize}, "training")
 
 
 def leading(factors: Factors, rank: int) -> Factors:
@@ -87,50 +103,72 @@ class FactorsArtifact:
 
 class PrefixLoRATask:
     """A federated job over the seen clients whose global weights are rank-R LoRA factors (``to_weights`` layout),
-    starting from PEFT's LoRA init drawn from the run's seed (B = 0: the adapter starts as the base model)."""
+    starting from PEFT's LoRA init drawn from the run's seed (B = 0: the adapter starts as the base model); a
+    subclass names its ``artifact``."""
 
-    def __init__(self, base_model: nn.Module, task: Task, clients: list[ClientData], personalize: PersonalizeConfig,
-                 seed: int, artifact: FactorsArtifact, base_model_name: str) -> None:
-        self.base_model, self.task, self.clients = base_model, task, clients
-        self.personalize, self.seed, self.artifact, self.base_model_name = personalize, seed, artifact, base_model_name
-        self.ranks = dict.fromkeys(resolve_target_modules(base_model, personalize.target_modules),
-                                   personalize.max_rank)
+    artifact: FactorsArtifact
+
+    def __init__(self, base_model: nn.Module, task: Task, clients: list[ClientData], config: PeerConfig,
+                 base_model_name: str) -> None:
+        self.base_model, self.task, self.clients, self.config = base_model, task, clients, config
+        self.base_model_name = base_model_name
+        self.ranks = dict.fromkeys(resolve_target_modules(base_model, config.personalize.target_modules),
+                                   config.personalize.max_rank)
 
     def num_clients(self) -> int:
         return len(self.clients)
 
     def initial_weights(self) -> dict[str, torch.Tensor]:
-        init = peft_init(self.base_model, self.ranks, self.seed)
+        init = peft_init(self.base_model, self.ranks, self.config.seed)
         return to_weights({name: (a.clone(), b.clone()) for name, (a, b, _) in init.items()})
 
     def export(self, weights: dict[str, torch.Tensor], directory: Path) -> Path:
-        return self.artifact.export(weights, directory, self.base_model_name, self.personalize.max_rank)
+        return self.artifact.export(weights, directory, self.base_model_name, self.config.personalize.max_rank)
 
-    def train_from(self, factors: Factors, client_index: int, server_round: int, epochs: int,
-                   extra_loss: Callable[[PeftModel], torch.Tensor] | None = None) -> tuple[Factors, TrainResult]:
+    def train_from(self, factors: Factors, client_index: int, server_round: int,
+                   penalty: Callable[[Factors], torch.Tensor] | None = None) -> tuple[Factors, TrainResult]:
         """Train a PEFT LoRA whose module m starts from ``factors[m]`` (its rank is theirs) on the client's data
-        for ``epochs`` at ``personalize.lora_lr``, plus ``extra_loss(model)`` if given; its trained factors."""
-        personal = self.personalize
+        for ``local_epochs`` at ``personalize.lora_lr``, adding ``penalty`` of its live factors to the loss if given;
+        its trained factors."""
+        personal, seed = self.config.personalize, self.config.seed
         client = self.clients[client_index]
-        torch.manual_seed(self.seed * 100_003 + server_round * 1_009 + client_index)  # dropout masks, if any
-        model = personal_lora(self.base_model, {name: a.shape[0] for name, (a, _) in factors.items()}, self.seed)
+        torch.manual_seed(seed * 100_003 + server_round * 1_009 + client_index)  # dropout masks, if any
+        model = personal_lora(self.base_model, {name: a.shape[0] for name, (a, _) in factors.items()}, seed)
         modules = dict(model.base_model.model.named_modules())
         with torch.no_grad():
             for name, (a, b) in factors.items():
                 modules[name].lora_A["default"].weight.copy_(a)
                 modules[name].lora_B["default"].weight.copy_(b)
+        live = {name: (modules[name].lora_A["default"].weight, modules[name].lora_B["default"].weight)
+                for name in factors}
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=personal.lora_lr,
                                       weight_decay=0.0)
-        result = train(model, self.task, client.train, optimizer, epochs, personal.batch_size,
-                       seed=self.seed * 1_000 + server_round,
-                       extra_loss=None if extra_loss is None else lambda: extra_loss(model))
-        trained = {name: (modules[name].lora_A["default"].weight.detach().clone(),
-                          modules[name].lora_B["default"].weight.detach().clone()) for name in factors}
-        return trained, result
+        result = train(model, self.task, client.train, optimizer, self.config.local_epochs, personal.batch_size,
+                       seed=seed * 1_000 + server_round,
+                       extra_loss=None if penalty is None else lambda: penalty(live))
+        return {name: (a.detach().clone(), b.detach().clone()) for name, (a, b) in live.items()}, result
 
 
-def lora_factors(model: PeftModel) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
-    """Module name -> the live (A, B) parameters of a PEFT LoRA's default adapter (for a penalty on them)."""
-    return {name: (module.lora_A["default"].weight, module.lora_B["default"].weight)
-            for name, module in model.base_model.model.named_modules() if hasattr(module, "lora_A")
-            and "default" in module.lora_A}
+
+class HeterogeneousRankTask(PrefixLoRATask):
+    """A peer whose seen clients each train at their own budget (``client_budgets`` of the run's budgets): client i
+    receives the first r_i components of the global factors and sends back its trained rank-r_i factors; the
+    subclass says how the server combines them (``AggregatingTask.aggregate``)."""
+
+    def __init__(self, base_model: nn.Module, task: Task, clients: list[ClientData], config: PeerConfig,
+                 base_model_name: str, budgets: list[int]) -> None:
+        super().__init__(base_model, task, clients, config, base_model_name)
+        too_large = [b for b in budgets if b > config.personalize.max_rank]
+        if too_large:
+            raise FedP2EFTError(f"budgets {too_large} exceed personalize.max_rank={config.personalize.max_rank}; "
+                                "raise max_rank or drop those budgets")
+        self.budgets = client_budgets(len(clients), budgets, config.seed)
+
+    def client_weights(self, weights: dict[str, torch.Tensor], client_index: int) -> dict[str, torch.Tensor]:
+        return to_weights(leading(from_weights(weights), self.budgets[client_index]))
+
+    def update(self, trained: Factors, result: TrainResult, client_index: int, **metrics: float) -> ClientUpdate:
+        """The reply: the trained factors, the client's example count, its loss, budget and ``metrics``."""
+        return ClientUpdate(to_weights(trained), len(self.clients[client_index].train),
+                            {"train_loss": result.epoch_losses[-1], "budget": float(self.budgets[client_index]),
+                             **metrics})

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from fedp2eft.core.federation import FederatedTask
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.fl import protocol as P
-from fedp2eft.fl.aggregation import aggregate, make_strategy, strip_to_aggregate
+from fedp2eft.fl.aggregation import TaskStrategy, aggregate, make_strategy, strip_to_aggregate, weights_for
 from fedp2eft.fl.checkpoint import RunState, check_resumable, checkpoint_name, is_new_best, last_accepted_round, \
     load_state, load_weights, save_best, save_round
 from fedp2eft.fl.job import Job
@@ -172,8 +172,9 @@ def failure_summary(failures: list[dict[str, Any]]) -> str:
                      for reason, clients in hit.items())
 
 
-def collect(replies: list[Message], sent: dict[int, int], reference: Weights, server_round: int) -> RoundOutcome:
-    """Check every reply against the global weights; anything odd becomes a failure, not a crash."""
+def collect(replies: list[Message], sent: dict[int, int], references: dict[int, Weights],
+            server_round: int) -> RoundOutcome:
+    """Check every reply against the weights its client received; anything odd becomes a failure, not a crash."""
     outcome = RoundOutcome()
     answered: set[int] = set()
     for reply in replies:
@@ -195,7 +196,7 @@ def collect(replies: list[Message], sent: dict[int, int], reference: Weights, se
             continue
         weights = from_record(records[P.WEIGHTS])
         num_examples = int(metrics[P.NUM_EXAMPLES])
-        problem = update_problem(reference, weights) or (None if num_examples > 0 else "num-examples <= 0")
+        problem = update_problem(references[client], weights) or (None if num_examples > 0 else "num-examples <= 0")
         if problem:
             outcome.fail(client, problem, server_round)
             continue
@@ -279,17 +280,20 @@ Exchange = tuple[RoundOutcome, dict[int, int], Callable[[], Weights]]
 
 def plain_exchange(grid: Grid, job: Job, strategy: Strategy, weights: Weights, server_round: int,
                    nodes: dict[int, int], configs: dict[int, ConfigRecord]) -> Exchange:
-    """Send the global weights, vet every reply, and aggregate the vetted ones with the strategy."""
-    record = to_record(weights)
-    messages = [Message(RecordDict({P.WEIGHTS: record, P.CONFIG: config}), dst_node_id=nodes[client],
+    """Send each client the global weights (or its share of them), vet every reply, and aggregate the vetted ones
+    with the strategy."""
+    outgoing = {client: weights_for(strategy, weights, client) for client in configs}
+    shared = to_record(weights)
+    messages = [Message(RecordDict({P.WEIGHTS: shared if outgoing[client] is weights else to_record(outgoing[client]),
+                                    P.CONFIG: config}), dst_node_id=nodes[client],
                         message_type=P.TRAIN, group_id=str(server_round)) for client, config in configs.items()]
     sent = {client: payload_bytes(message.content) for client, message in zip(configs, messages)}
     replies = list(grid.send_and_receive(messages, timeout=job.round_timeout_s))
-    outcome = collect(replies, {nodes[c]: c for c in configs}, weights, server_round)
+    outcome = collect(replies, {nodes[c]: c for c in configs}, outgoing, server_round)
 
     def aggregated() -> Weights:
-        for _, reply, num_examples, _ in outcome.updates:
-            strip_to_aggregate(reply, num_examples, strategy)
+        for client, reply, num_examples, _ in outcome.updates:
+            strip_to_aggregate(reply, num_examples, strategy, client)
         return aggregate(strategy, server_round, weights, [reply for _, reply, _, _ in outcome.updates])
 
     return outcome, sent, aggregated
@@ -372,6 +376,10 @@ def serve(grid: Grid, job: Job, task: FederatedTask | None = None) -> Path:
         raise FedP2EFTError(f"{out} already holds a run at round {state.round}; pass resume to continue it "
                             "or choose an empty output directory")
     task = task if task is not None else build_task(job.task, job.task_config)
+    strategy = make_strategy(job.strategy, job.privacy, job.clients_per_round, task)
+    if job.secagg is not None and isinstance(strategy, TaskStrategy):
+        raise FedP2EFTError(f"task {job.task} combines its clients' updates in its own way (not a sum), which secure "
+                            "aggregation cannot compute on masked updates; run it without secagg")
     job_record = asdict(job)
     clients: dict[int, int] | None = None
     if state is None:
@@ -393,7 +401,6 @@ def serve(grid: Grid, job: Job, task: FederatedTask | None = None) -> Path:
     if state.round >= job.rounds:
         return out / state.checkpoint
     clients = clients or discover_clients(grid, job, task.num_clients())
-    strategy = make_strategy(job.strategy, job.privacy, job.clients_per_round)
     reporter = RoundReporter(out, job.rounds, state.round + 1)
     best_metric = getattr(task, "best_metric", None)
     try:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fedp2eft.core.budget import check_budget
-from fedp2eft.core.methods import adalora, btlora, fedl2p, fedp2eft, lora, nested_lora
+from fedp2eft.core.methods import adalora, btlora, fedl2p, fedp2eft, flexlora, hetlora, lora, nested_lora
 from fedp2eft.core.personalization import LORA_SCALING, ClientContext, PersonalizeConfig, Personalized, RunPlan, \
     features_for, finetune_selection, frozen_copy, generator_spec, new_btlora, runs_per_pass, train_btlora, \
     train_plans
@@ -23,7 +23,7 @@ from fedp2eft.errors import FedP2EFTError
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     lora.METHOD, adalora.METHOD, btlora.METHOD, fedl2p.METHOD, fedp2eft.STRUCTURE, fedp2eft.METHOD,
-    nested_lora.METHOD,
+    nested_lora.METHOD, hetlora.METHOD, flexlora.METHOD,
 )}
 STAGES: dict[str, Stage] = {spec.stage.name: spec.stage for spec in METHODS.values() if spec.stage is not None}
 

@@ -1,16 +1,45 @@
-"""Personalization shared by the budget-heterogeneous peers (nested-rank LoRA, HetLoRA, FlexLoRA): a client of
-budget r starts a rank-r LoRA from the first r components of its stage's rank-R factors (``core/prefix_lora.py``)
-and fine-tunes it like uniform LoRA, at LoRA's learning rate; the peers differ only in their federated stage."""
+"""What the budget-heterogeneous peers (nested-rank LoRA, HetLoRA, FlexLoRA) declare alike: a federated stage that
+trains rank-R LoRA factors (``core/prefix_lora.py``) at LoRA's selected learning rate, and a personalization that
+starts a client of budget r from the first r components and fine-tunes them like uniform LoRA. The peers differ
+only in their stage's task."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import torch
+from torch import nn
 
 from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, RunPlan, finetune_lora, \
     lora_plan, personal_lora
 from fedp2eft.core.methods.registry import MethodSpec, Stage
-from fedp2eft.core.prefix_lora import Factors, leading
+from fedp2eft.core.federation import FederatedTask
+from fedp2eft.core.prefix_lora import Factors, FactorsArtifact, PeerConfig, leading
+from fedp2eft.core.tasks import Task
+from fedp2eft.data.types import ClientData
 from fedp2eft.errors import FedP2EFTError
+
+# (base model, task, seen clients, the section's settings, base model name, the run's budgets) -> the job
+PeerTask = Callable[[nn.Module, Task, list[ClientData], PeerConfig, str, list[int]], FederatedTask]
+
+
+def peer_stage(name: str, title: str, make: PeerTask, config_class: type[PeerConfig],
+               artifact: FactorsArtifact) -> Stage:
+    """The federated stage ``name`` whose job ``make`` builds from a ``config_class`` section and whose artifact is
+    ``artifact``; its local training runs at the learning-rate scale validation chose for uniform LoRA."""
+
+    def build(base_model: nn.Module, task: Task, clients: list[ClientData], training: dict, base_model_name: str,
+              budgets: list[int]) -> FederatedTask:
+        return make(base_model, task, clients, config_class.from_dict(training), base_model_name, budgets)
+
+    def load(path: Path, base_model: nn.Module, config: PersonalizeConfig, base_model_name: str) -> Factors:
+        return artifact.load(path, base_model, config)
+
+    return Stage(name=name, title=title, build=build, config_class=config_class, load=load,
+                 defaults={"rounds": 20, "clients_per_round": 4, "lr_scale": "lora", "training": {}},
+                 how_to_get=f"let `fedp2eft benchmark` train it (stage `{name}`) or point --artifact at its "
+                            f"{artifact.file}")
 
 
 def prefix_method(name: str, stage: Stage) -> MethodSpec:
