@@ -6,7 +6,7 @@ from fedp2eft.benchmark.config import apply_overrides, load_profile, resolve, va
 from fedp2eft.errors import FedP2EFTError
 
 
-@pytest.mark.parametrize("profile", ["default", "full", "quick", "paper", "paper-fedaya", "llm", "llm-quick", "pfl"])
+@pytest.mark.parametrize("profile", ["default", "full", "quick", "paper", "paper-fedaya", "llm", "llm-quick", "pfl", "budget-peers"])
 def test_profiles_load_and_share_one_schema(profile):
     config = load_profile(profile)
     assert set(config) == set(load_profile("default"))

@@ -1,4 +1,4 @@
-"""FlexLoRA (Bai et al., NeurIPS 2024; docs/method.md, "HetLoRA and FlexLoRA"), engine-free: clients of different
+"""FlexLoRA (Bai et al., NeurIPS 2024; docs/method.md, "Budget-heterogeneous peers"), engine-free: clients of different
 budgets train LoRA at their own rank r_i; the server averages their full-size updates dW = sum_i p_i B_i A_i (p_i by
 example count) and hands client i the rank-r_i truncated SVD of dW (B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T) as its
 next start, so every client gets the best rank-r_i summary of what all clients learnt.

@@ -1,4 +1,4 @@
-"""HetLoRA (Cho et al., EMNLP 2024; docs/method.md, "HetLoRA and FlexLoRA"), engine-free: the server keeps a rank-R
+"""HetLoRA (Cho et al., EMNLP 2024; docs/method.md, "Budget-heterogeneous peers"), engine-free: the server keeps a rank-R
 LoRA; a client of budget r trains its first r components with a penalty on the norm of its trailing components
 and self-prunes the trailing components that end up carrying little of its update; the server zero-pads every
 reply back to R and averages them with weights proportional to the size of each client's update (sparsity-

@@ -1,4 +1,4 @@
-"""Federated nested-rank LoRA (DyLoRA-style; docs/method.md, "Nested-rank LoRA"), engine-free: one LoRA of the
+"""Federated nested-rank LoRA (DyLoRA-style; docs/method.md, "Budget-heterogeneous peers"), engine-free: one LoRA of the
 maximum rank R on every target module is trained with FedAvg, and each local step of a client trains only its
 leading b components for a b drawn uniformly from 1..R. The components are then ordered by how much they matter
 to every smaller rank, so the averaged adapter can be cut at any budget r <= R (its first r components) and

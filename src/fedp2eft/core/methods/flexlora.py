@@ -1,4 +1,4 @@
-"""FlexLoRA, a budget-heterogeneous peer (docs/method.md, "HetLoRA and FlexLoRA"): seen clients train at their own
+"""FlexLoRA, a budget-heterogeneous peer (docs/method.md, "Budget-heterogeneous peers"): seen clients train at their own
 budgets, the server averages their full-size updates and keeps the top R components of its SVD; a client of budget
 r personalizes from the best rank-r summary of it, like uniform LoRA. The mathematics and the federated job live in
 ``core/flexlora.py``."""

@@ -1,4 +1,4 @@
-"""HetLoRA, a budget-heterogeneous peer (docs/method.md, "HetLoRA and FlexLoRA"): seen clients train at their own
+"""HetLoRA, a budget-heterogeneous peer (docs/method.md, "Budget-heterogeneous peers"): seen clients train at their own
 budgets with rank self-pruning, the server zero-pads and averages by update size; a client of budget r
 personalizes from the first r components, like uniform LoRA. The mathematics and the federated job live in
 ``core/hetlora.py``."""

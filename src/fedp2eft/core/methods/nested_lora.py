@@ -1,4 +1,4 @@
-"""Nested-rank LoRA, a budget-heterogeneous peer (docs/method.md, "Nested-rank LoRA"): a rank-R LoRA trained
+"""Nested-rank LoRA, a budget-heterogeneous peer (docs/method.md, "Budget-heterogeneous peers"): a rank-R LoRA trained
 federatedly with a random rank per local step, cut at the client's budget r (its first r components) and
 fine-tuned there like uniform LoRA. The mathematics and the federated job live in ``core/nested_lora.py``."""
 
