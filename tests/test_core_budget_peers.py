@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedp2eft.core.federation import Reply, aggregates_itself
-from fedp2eft.core.flexlora import PEFT_ROW_NORM, FlexLoRATask, svd_factors, svd_redistribution
+from fedp2eft.core.flexlora import FlexLoRATask, svd_factors, svd_redistribution
 from fedp2eft.core.hetlora import HetLoRAConfig, HetLoRATask, self_prune, sparsity_weighted, tail_size
 from fedp2eft.core.methods import PersonalizeConfig, personalize
 from fedp2eft.core.prefix_lora import PeerConfig, client_budgets, from_weights
@@ -96,13 +96,23 @@ def test_flexlora_redistribution_by_hand():
 
 
 def test_flexlora_keeps_a_trainable_direction_where_the_update_has_no_rank():
-    update = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # rank 1, kept at R = 4 (more than min(out, in))
-    a, b = svd_factors(update, 4)
+    previous = torch.arange(12.0).view(4, 3)  # the global A before the round (rank R = 4, in 3)
+    a, b = svd_factors([(1.0, torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[2.0], [0.0]]))], previous)
     assert a.shape == (4, 3) and b.shape == (2, 4)
-    torch.testing.assert_close(b @ a, update, atol=1e-6, rtol=0)
-    assert torch.equal(b[:, 1:], torch.zeros(2, 3))  # no product beyond the rank
-    torch.testing.assert_close(a[1].norm(), torch.tensor(PEFT_ROW_NORM), atol=1e-6, rtol=0)  # but A can still learn
-    assert float(a[1] @ a[0]) == pytest.approx(0.0, abs=1e-6)  # along a new direction
+    torch.testing.assert_close(b @ a, torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
+    assert torch.equal(b[:, 1:], torch.zeros(2, 3))  # one rank was trained: no product beyond it
+    assert torch.equal(a[1:], previous[1:])  # but those components keep an A, so a client can still train them
+
+
+def test_flexlora_svd_from_factors_equals_the_full_svd():
+    torch.manual_seed(0)
+    terms = [(w, torch.randn(r, 7), torch.randn(5, r)) for w, r in ((0.25, 1), (0.75, 3))]
+    a, b = svd_factors(terms, torch.zeros(4, 7))
+    update = sum(w * bi.double() @ ai.double() for w, ai, bi in terms)
+    full = torch.linalg.svd(update).S
+    # the rank-4 summary of a rank-4 update is the update; its rank-2 cut keeps the two largest singular values
+    torch.testing.assert_close((b @ a).double(), update, atol=1e-5, rtol=0)  # float32 factors of values ~1-10
+    torch.testing.assert_close(torch.linalg.svd((b[:, :2] @ a[:2]).double()).S[:2], full[:2], atol=1e-5, rtol=0)
 
 
 def test_a_task_that_aggregates_itself_refuses_differential_privacy():

@@ -3,18 +3,20 @@
 Two variants of the same federation (tests/deployment.py): plain text (``--insecure``), and TLS with
 SuperNode authentication, where only the two registered SuperNodes may join. The job is the toy task with a
 client-local output offset, so each SuperNode also keeps its client's own state in its own folder. A third
-federation of three SuperNodes runs a round with SecAgg+.
+federation of three SuperNodes runs a round with SecAgg+; a fourth loses a SuperNode mid-round and has its
+ServerApp stopped and resumed.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from deployment import CONNECTION, REPO, Loopback, loopback
+from deployment import CONNECTION, REPO, Loopback, loopback, stop
 from pki import make_supernode_key, make_tls_files
 from safetensors.torch import load_file
 
@@ -131,3 +133,62 @@ def test_secure_aggregation_across_three_supernodes(tmp_path: Path) -> None:
     saved = load_file(str(out / state["checkpoint"]))
     errors = [float((saved[name] - tensor).abs().max()) for name, tensor in weights.items()]
     assert 0 < max(errors) <= bound + 1e-6  # quantized (so SecAgg+ really ran), within its bound
+
+
+def _wait_for_round(out: Path, round_: int, timeout_s: float) -> dict:
+    """The run's state.json once it records ``round_`` finished rounds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = json.loads((out / "state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = {"round": 0}
+        if state["round"] >= round_:
+            return state
+        time.sleep(0.2)
+    raise TimeoutError(f"round {round_} not finished after {timeout_s}s")
+
+
+def test_a_killed_supernode_and_a_stopped_serverapp_in_deployment(tmp_path: Path) -> None:
+    """Three SuperNodes; one is killed while round 2 trains: the round completes with the other two (min_clients=2).
+    Then the ServerApp is stopped with ``flwr stop`` mid-run, the SuperNode comes back, and the same job with
+    ``resume`` continues from the last checkpoint to the final round. The final weights are FedAvg over exactly
+    the clients each round's history names, recomputed here: the restart changed nothing."""
+    toy = {key: value for key, value in TOY.items() if key != "local_offset"} | {"num_clients": 3, "busy_ms": 2000.0}
+    rounds = 4
+    out = tmp_path / "out"
+    job = {"task": "toy", "task_config": toy, "rounds": rounds, "clients_per_round": 3, "min_clients": 2, "seed": 1,
+           "output_dir": str(out), "round_timeout_s": 15, "startup_timeout_s": 120}
+    overrides = tmp_path / "job.toml"
+    with loopback(tmp_path) as link:
+        for partition in range(3):
+            link.add_partition_node(partition, num_partitions=3)
+        overrides.write_text(f"job = '{json.dumps(job)}'\n")
+        started = link.flwr("run", str(REPO), CONNECTION, "--run-config", str(overrides), "--format", "json")
+        assert started.returncode == 0, started.stdout + started.stderr
+        run_id = int(json.loads(started.stdout)["run-id"])
+        _wait_for_round(out, 1, timeout_s=180)
+        stop(next(p for p in link.processes if "partition-id=2" in " ".join(map(str, p.args))))  # mid-round 2
+        state = _wait_for_round(out, 2, timeout_s=120)
+        assert state["history"][1]["clients"] == [0, 1] and state["history"][1]["failures"] == 1
+        assert link.flwr("stop", str(run_id), CONNECTION).returncode == 0
+        time.sleep(2)
+        stopped_at = json.loads((out / "state.json").read_text())["round"]
+        assert stopped_at < rounds  # stopped mid-run
+        link.add_partition_node(2, num_partitions=3)  # the node comes back
+        overrides.write_text(f"job = '{json.dumps(job | {'resume': True})}'\n")
+        resumed = link.flwr("run", str(REPO), CONNECTION, "--run-config", str(overrides), "--stream", timeout_s=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    state = json.loads((out / "state.json").read_text())
+    assert state["round"] == rounds and [row["round"] for row in state["history"]] == list(range(1, rounds + 1))
+    assert state["history"][0]["clients"] == [0, 1, 2] and state["history"][-1]["clients"] == [0, 1, 2]
+
+    task = make_task(toy)
+    weights = task.initial_weights()
+    for row in state["history"]:
+        updates = [task.client_update(weights, c, row["round"]) for c in row["clients"]]
+        total = sum(u.num_examples for u in updates)
+        weights = {k: sum(u.weights[k] * (u.num_examples / total) for u in updates) for k in weights}
+    saved = load_file(str(out / state["checkpoint"]))
+    for name, tensor in weights.items():  # Flower's float32 average against this one: a few ulps of values ~1
+        torch.testing.assert_close(saved[name], tensor, atol=1e-6, rtol=0)

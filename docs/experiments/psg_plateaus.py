@@ -1,0 +1,104 @@
+"""Does the PS generator rank the entries it keeps, or do its outputs tie, so that a small budget's rank map is a
+tie-break?
+
+The generator is fitted each round by a few Adam steps of L1 regression from a fresh optimizer state (the paper's
+stage 2). The L1 gradient of an output is the sign of its error, and Adam's first steps move a parameter by about
+its learning rate whatever the gradient's size; so every output whose target stayed above it (or below it) for
+the same steps moves by the same amount, and outputs that started equal stay equal. Part 1 shows this on a bare
+linear layer; part 2 measures it on a benchmark run's generator: for each unseen client, the generator's Lambda
+(computed from the client's training inputs, as personalization does), the largest group of equal entries, and
+per budget r how many of the r x M kept entries come from a tie group that the cut at r x M splits (those are
+chosen by ``torch.topk``'s tie order, not by the generator). No test data are read.
+
+    python docs/experiments/psg_plateaus.py --run results/default [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from fedp2eft.benchmark.run_folder import saved_config
+from fedp2eft.core.generator import PSGenerator
+from fedp2eft.core.personalization import features_for
+from fedp2eft.experiment import Setup
+from fedp2eft.logs import quiet_third_party
+
+RELATIVE_TIE = 1e-5  # two entries are tied when they differ by less than this share of their size (float32: ~1e-7)
+
+
+def sign_descent_demo() -> None:
+    """Part 1: ten Adam steps of L1 regression of a linear layer from a fresh state, as stage 2 takes them."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 6)
+    with torch.no_grad():
+        layer.weight.mul_(1e-6)
+        layer.bias.fill_(1e-4)
+    x = torch.rand(8)
+    target = torch.tensor([5.0, 3.0, 0.5, 0.2, 1e-5, 1e-5])  # four above the start, two below
+    for name, optimizer in (("Adam", torch.optim.Adam), ("SGD", torch.optim.SGD)):
+        fitted = torch.nn.Linear(8, 6)
+        fitted.load_state_dict(layer.state_dict())
+        step = optimizer(fitted.parameters(), lr=1e-2)
+        for _ in range(10):
+            loss = (fitted(x) - target).abs().sum()
+            step.zero_grad()
+            loss.backward()
+            step.step()
+        print(f"  {name}: outputs {[round(float(v), 6) for v in fitted(x)]} (targets {target.tolist()})")
+
+
+def tie_groups(values: torch.Tensor) -> list[int]:
+    """Sizes of the runs of equal values in ``values`` sorted in descending order."""
+    sizes, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or float(values[start] - values[i]) > RELATIVE_TIE * abs(float(values[start])):
+            sizes.append(i - start)
+            start = i
+    return sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a benchmark run folder with a trained generator")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    quiet_third_party()
+    print("Part 1, the mechanism on a bare linear layer (10 steps, lr 1e-2, L1 loss):")
+    sign_descent_demo()
+
+    config = saved_config(args.run)
+    base_path = args.run / "base" / "model"
+    setup = Setup(str(base_path), config["dataset"], dict(config["dataset_options"]), config["max_length"])
+    base = setup.load_base_model()
+    generator = PSGenerator.load(args.run / f"seed{args.seed}" / "psg" / "generator.safetensors")
+    spec = generator.spec
+    modules = len(spec.module_names)
+    print(f"\nPart 2, {args.run} seed {args.seed}: M = {modules} modules x R = {spec.rank}; unseen clients; a tie is a "
+          f"difference below {RELATIVE_TIE:g} of the value")
+    budgets = sorted(config["budgets"])
+    print("client | language | largest tie group (its value) | distinct levels in the top 16M | "
+          + " | ".join(f"r={b}: kept entries chosen by tie order" for b in budgets))
+    for client in setup.data.unseen:
+        with torch.no_grad():
+            scales = generator(features_for(base, setup.task, client.train, spec)).flatten().float()
+        ordered = scales.sort(descending=True).values
+        groups = tie_groups(ordered)
+        biggest = max(range(len(groups)), key=groups.__getitem__)
+        cuts = []
+        for budget in budgets:
+            kept, seen = budget * modules, 0
+            for size in groups:  # the group the cut falls in: its kept part is a tie-break when the cut splits it
+                if seen + size >= kept:
+                    cuts.append(f"{kept - seen if seen + size > kept else 0} of {kept}")
+                    break
+                seen += size
+        top = tie_groups(ordered[: 16 * modules])
+        print(f"{client.client_id} | {client.language} | {groups[biggest]} ({float(ordered[sum(groups[:biggest])]):.4f})"
+              f" | {len(top)} | " + " | ".join(cuts))
+
+
+if __name__ == "__main__":
+    main()
