@@ -154,11 +154,11 @@ def test_a_killed_supernode_and_a_stopped_serverapp_in_deployment(tmp_path: Path
     Then the ServerApp is stopped with ``flwr stop`` mid-run, the SuperNode comes back, and the same job with
     ``resume`` continues from the last checkpoint to the final round. The final weights are FedAvg over exactly
     the clients each round's history names, recomputed here: the restart changed nothing."""
-    toy = {key: value for key, value in TOY.items() if key != "local_offset"} | {"num_clients": 3, "busy_ms": 2000.0}
-    rounds = 4
+    toy = {key: value for key, value in TOY.items() if key != "local_offset"} | {"num_clients": 3, "busy_ms": 1000.0}
+    rounds = 3
     out = tmp_path / "out"
     job = {"task": "toy", "task_config": toy, "rounds": rounds, "clients_per_round": 3, "min_clients": 2, "seed": 1,
-           "output_dir": str(out), "round_timeout_s": 15, "startup_timeout_s": 120}
+           "output_dir": str(out), "round_timeout_s": 40, "startup_timeout_s": 60}
     overrides = tmp_path / "job.toml"
     with loopback(tmp_path) as link:
         for partition in range(3):

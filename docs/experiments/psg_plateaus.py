@@ -2,10 +2,12 @@
 tie-break?
 
 The generator is fitted each round by a few Adam steps of L1 regression from a fresh optimizer state (the paper's
-stage 2). The L1 gradient of an output is the sign of its error, and Adam's first steps move a parameter by about
-its learning rate whatever the gradient's size; so every output whose target stayed above it (or below it) for
-the same steps moves by the same amount, and outputs that started equal stay equal. Part 1 shows this on a bare
-linear layer; part 2 measures it on a benchmark run's generator: for each unseen client, the generator's Lambda
+stage 2). The L1 gradient of an output is the sign of its error times the last layer's input, which every output
+shares; so under any first-order optimizer every output whose error had the same sign at the same steps gets the
+same update, and outputs that started equal (the generator starts every output at 1e-4) stay equal. Adam's first
+steps from a fresh state do the same to an L2 loss (they move each parameter by about its learning rate whatever
+the gradient's size); only a step that scales with the error separates them. Part 1 shows this on a bare linear
+layer; part 2 measures it on a benchmark run's generator: for each unseen client, the generator's Lambda
 (computed from the client's training inputs, as personalization does), the largest group of equal entries, and
 per budget r how many of the r x M kept entries come from a tie group that the cut at r x M splits (those are
 chosen by ``torch.topk``'s tie order, not by the generator). No test data are read.
@@ -30,7 +32,8 @@ RELATIVE_TIE = 1e-5  # two entries are tied when they differ by less than this s
 
 
 def sign_descent_demo() -> None:
-    """Part 1: ten Adam steps of L1 regression of a linear layer from a fresh state, as stage 2 takes them."""
+    """Part 1: ten steps of regression of a linear layer from a fresh state, as stage 2 takes them (Adam, L1), and
+    with the other optimizer and loss."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(8, 6)
     with torch.no_grad():
@@ -38,16 +41,19 @@ def sign_descent_demo() -> None:
         layer.bias.fill_(1e-4)
     x = torch.rand(8)
     target = torch.tensor([5.0, 3.0, 0.5, 0.2, 1e-5, 1e-5])  # four above the start, two below
-    for name, optimizer in (("Adam", torch.optim.Adam), ("SGD", torch.optim.SGD)):
-        fitted = torch.nn.Linear(8, 6)
-        fitted.load_state_dict(layer.state_dict())
-        step = optimizer(fitted.parameters(), lr=1e-2)
-        for _ in range(10):
-            loss = (fitted(x) - target).abs().sum()
-            step.zero_grad()
-            loss.backward()
-            step.step()
-        print(f"  {name}: outputs {[round(float(v), 6) for v in fitted(x)]} (targets {target.tolist()})")
+    print(f"  targets {[round(float(v), 6) for v in target]}")
+    for loss_name, power in (("L1", 1), ("L2", 2)):
+        for name, optimizer in (("Adam", torch.optim.Adam), ("SGD", torch.optim.SGD)):
+            fitted = torch.nn.Linear(8, 6)
+            fitted.load_state_dict(layer.state_dict())
+            step = optimizer(fitted.parameters(), lr=1e-2)
+            for _ in range(10):
+                loss = (fitted(x) - target).abs().pow(power).sum()
+                step.zero_grad()
+                loss.backward()
+                step.step()
+            with torch.no_grad():
+                print(f"  {loss_name} + {name}: outputs {[round(float(v), 6) for v in fitted(x)]}")
 
 
 def tie_groups(values: torch.Tensor) -> list[int]:
@@ -66,7 +72,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     quiet_third_party()
-    print("Part 1, the mechanism on a bare linear layer (10 steps, lr 1e-2, L1 loss):")
+    print("Part 1, the mechanism on a bare linear layer (10 steps, lr 1e-2, from the generator's start):")
     sign_descent_demo()
 
     config = saved_config(args.run)

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 NODE_POLL_S = 0.5
 NODE_SETTLE_S = 1.0  # no new node for this long after the first round's worth: the rest are not coming now
+DISCOVERY_POLL_S = 0.2  # how often discovery pulls the nodes' answers
 
 app = ServerApp()
 
@@ -83,7 +84,9 @@ def connected_nodes(grid: Grid, wanted: int, expected: int, deadline: float) -> 
 def discover_clients(grid: Grid, job: Job, num_clients: int, every: bool = False) -> dict[int, int]:
     """Map client index -> node id by asking every connected node for its partition-id; waits (up to the startup
     timeout) for a round's worth of nodes, or with ``every`` for all ``num_clients``, and then for as long as more
-    keep arriving (``connected_nodes``)."""
+    keep arriving (``connected_nodes``). Stops waiting for answers once every client index is claimed: a node the
+    link still lists but that is gone (killed, its heartbeat not yet expired) must not hold the run until the
+    startup timeout."""
     wanted = num_clients if every else min(job.clients_per_round, num_clients)
     deadline = time.monotonic() + job.startup_timeout_s
     node_ids = connected_nodes(grid, wanted, num_clients, deadline)
@@ -91,27 +94,37 @@ def discover_clients(grid: Grid, job: Job, num_clients: int, every: bool = False
         Message(RecordDict({}), dst_node_id=node_id, message_type=P.PARTITION_QUERY, group_id="discovery")
         for node_id in node_ids
     ]
+    pending = set(grid.push_messages(queries))
     clients: dict[int, int] = {}
-    for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
-        node_id = reply.metadata.src_node_id
-        if reply.has_error():
-            logger.warning("node %s cannot serve a client: %s", node_id, reply.error.reason)
-            continue
-        index = int(reply.content.config_records[P.CONFIG][P.PARTITION_ID])
-        if not 0 <= index < num_clients:
-            logger.warning("node %s has partition-id %d outside the task's 0..%d; ignored", node_id, index,
-                           num_clients - 1)
-        elif index in clients:
-            raise FedP2EFTError(f"nodes {clients[index]} and {node_id} both claim partition-id {index}; "
-                                "give every SuperNode a distinct partition-id")
-        else:
-            clients[index] = node_id
+    while pending and len(clients) < num_clients and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            claim_partition(reply, clients, num_clients)
+        time.sleep(DISCOVERY_POLL_S if pending and len(clients) < num_clients else 0.0)
     if len(clients) < job.min_clients:
         raise FedP2EFTError(
             f"only {len(clients)} usable nodes answered within startup_timeout_s={job.startup_timeout_s}, fewer than "
             f"min_clients={job.min_clients}; start more SuperNodes (each with its own partition-id)"
         )
     return clients
+
+
+def claim_partition(reply: Message, clients: dict[int, int], num_clients: int) -> None:
+    """Record the client index a node's answer claims in ``clients`` (index -> node id); a node that cannot serve,
+    or names an index outside the task's, is logged and left out; two nodes claiming one index is an error."""
+    node_id = reply.metadata.src_node_id
+    if reply.has_error():
+        logger.warning("node %s cannot serve a client: %s", node_id, reply.error.reason)
+        return
+    index = int(reply.content.config_records[P.CONFIG][P.PARTITION_ID])
+    if not 0 <= index < num_clients:
+        logger.warning("node %s has partition-id %d outside the task's 0..%d; ignored", node_id, index,
+                       num_clients - 1)
+    elif index in clients:
+        raise FedP2EFTError(f"nodes {clients[index]} and {node_id} both claim partition-id {index}; "
+                            "give every SuperNode a distinct partition-id")
+    else:
+        clients[index] = node_id
 
 
 def payload_bytes(content: RecordDict) -> int:
