@@ -158,7 +158,7 @@ def communication_markdown(stages: dict[str, Traffic], adapters: dict | None, me
     notes = ("Bytes are the tensors of each message as Flower counts them (`ArrayRecord.count_bytes()`: each "
              "tensor's NumPy serialization and its name), per sampled client and round, written by the server to "
              "each stage's metrics.jsonl (docs/federation.md). Sent = server to clients (the global weights, once per "
-             "sampled client); received = clients to server (every reply that arrived, refused ones included). "
+             "sampled client; HetLoRA's and FlexLoRA's clients are sent only their own budget's components); received = clients to server (every reply that arrived, refused ones included). "
              "Config and metric records, message metadata, protobuf/gRPC framing and TLS are not counted: these "
              "are lower bounds of the wire traffic. MB = 10^6 bytes; rows are summed over seeds.")
     if adapters:
