@@ -95,12 +95,15 @@ def discover_clients(grid: Grid, job: Job, num_clients: int, every: bool = False
         for node_id in node_ids
     ]
     pending = set(grid.push_messages(queries))
+    answers_until = max(deadline, time.monotonic() + 1.0)  # the nodes found get a second to answer, at least
     clients: dict[int, int] = {}
-    while pending and len(clients) < num_clients and time.monotonic() < deadline:
+    while True:
         for reply in grid.pull_messages(list(pending)):
             pending.discard(reply.metadata.reply_to_message_id)
             claim_partition(reply, clients, num_clients)
-        time.sleep(DISCOVERY_POLL_S if pending and len(clients) < num_clients else 0.0)
+        if not pending or len(clients) == num_clients or time.monotonic() >= answers_until:
+            break
+        time.sleep(DISCOVERY_POLL_S)
     if len(clients) < job.min_clients:
         raise FedP2EFTError(
             f"only {len(clients)} usable nodes answered within startup_timeout_s={job.startup_timeout_s}, fewer than "
