@@ -22,13 +22,11 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 
 from fedp2eft.benchmark.report.stats import paired_bootstrap
 from fedp2eft.benchmark.run_folder import finished_artifact, read_jsonl, saved_config
 from fedp2eft.core.methods import METHODS, PersonalizeConfig
-from fedp2eft.core.personalization import personal_lora
-from fedp2eft.core.prefix_lora import leading
+from fedp2eft.core.prefix_lora import leading, lora_from
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
 
@@ -81,13 +79,7 @@ def main() -> None:
         scores = {("base", 0): setup.task.evaluate(base, client.train)}
         for method, factors in adapters.items():
             for budget in budgets:
-                cut = leading(factors, budget)
-                model = personal_lora(base, dict.fromkeys(cut, budget), personal.seed)
-                modules = dict(model.base_model.model.named_modules())
-                with torch.no_grad():
-                    for name, (a, b) in cut.items():
-                        modules[name].lora_A["default"].weight.copy_(a)
-                        modules[name].lora_B["default"].weight.copy_(b)
+                model, _ = lora_from(base, leading(factors, budget), personal.seed)
                 scores[(method, budget)] = setup.task.evaluate(model, client.train)
         for key, score in scores.items():
             correct[key] += score["correct"]

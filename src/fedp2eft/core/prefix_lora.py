@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from peft import PeftModel
 from torch import nn
 
 from fedp2eft.core.artifacts import ArtifactKind, load_artifact, save_artifact
@@ -101,6 +102,20 @@ class FactorsArtifact:
         return factors
 
 
+def lora_from(base_model: nn.Module, factors: Factors, seed: int
+              ) -> tuple[PeftModel, dict[str, tuple[nn.Parameter, nn.Parameter]]]:
+    """A fresh PEFT LoRA (``personal_lora``) whose module m starts from ``factors[m]`` (its rank is theirs), and
+    its live (A, B) parameters by module."""
+    model = personal_lora(base_model, {name: a.shape[0] for name, (a, _) in factors.items()}, seed)
+    modules = dict(model.base_model.model.named_modules())
+    live = {name: (modules[name].lora_A["default"].weight, modules[name].lora_B["default"].weight) for name in factors}
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            live[name][0].copy_(a)
+            live[name][1].copy_(b)
+    return model, live
+
+
 class PrefixLoRATask:
     """A federated job over the seen clients whose global weights are rank-R LoRA factors (``to_weights`` layout),
     starting from PEFT's LoRA init drawn from the run's seed (B = 0: the adapter starts as the base model); a
@@ -133,14 +148,7 @@ class PrefixLoRATask:
         personal, seed = self.config.personalize, self.config.seed
         client = self.clients[client_index]
         torch.manual_seed(seed * 100_003 + server_round * 1_009 + client_index)  # dropout masks, if any
-        model = personal_lora(self.base_model, {name: a.shape[0] for name, (a, _) in factors.items()}, seed)
-        modules = dict(model.base_model.model.named_modules())
-        with torch.no_grad():
-            for name, (a, b) in factors.items():
-                modules[name].lora_A["default"].weight.copy_(a)
-                modules[name].lora_B["default"].weight.copy_(b)
-        live = {name: (modules[name].lora_A["default"].weight, modules[name].lora_B["default"].weight)
-                for name in factors}
+        model, live = lora_from(self.base_model, factors, seed)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=personal.lora_lr,
                                       weight_decay=0.0)
         result = train(model, self.task, client.train, optimizer, self.config.local_epochs, personal.batch_size,

@@ -8,14 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import nn
 
 from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, RunPlan, finetune_lora, \
-    lora_plan, personal_lora
+    lora_plan
 from fedp2eft.core.methods.registry import MethodSpec, Stage
 from fedp2eft.core.federation import FederatedTask
-from fedp2eft.core.prefix_lora import Factors, FactorsArtifact, PeerConfig, leading
+from fedp2eft.core.prefix_lora import Factors, FactorsArtifact, PeerConfig, leading, lora_from
 from fedp2eft.core.tasks import Task
 from fedp2eft.data.types import ClientData
 from fedp2eft.errors import FedP2EFTError
@@ -57,14 +56,8 @@ def prefix_method(name: str, stage: Stage) -> MethodSpec:
 
     def personalize(context: ClientContext, budget: int, config: PersonalizeConfig) -> Personalized:
         cut = start(context, budget)
-        ranks = dict.fromkeys(cut, budget)
-        model = personal_lora(context.base_model, ranks, config.seed)
-        modules = dict(model.base_model.model.named_modules())
-        with torch.no_grad():
-            for module, (a, b) in cut.items():
-                modules[module].lora_A["default"].weight.copy_(a)
-                modules[module].lora_B["default"].weight.copy_(b)
-        return finetune_lora(context, model, ranks, budget, config)
+        model, _ = lora_from(context.base_model, cut, config.seed)
+        return finetune_lora(context, model, dict.fromkeys(cut, budget), budget, config)
 
     def plan(context: ClientContext, budget: int, config: PersonalizeConfig) -> RunPlan:
         cut = start(context, budget)
