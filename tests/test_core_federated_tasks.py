@@ -6,11 +6,13 @@ import torch
 
 from conftest import LABELS, bert_config, classification_examples, make_tokenizer
 from fedp2eft.core.base_training import BaseModelTask, BaseTrainingConfig
-from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
+from fedp2eft.core.generator import GeneratorSpec, PSGenerator
+from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig, fit_error_sized, fit_l1_adam
 from fedp2eft.core.methods import PersonalizeConfig
 from fedp2eft.core.modeling import SequenceClassifier, classifier_from_config, load_causal_lm
 from fedp2eft.core.tasks import ClassificationTask
 from fedp2eft.data.types import ClientData
+from fedp2eft.errors import FedP2EFTError
 
 CLIENTS = [ClientData(f"c{i}", "xx", classification_examples(24, seed=10 + i), classification_examples(8, seed=20 + i))
            for i in range(3)]
@@ -38,6 +40,38 @@ def test_generator_client_update_fits_learned_scales(setup):
     assert not all(torch.equal(update.weights[k], weights[k]) for k in weights)
     again = task.client_update(weights, client_index=1, server_round=1)
     assert all(torch.equal(again.weights[k], update.weights[k]) for k in weights)  # deterministic
+
+
+def test_error_sized_stage_2_ranks_the_targets_that_l1_ties():
+    """docs/discussion.md, "The generator's ties": ten L1 Adam steps give outputs below their targets one update
+    whatever the target, so targets 5, 3 and 0.5 come out level; an error-sized step keeps their order and, each
+    step removing half the error of the linearized fit, lands within 2^-10 of the targets."""
+    spec = GeneratorSpec(base_model="m", module_names=("a", "b", "c"), rank=2, feature_layers=("l0", "l1"))
+    x = torch.rand(spec.num_inputs, generator=torch.Generator().manual_seed(0)) * 4
+    target, mask = torch.tensor([5.0, 3.0, 0.5, 0.2, 1e-4, 1e-4]), torch.ones(6)
+    fitted = {}
+    for name, fit, size in (("l1", fit_l1_adam, 1e-2), ("error", fit_error_sized, 0.5)):
+        torch.manual_seed(0)
+        generator = PSGenerator(spec)
+        fit(generator, x, target, mask, 10, size)
+        fitted[name] = generator(x).detach()
+    level = fitted["l1"][:3]
+    # the rows start from weights of size ~1e-6 (the generator's init gain), far below the targets' gaps
+    assert float(level.max() - level.min()) < 1e-4 * float(level.max())
+    assert float(level.max()) < 0.5  # and all three are still below the smallest of their targets
+    assert torch.allclose(fitted["error"], target, rtol=1e-2, atol=1e-4)  # 2^-10 of the error, some nonlinearity
+
+
+def test_a_generator_round_with_error_sized_regression_fits_the_learned_scales(setup):
+    paper, ranking = generator_task(setup), generator_task(setup, regression="error-sized")
+    weights = paper.initial_weights()
+    by_l1, by_error = paper.client_update(weights, 1, 1), ranking.client_update(weights, 1, 1)
+    assert by_error.metrics["l1_before"] == by_l1.metrics["l1_before"]  # the same stage 1, the same targets
+    assert by_error.metrics["l1_after"] < 0.05 * by_error.metrics["l1_before"] < by_l1.metrics["l1_after"]
+    with pytest.raises(FedP2EFTError, match="training.regression 'l2' is unknown"):
+        GeneratorTrainingConfig.from_dict({"regression": "l2"})
+    with pytest.raises(FedP2EFTError, match="regression_fraction 1.5 must lie in"):
+        GeneratorTrainingConfig.from_dict({"regression_fraction": 1.5})
 
 
 def test_generator_budget_sampling_masks_all_but_top_entries(setup):
@@ -69,8 +103,6 @@ def test_base_model_task(setup, mode, tmp_path):
 
 
 def test_unknown_training_keys_are_named():
-    from fedp2eft.errors import FedP2EFTError
-
     with pytest.raises(FedP2EFTError, match=r"training: unknown key\(s\) \['local_epoch'\]"):
         GeneratorTrainingConfig.from_dict({"local_epoch": 2})
     with pytest.raises(FedP2EFTError, match=r"personalize.priors: unknown key\(s\) \['rate'\]"):

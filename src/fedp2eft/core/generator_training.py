@@ -3,7 +3,8 @@ update.
 
 Per round a client (1) computes its features x and Lambda0 = PSG(x); (2) stage 1: trains a fresh BT-LoRA
 (same init every time) with lambda := Lambda0 under the BayesTune objective, giving Lambda_s; (3) stage 2:
-fits PSG(x) to clamp(Lambda_s) with a few Adam steps of L1 regression; (4) returns only the PSG weights."""
+fits PSG(x) to clamp(Lambda_s) with a few Adam steps of L1 regression (or, as an option, error-sized steps: docs/method.md,
+"A stage 2 that ranks"); (4) returns only the PSG weights."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ GENERATOR_FILE = "generator.safetensors"
 
 
 WARMUP_FRACTION = 20 / 150  # the paper's budget-sampling warm-up: 20 of 150 rounds
+REGRESSIONS = ("l1-adam", "error-sized")  # stage 2: the paper's fit, or one whose step grows with each error
 
 
 @dataclass
@@ -40,6 +42,8 @@ class GeneratorTrainingConfig:
     local_epochs: int = 2
     regression_steps: int = 10
     regression_lr: float = 1e-4
+    regression: str = "l1-adam"  # "error-sized": docs/method.md, "A stage 2 that ranks" (not in the paper)
+    regression_fraction: float = 0.5  # error-sized only: the share of the error each step removes
     budget_sampling: bool = False
     budget_warmup_rounds: int | None = None
     total_rounds: int | None = None
@@ -51,6 +55,12 @@ class GeneratorTrainingConfig:
         raw = dict(raw)
         personalize = PersonalizeConfig.from_dict(raw.pop("personalize", {}))
         config = config_from_mapping(cls, {**raw, "personalize": personalize}, "training")
+        if config.regression not in REGRESSIONS:
+            raise FedP2EFTError(f"training.regression '{config.regression}' is unknown; use one of "
+                                f"{', '.join(REGRESSIONS)}")
+        if not 0.0 < config.regression_fraction <= 1.0:
+            raise FedP2EFTError(f"training.regression_fraction {config.regression_fraction} must lie in (0, 1]: it "
+                                "is the share of the generator's error one step removes")
         if config.budget_sampling and config.budget_warmup_rounds is None and config.total_rounds is None:
             raise FedP2EFTError("training.budget_sampling needs budget_warmup_rounds or total_rounds (the number "
                                 "of federated rounds, from which the paper's 20/150 warm-up share is taken)")
@@ -151,14 +161,12 @@ class GeneratorTask:
         target = clamp_ste(model.scales().detach().cpu()) * mask  # the generator lives on the CPU
         del model
 
-        # Stage 2: L1 regression of the generator onto the learned scales, fresh optimizer state.
-        optimizer = torch.optim.Adam(generator.parameters(), lr=config.regression_lr)
+        # Stage 2: fit the generator to the learned scales, fresh optimizer state.
         l1_before = float(((initial - target).abs() * mask).sum())
-        for _ in range(config.regression_steps):
-            loss = ((generator(x) - target).abs() * mask).sum()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        if config.regression == "l1-adam":
+            fit_l1_adam(generator, x, target, mask, config.regression_steps, config.regression_lr)
+        else:
+            fit_error_sized(generator, x, target, mask, config.regression_steps, config.regression_fraction)
         with torch.no_grad():
             l1_after = float(((generator(x) - target).abs() * mask).sum())
         metrics = {"stage1_loss": stage1.epoch_losses[-1], "l1_before": l1_before, "l1_after": l1_after,
@@ -166,3 +174,42 @@ class GeneratorTask:
         return ClientUpdate({k: v.detach().clone() for k, v in generator.state_dict().items()}, len(client.train),
                             metrics)
 
+
+def fit_l1_adam(generator: PSGenerator, x: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, steps: int,
+                lr: float) -> None:
+    """The paper's stage 2: Adam steps on the masked L1 error. Every output whose error has the same sign gets the
+    same update, so outputs that start equal stay equal (docs/discussion.md, "The generator's ties")."""
+    optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = ((generator(x) - target).abs() * mask).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def fit_error_sized(generator: PSGenerator, x: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, steps: int,
+                    fraction: float) -> None:
+    """Steepest descent on the masked squared error, each step as long as removes ``fraction`` of the error along
+    its direction in the generator's linearization (docs/method.md, "A stage 2 that ranks"): an output's update
+    grows with its error, so a larger target ends larger, and the step needs no learning rate that depends on the
+    size of the features or the weights."""
+    parameters = dict(generator.named_parameters())
+
+    def outputs(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(generator, values, (x,))
+
+    for _ in range(steps):
+        error = (outputs(parameters) - target) * mask
+        gradients = torch.autograd.grad(0.5 * error.pow(2).sum(), list(parameters.values()))
+        direction = {name: gradient.detach() for name, gradient in zip(parameters, gradients)}
+        frozen = {name: value.detach() for name, value in parameters.items()}
+        _, moved = torch.func.jvp(outputs, (frozen,), (direction,))
+        moved = moved * mask  # how the fitted outputs move along the gradient, to first order
+        curvature = float(moved.pow(2).sum())
+        if curvature == 0.0:  # no error left (or no output the fit can move)
+            return
+        # along -g the linearized error is e - t J g; t = <e, Jg> / |Jg|^2 minimizes it, and <e, Jg> = |g|^2
+        length = fraction * sum(float(g.pow(2).sum()) for g in direction.values()) / curvature
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter -= length * direction[name]
