@@ -1,8 +1,8 @@
 """The benchmark on personalized-FL bases, end to end on the embedded model and data (shrunk): a FedAvg and a DEPT
 base in one run; the pFL base reuses FedAvg's learning-rate choice, trains the PS generator and personalizes every
-seen client on that client's own personal base; the report compares FedP²EFT per base. FedDPA-T takes the same
-runner path (a personal base is an overlay, ``core/pfl.py``); its own overlay is tested in test_core_pfl.py, and
-a third base here would add a quarter of the suite's longest fixture."""
+seen client on that client's own personal base; the report compares FedP²EFT per base. FedDPA-T and FedSA-LoRA
+take the same runner path (a personal base is an overlay, ``core/pfl.py``); their own overlays are tested in
+test_core_pfl.py, and each further base here would add a quarter of the suite's longest fixture."""
 
 import json
 import re

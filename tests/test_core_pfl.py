@@ -1,10 +1,11 @@
-"""Personalized-FL bases (docs/method.md, "Personalized-FL bases"): what FedDPA-T and DEPT clients share and
-keep, and that a client's personal base rebuilt from its kept state computes what the client trained."""
+"""Personalized-FL bases (docs/method.md, "Personalized-FL bases"): what FedDPA-T, FedSA-LoRA and DEPT clients
+share and keep, and that a client's personal base rebuilt from its kept state computes what the client trained."""
 
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import LABELS
 from fedp2eft.core.base_training import BaseTrainingConfig
@@ -19,7 +20,7 @@ from test_core_federated_tasks import generator_task
 def pfl_task(setup, algorithm: str):
     base, task, _, _ = setup
     settings = {**ALGORITHM_SETTINGS[algorithm], "lr": 1e-2, "local_epochs": 2, "batch_size": 8}
-    if algorithm == "feddpa-t":
+    if "lora_dropout" in settings:
         settings["lora_dropout"] = 0.0  # so a forward is deterministic and comparable below
     config = BaseTrainingConfig(algorithm=algorithm, **settings)
     return base_model_task(base, task, generator_task(setup).clients, config)
@@ -30,7 +31,7 @@ def load_plain(task, directory):
             else load_causal_lm(directory))
 
 
-@pytest.mark.parametrize("algorithm", ["feddpa-t", "dept"])
+@pytest.mark.parametrize("algorithm", ["feddpa-t", "fedsa-lora", "dept"])
 def test_clients_share_the_global_part_keep_their_own_and_rebuild_it_as_a_personal_base(setup, algorithm, tmp_path):
     fed = pfl_task(setup, algorithm)
     start = fed.initial_weights()
@@ -41,6 +42,10 @@ def test_clients_share_the_global_part_keep_their_own_and_rebuild_it_as_a_person
         assert all(".global." in k or ".head." in k for k in first.weights)
         assert all(".local." in k for k in first.state) and any("lora_B" in k and v.abs().sum() > 0
                                                               for k, v in first.state.items())
+    elif algorithm == "fedsa-lora":  # A (and the head) travel, B stays: one LoRA split in two
+        assert all(".lora_A." in k or ".head." in k for k in first.weights) and any(".lora_A." in k
+                                                                                   for k in first.weights)
+        assert all(".lora_B." in k for k in first.state) and all(v.abs().sum() > 0 for v in first.state.values())
     else:  # only the rows of the client's own tokens, not the whole table
         assert set(first.state) == {"rows", "values"} and 0 < len(first.state["rows"]) < len(fed.initial_embeddings)
     # the state is the client's: another client's state gives another update
@@ -53,12 +58,13 @@ def test_clients_share_the_global_part_keep_their_own_and_rebuild_it_as_a_person
     fed.load(again.weights)
     parameters = dict(fed.model.named_parameters())
     with torch.no_grad():
-        if algorithm == "feddpa-t":
+        if algorithm == "dept":
+            parameters[fed.embedding_name].copy_(own_embeddings(fed.initial_embeddings, again.state))
+        else:
             for name, tensor in again.state.items():
                 parameters[name].copy_(tensor)
+        if algorithm == "feddpa-t":
             fed.model.base_model.set_adapter(["global", "local"])
-        else:
-            parameters[fed.embedding_name].copy_(own_embeddings(fed.initial_embeddings, again.state))
     fed.model.eval()
     expected = fed.model(**batch).logits.detach()
     fed.export(again.weights, tmp_path)
@@ -92,3 +98,22 @@ def test_a_feddpa_state_with_foreign_tensors_is_refused(setup):
     model = setup[0]
     with pytest.raises(FedP2EFTError, match="unexpected tensor"):
         client_overlay({"algorithm": "feddpa-t", "lora_scaling": 1.0}, model, {"embeddings.weight": torch.zeros(1)})
+
+
+def test_fedsa_lora_checkpoint_is_the_base_with_the_averaged_head_and_the_shared_a_beside_it(setup, tmp_path):
+    fed = pfl_task(setup, "fedsa-lora")
+    before = {name: tensor.clone() for name, tensor in fed.model.get_base_model().state_dict().items()
+              if "lora_" not in name}
+    update = fed.client_update(fed.initial_weights(), 1, 1, None)
+    fed.export(update.weights, tmp_path)
+    plain = load_plain(fed.task, tmp_path / "model").state_dict()
+    targets = [name for name in before if name.replace("base_layer.", "") in plain and "base_layer" in name]
+    assert targets  # the LoRA's target modules: merged with B = 0, so exactly the starting weights
+    for name in targets:
+        assert torch.equal(plain[name.replace("base_layer.", "")], before[name])
+    shared = load_file(tmp_path / "model" / "shared_lora.safetensors")
+    assert set(shared) == {k for k in update.weights if ".lora_A." in k}
+    assert all(torch.equal(shared[k], update.weights[k]) for k in shared)
+    metadata = read_pfl_metadata(tmp_path / "model")
+    with pytest.raises(FedP2EFTError, match="lacks the A or B matrix"):
+        client_overlay(metadata, load_plain(fed.task, tmp_path / "model"), update.state)  # B without the shared A

@@ -25,7 +25,7 @@ class BaseTrainingConfig:
     LoRA of ``lora_rank`` plus the task head, which is far cheaper to send; it is merged at the end. The LoRA
     settings also shape FedDPA-T's two LoRAs (``core/pfl.py``); ``lora_alpha`` None means 2 x rank."""
 
-    algorithm: str = "fedavg"  # or a personalized-FL base: feddpa-t, dept (core/pfl.py)
+    algorithm: str = "fedavg"  # or a personalized-FL base: feddpa-t, fedsa-lora, dept (core/pfl.py)
     mode: str = "full"
     local_epochs: int = 2
     batch_size: int = 32
@@ -44,7 +44,7 @@ class BaseTrainingConfig:
             raise FedP2EFTError(f"base.algorithm '{self.algorithm}' is unknown; use one of {', '.join(BASE_ALGORITHMS)}")
 
 
-BASE_ALGORITHMS = ("fedavg", "feddpa-t", "dept")  # FedAvg here; the personalized-FL bases in core/pfl.py
+BASE_ALGORITHMS = ("fedavg", "feddpa-t", "fedsa-lora", "dept")  # FedAvg here; the pFL bases in core/pfl.py
 
 
 def _head_names(model: nn.Module) -> set[str]:

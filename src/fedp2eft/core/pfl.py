@@ -1,7 +1,8 @@
-"""Personalized-FL base models (docs/method.md, "Personalized-FL bases"): FedDPA-T and DEPT, engine-free.
+"""Personalized-FL base models (docs/method.md, "Personalized-FL bases"): FedDPA-T, FedSA-LoRA and DEPT,
+engine-free.
 
-Both keep something on every client that is never averaged (``StatefulTask``): FedDPA-T a local LoRA, DEPT the
-token embeddings. A client's *personal base* is the global model with its own state applied; FedP²EFT and the
+Each keeps something on every client that is never averaged (``StatefulTask``): FedDPA-T a local LoRA, FedSA-LoRA
+the B matrices of its one LoRA, DEPT the token embeddings. A client's *personal base* is the global model with its own state applied; FedP²EFT and the
 baselines personalize on top of it. The state becomes an *overlay*, a few of the global model's parameters
 replaced by the client's values, so one loaded model serves every client in turn (``apply_overlay``).
 """
@@ -18,6 +19,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from fedp2eft.core.artifacts import ArtifactKind, load_artifact, save_artifact
 from fedp2eft.core.base_training import BaseModelTask, BaseTrainingConfig, _head_names
 from fedp2eft.core.btlora import resolve_target_modules
 from fedp2eft.core.client_state import ClientStateStore
@@ -32,39 +34,58 @@ from fedp2eft.errors import FedP2EFTError
 ALGORITHM_SETTINGS = {
     "feddpa-t": {"lora_rank": 8, "lora_alpha": 8.0, "lora_dropout": 0.05,
                  "target_modules": ["query|q_proj", "value|v_proj"]},
+    "fedsa-lora": {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
+                   "target_modules": ["query|q_proj", "value|v_proj"]},
     "dept": {"lr": 5.0e-5},
 }
 PFL_FILE = "pfl.json"  # beside a pFL base checkpoint: which algorithm made it and how its client states apply
+SHARED_LORA_FILE = "shared_lora.safetensors"  # beside a FedSA-LoRA base: the averaged A matrices
+SHARED_LORA = ArtifactKind("fedp2eft_shared_lora", "FedSA-LoRA shared A matrices",
+                           "train the FedSA-LoRA base again (`base.algorithm: fedsa-lora`)")
 GLOBAL, LOCAL = "global", "local"
-_LORA_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.local\.weight")
+_LORA_KEY = re.compile(
+    r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<adapter>local|default)\.weight")
 
 
 def _adapter_names(model: nn.Module, adapter: str) -> list[str]:
     return [name for name, _ in model.named_parameters() if f".{adapter}." in name and ".lora_" in name]
 
 
-class FedDPATask(BaseModelTask):
-    """FedDPA-T: every client trains the global LoRA (and the task head), which is averaged; then, on top of the
-    global LoRA it just trained, its local LoRA, which it keeps. Both LoRAs share rank, alpha, dropout and target
-    modules (the paper's reference: rank 8, alpha 8, dropout 0.05, attention query and value)."""
+class _PersonalLoRATask(BaseModelTask):
+    """What the pFL bases built on PEFT LoRAs share: the LoRA from the run's settings (seeded), the task head's
+    parameter names, and which parameters train. ``local_names`` (set by ``prepare``) are kept by each client,
+    starting from ``initial_local``."""
 
     keeps_client_state = True
 
-    def prepare(self, base_model: nn.Module) -> nn.Module:
+    def new_lora(self, base_model: nn.Module, adapters: tuple[str, ...]) -> nn.Module:
         config = self.config
         self.heads = _head_names(base_model)
         lora = LoraConfig(r=config.lora_rank, lora_alpha=self.alpha, lora_dropout=config.lora_dropout,
                           target_modules=resolve_target_modules(base_model, config.target_modules))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            model = get_peft_model(base_model, lora, adapter_name=GLOBAL)
-            model.add_adapter(LOCAL, lora)
-        self.local_names = _adapter_names(model, LOCAL)
-        parameters = dict(model.named_parameters())
-        self.initial_local = {name: parameters[name].detach().to("cpu", copy=True) for name in self.local_names}
-        model.base_model.set_adapter(GLOBAL)
-        self._train_only([*_adapter_names(model, GLOBAL), *self._head_parameter_names(model)], model)
+            model = get_peft_model(base_model, lora, adapter_name=adapters[0])
+            for adapter in adapters[1:]:
+                model.add_adapter(adapter, lora)
         return model
+
+    def keep_locally(self, model: nn.Module, names: list[str]) -> None:
+        self.local_names = names
+        parameters = dict(model.named_parameters())
+        self.initial_local = {name: parameters[name].detach().to("cpu", copy=True) for name in names}
+
+    def restore_local(self, state: dict[str, torch.Tensor] | None) -> dict[str, nn.Parameter]:
+        """Put the client's kept tensors (or the initial ones, on its first round) into the model."""
+        parameters = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in (state or self.initial_local).items():
+                parameters[name].copy_(tensor)
+        return parameters
+
+    def kept(self) -> dict[str, torch.Tensor]:
+        parameters = dict(self.model.named_parameters())
+        return {name: parameters[name].detach().to("cpu", copy=True) for name in self.local_names}
 
     @property
     def alpha(self) -> float:
@@ -79,15 +100,25 @@ class FedDPATask(BaseModelTask):
         for name, parameter in model.named_parameters():
             parameter.requires_grad = name in chosen
 
+
+class FedDPATask(_PersonalLoRATask):
+    """FedDPA-T: every client trains the global LoRA (and the task head), which is averaged; then, on top of the
+    global LoRA it just trained, its local LoRA, which it keeps. Both LoRAs share rank, alpha, dropout and target
+    modules (the paper's reference: rank 8, alpha 8, dropout 0.05, attention query and value)."""
+
+    def prepare(self, base_model: nn.Module) -> nn.Module:
+        model = self.new_lora(base_model, (GLOBAL, LOCAL))
+        self.keep_locally(model, _adapter_names(model, LOCAL))
+        model.base_model.set_adapter(GLOBAL)
+        self._train_only([*_adapter_names(model, GLOBAL), *self._head_parameter_names(model)], model)
+        return model
+
     def client_update(self, weights: dict[str, torch.Tensor], client_index: int, server_round: int,
                       state: dict[str, torch.Tensor] | None = None) -> ClientUpdate:
         self.load(weights)
         global_loss = self.train_locally(client_index, server_round)
         shared = self.weights()
-        parameters = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in (state or self.initial_local).items():
-                parameters[name].copy_(tensor)
+        self.restore_local(state)
         self.model.base_model.set_adapter([GLOBAL, LOCAL])  # forward = global LoRA merged + local LoRA
         self._train_only(self.local_names, self.model)
         try:
@@ -95,9 +126,8 @@ class FedDPATask(BaseModelTask):
         finally:
             self.model.base_model.set_adapter(GLOBAL)
             self._train_only(self.names, self.model)
-        kept = {name: parameters[name].detach().to("cpu", copy=True) for name in self.local_names}
         return ClientUpdate(shared, len(self.clients[client_index].train),
-                            {"train_loss": global_loss, "local_train_loss": local_loss}, kept)
+                            {"train_loss": global_loss, "local_train_loss": local_loss}, self.kept())
 
     def plain_model(self) -> nn.Module:
         self.model.delete_adapter(LOCAL)
@@ -106,6 +136,44 @@ class FedDPATask(BaseModelTask):
     def save_checkpoint(self, weights: dict[str, torch.Tensor], directory: str | Path) -> Path:
         path = super().save_checkpoint(weights, directory)
         write_pfl_metadata(path, {"algorithm": "feddpa-t", "lora_scaling": self.alpha / self.config.lora_rank,
+                                  "clients": [client.client_id for client in self.clients]})
+        return path
+
+
+class FedSALoRATask(_PersonalLoRATask):
+    """FedSA-LoRA (Guo et al., ICLR 2025): one LoRA, trained whole on every client; its A matrices (and the task
+    head) are averaged, its B matrices stay on each client, since A learns what clients share and B what is
+    theirs. The plain checkpoint is the base with the averaged head (B = 0 merges to nothing); the averaged A
+    matrices lie beside it, and a client's personal base adds its own B times that A (``client_overlay``)."""
+
+    def prepare(self, base_model: nn.Module) -> nn.Module:
+        model = self.new_lora(base_model, ("default",))
+        self.keep_locally(model, [name for name, _ in model.named_parameters() if ".lora_B." in name])
+        self._train_only([*_adapter_names(model, "default"), *self._head_parameter_names(model)], model)
+        return model
+
+    def shared_names(self) -> list[str]:
+        return [name for name in super().shared_names() if name not in set(self.local_names)]
+
+    def client_update(self, weights: dict[str, torch.Tensor], client_index: int, server_round: int,
+                      state: dict[str, torch.Tensor] | None = None) -> ClientUpdate:
+        self.load(weights)
+        self.restore_local(state)
+        loss = self.train_locally(client_index, server_round)
+        return ClientUpdate(self.weights(), len(self.clients[client_index].train), {"train_loss": loss},
+                            self.kept())
+
+    def plain_model(self) -> nn.Module:
+        return self.model.merge_and_unload()
+
+    def save_checkpoint(self, weights: dict[str, torch.Tensor], directory: str | Path) -> Path:
+        """The base with the averaged head, and beside it the averaged A matrices; no client's B leaves it."""
+        self.load(weights)
+        shared_lora = {name: weights[name] for name in self.names if ".lora_A." in name}
+        self.restore_local(None)  # B = 0: merging adds nothing to the base weights
+        path = super().save_checkpoint(weights, directory)
+        save_artifact(path / SHARED_LORA_FILE, shared_lora, SHARED_LORA, {})
+        write_pfl_metadata(path, {"algorithm": "fedsa-lora", "lora_scaling": self.alpha / self.config.lora_rank,
                                   "clients": [client.client_id for client in self.clients]})
         return path
 
@@ -164,7 +232,8 @@ def own_embeddings(initial: torch.Tensor, state: dict[str, torch.Tensor] | None)
 def base_model_task(base_model: nn.Module, task: Task, clients: list[ClientData],
                     config: BaseTrainingConfig) -> BaseModelTask:
     """The federated task that trains the base model with ``config.algorithm``."""
-    kind = {"fedavg": BaseModelTask, "feddpa-t": FedDPATask, "dept": DEPTTask}[config.algorithm]
+    kind = {"fedavg": BaseModelTask, "feddpa-t": FedDPATask, "fedsa-lora": FedSALoRATask,
+            "dept": DEPTTask}[config.algorithm]
     return kind(base_model, task, clients, config)
 
 
@@ -204,13 +273,17 @@ def personal_overlay(checkpoint: str | Path, metadata: dict, model: nn.Module, c
     if server_round == 0:
         return None
     store = ClientStateStore(Path(checkpoint) / metadata["client_state_dir"], client_index)
-    return client_overlay(metadata, model, store.load(server_round))
+    state = store.load(server_round)
+    if metadata["algorithm"] == "fedsa-lora":  # the client's B with the federation's final A
+        state = {**load_artifact(Path(checkpoint) / SHARED_LORA_FILE, SHARED_LORA)[1], **state}
+    return client_overlay(metadata, model, state)
 
 
 def client_overlay(metadata: dict, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The parameters of ``model`` (a pFL base checkpoint, loaded plain) that a client's ``state`` replaces:
-    DEPT its embedding table; FedDPA-T every local-LoRA module's weight with its B @ A x scaling added, which is
-    exactly the forward of the global model plus the active local LoRA."""
+    DEPT its embedding table; FedDPA-T (its local LoRA) and FedSA-LoRA (its own B with the shared A, both in
+    ``state``) every LoRA module's weight with B @ A x scaling added, which is exactly the forward of the model
+    the client trained with that LoRA active."""
     parameters = dict(model.named_parameters())
     if metadata["algorithm"] == "dept":
         embeddings = model.get_input_embeddings().weight
@@ -220,8 +293,12 @@ def client_overlay(metadata: dict, model: nn.Module, state: dict[str, torch.Tens
     for key, tensor in state.items():
         match = _LORA_KEY.fullmatch(key)
         if match is None:
-            raise FedP2EFTError(f"unexpected tensor {key!r} in a FedDPA-T client state")
+            raise FedP2EFTError(f"unexpected tensor {key!r} in a {metadata['algorithm']} client state")
         parts.setdefault(match["module"], {})[match["part"]] = tensor
+    incomplete = sorted(module for module, pair in parts.items() if set(pair) != {"A", "B"})
+    if incomplete:
+        raise FedP2EFTError(f"a {metadata['algorithm']} client state lacks the A or B matrix of "
+                            f"{', '.join(incomplete)}")
     overlay = {}
     for module, pair in parts.items():
         weight = parameters[f"{module}.weight"]

@@ -160,8 +160,9 @@ def write_bases_report(config: dict, run_dir: Path, records_by_base: Mapping[str
               *([rewritten_note(rewritten_by)] if rewritten_by else []),
               "Every base model is trained on the seen pool, and every method personalizes each seen client on top "
               "of that client's base: the shared model for FedAvg, the client's own personal base for a "
-              "personalized-FL algorithm (FedDPA-T: global model plus the client's local LoRA; DEPT: global body "
-              "plus the client's own embeddings; docs/method.md, \"Personalized-FL bases\"). Percentage points, "
+              "personalized-FL algorithm (FedDPA-T: global model plus the client's local LoRA; FedSA-LoRA: "
+              "global model plus the client's own B matrices times the shared A; DEPT: global body plus the "
+              "client's own embeddings; docs/method.md, \"Personalized-FL bases\"). Percentage points, "
               "paired 95% client-bootstrap intervals; win = the interval lies above zero.\n",
               "## FedP²EFT minus the best baseline\n", "\n".join(lines), ""]
     (Path(run_dir) / "report.md").write_text("\n".join(header + sections) + "\n")
