@@ -36,6 +36,9 @@ SETTINGS = {
     "balanced-labels": ["dataset_options.alpha=5.0"],
     "more-sentences": ["dataset_options.train_size=192"],
     "more-sentences-and-epochs": ["dataset_options.train_size=192", "personalize.epochs=8"],
+    # Fewer places to spend rank: LoRA on the 12 attention value projections only (a memory-bound client's choice),
+    # so the budget's r x M is 24 directions at r=2 instead of 144.
+    "values-only": ["personalize.target_modules=[value]", "base.checkpoint={default_base}"],
     # The embedded decoder instruction-tuned on intents-chat (the `llm` profile: Gemma 3 270M, ROUGE-L of greedy
     # replies), with the encoder's selection grid and three clients per language so that clients can be replicates.
     "decoder": ["dataset_options.clients_per_language=3", "selection.grid=[1.0,3.0,10.0,30.0,100.0]",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fedp2eft.benchmark.run_folder import saved_config
+from fedp2eft.benchmark.run_folder import finished_base, saved_config
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.personalization import features_for
 from fedp2eft.experiment import Setup
@@ -76,8 +76,8 @@ def main() -> None:
     sign_descent_demo()
 
     config = saved_config(args.run)
-    base_path = args.run / "base" / "model"
-    setup = Setup(str(base_path), config["dataset"], dict(config["dataset_options"]), config["max_length"])
+    base_path = finished_base(config, args.run)  # the run's own base, or the checkpoint it reused
+    setup = Setup(base_path, config["dataset"], dict(config["dataset_options"]), config["max_length"])
     base = setup.load_base_model()
     generator = PSGenerator.load(args.run / f"seed{args.seed}" / "psg" / "generator.safetensors")
     spec = generator.spec
