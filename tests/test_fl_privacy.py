@@ -80,6 +80,7 @@ def test_privacy_spent_is_reported_per_round(private_run: Path) -> None:
     assert rows[0]["privacy/epsilon"] < rows[-1]["privacy/epsilon"]
     assert all(row["privacy/sampling_rate"] == PER_ROUND / population and row["privacy/delta"] == 1e-5
                for row in rows)
+    assert not any("update_norm_max" in row for row in rows)  # a DP run publishes nothing about single updates
     assert list((private_run / "tensorboard").glob("events.out.tfevents.*"))
 
 

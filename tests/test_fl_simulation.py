@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,6 +19,7 @@ from fedp2eft.fl.job import Job
 from fedp2eft.fl.server_app import sample_clients, serve
 from fedp2eft.fl.simulation import run_federated
 from fedp2eft.fl.toy_task import make_task
+from fedp2eft.fl.weights import update_norm
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -47,6 +49,11 @@ def test_simulation_matches_independent_fedavg(full_toy_run: Path) -> None:
         updates = [task.client_update(weights, c, row["round"]) for c in clients]
         total = sum(u.num_examples for u in updates)
         assert row["num_examples"] == total
+        # the norms a DP clipping norm is chosen from; the actors' float32 updates may differ from these by a few
+        # ulps of weights of size ~1, against update norms of ~1e-2 or more: 1e-3 relative is ample
+        norms = sorted(update_norm(weights, u.weights) for u in updates)
+        assert row["update_norm_max"] == pytest.approx(norms[-1], rel=1e-3)
+        assert row["update_norm_median"] == pytest.approx(float(np.median(norms)), rel=1e-3)
         weights = {k: sum(u.weights[k].double() * u.num_examples for u in updates) / total for k in weights}
         weights = {k: v.float() for k, v in weights.items()}
     got = final_weights(full_toy_run)

@@ -33,7 +33,7 @@ from fedp2eft.fl.privacy import epsilon_spent
 from fedp2eft.fl.report import RoundReporter
 from fedp2eft.fl.secure_aggregation import secure_round
 from fedp2eft.fl.tasks import build_task
-from fedp2eft.fl.weights import Weights, from_record, to_record, update_problem
+from fedp2eft.fl.weights import Weights, from_record, to_record, update_norm, update_problem
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ class RoundOutcome:
     failures: list[dict[str, Any]] = field(default_factory=list)
     received: dict[int, int] = field(default_factory=dict)
     details: dict[int, str] = field(default_factory=dict)  # a failed client's full reason (a remote traceback)
+    update_norms: dict[int, float] = field(default_factory=dict)  # |weights - what it was sent| per usable update
 
     def fail(self, client: int, reason: str, server_round: int) -> None:
         short = one_line(reason)
@@ -218,6 +219,7 @@ def collect(replies: list[Message], sent: dict[int, int], references: dict[int, 
             continue
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         outcome.updates.append((client, reply, num_examples, scalars))
+        outcome.update_norms[client] = update_norm(references[client], weights)
     for client in sorted(set(sent.values()) - answered):
         outcome.fail(client, "no reply before the round timeout", server_round)
     outcome.updates.sort(key=lambda item: item[0])  # fixed summation order -> reproducible averages
@@ -235,8 +237,10 @@ def traffic(sent: dict[int, int], received: dict[int, int], history: list[dict[s
 
 
 def round_metrics(server_round: int, sampled: list[int], outcome: RoundOutcome, seconds: float,
-                  traffic_fields: dict[str, Any]) -> dict[str, Any]:
-    """One metrics.jsonl row: sample-weighted client metrics plus traffic, timing and failures."""
+                  traffic_fields: dict[str, Any], private: bool = False) -> dict[str, Any]:
+    """One metrics.jsonl row: sample-weighted client metrics plus traffic, timing and failures, and the median and
+    largest client update norm, from which a DP clipping norm can be chosen; not in a DP run, whose published
+    metrics must not describe single clients' updates (and not under SecAgg+, where the server sees none)."""
     total = sum(n for _, _, n, _ in outcome.updates)
     names = sorted({k for *_, metrics in outcome.updates for k in metrics}
                    - {P.NUM_EXAMPLES, P.CLIENT_TIME, P.TASK_REUSED})
@@ -255,6 +259,9 @@ def round_metrics(server_round: int, sampled: list[int], outcome: RoundOutcome, 
         "clients": [client for client, *_ in outcome.updates],
         "failed": outcome.failures,
     }
+    if outcome.update_norms and not private:
+        norms = sorted(outcome.update_norms.values())
+        row |= {"update_norm_median": float(np.median(norms)), "update_norm_max": norms[-1]}
     for name in names:
         pairs = [(m[name], n) for _, _, n, m in outcome.updates if name in m]
         row[f"train/{name}"] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
@@ -354,7 +361,7 @@ def run_round(grid: Grid, job: Job, strategy: Strategy, weights: Weights, server
         else secure_exchange(grid, job, weights, server_round, clients, configs))
     keep_details(job.output_path, server_round, outcome.details)
     row = round_metrics(server_round, sampled, outcome, time.perf_counter() - start,
-                        traffic(sent, outcome.received, history))
+                        traffic(sent, outcome.received, history), private=job.dp is not None)
     needed = len(sampled) if job.dp is not None else job.min_clients
     if len(outcome.updates) < needed:
         rule = ("with DP every sampled client must succeed (the noise is calibrated to the sample)"

@@ -35,3 +35,11 @@ def update_problem(reference: Weights, update: Weights) -> str | None:
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             return f"tensor {name!r} holds NaN or Inf"
     return None
+
+
+def update_norm(reference: Weights, update: Weights) -> float:
+    """The L2 norm of ``update - reference`` over the floating-point tensors: the size DP's clipping norm is
+    compared with, so a non-private run's norms say where to clip (docs/federation.md, "Differential privacy")."""
+    total = sum(float((update[name].double() - ref.double()).pow(2).sum())
+                for name, ref in reference.items() if ref.is_floating_point())
+    return total ** 0.5
