@@ -14,7 +14,8 @@ from fedp2eft.config_yaml import load_yaml, load_yaml_mapping
 from fedp2eft.core.methods import METHODS, STAGES, Stage, stages
 from fedp2eft.errors import FedP2EFTError
 
-PROFILES = ("default", "full", "quick", "paper", "paper-fedaya", "llm", "llm-quick", "pfl", "budget-peers")
+PROFILES = ("default", "full", "quick", "paper", "paper-fedaya", "llm", "llm-quick", "pfl", "budget-peers",
+            "value-projections")
 
 
 def load_profile(name_or_path: str) -> dict[str, Any]:
