@@ -152,6 +152,9 @@ def test_lambda_spread_separates_modules_and_clients():
     assert spread["std_modules"] == pytest.approx((1.0 + 0.0) / 2)
     assert spread["std_clients"] == pytest.approx(np.std([5 / 3, 2.0]))
     assert (spread["min"], spread["max"]) == (1.0, 3.0)
+    assert spread["tie_order"] is None  # rows written before ties were recorded
+    rows[0]["tie_order"], rows[1]["tie_order"] = 3, 0  # all 3 kept entries of client 0 by tie order, none of 1's
+    assert lambda_spread(rows)["tie_order"] == pytest.approx((1.0 + 0.0) / 2)
 
 
 def test_flattening_round():

@@ -84,6 +84,20 @@ def test_global_selection_can_give_a_module_no_rank():
     assert torch.allclose(selection.values["a"], scales[:4])
 
 
+def test_kept_entries_that_tie_with_a_left_out_one_are_counted():
+    """docs/discussion.md, "The generator's ties": a cut through a group of equal entries keeps some of them by the
+    sort's tie order; a cut between distinct values keeps none that way."""
+    names = ["a", "b"]
+    distinct = select_top_ranks(torch.tensor([5.0, 4.0, 3.0, 2.0, 0.1, 0.2, 0.3, 0.4]), names, 4, budget=2)
+    assert distinct.tie_order == 0
+    # the top 4 of these: 5, then three of the five entries equal to 3 (one of them 3 + 1e-6, within 1e-5 of 3)
+    tied = select_top_ranks(torch.tensor([5.0, 3.0, 3.0, 1.0, 3.0, 3.0 + 1e-6, 3.0, 0.5]), names, 4, budget=2)
+    assert tied.total == 4 and tied.tie_order == 3
+    # a group entirely kept is the generator's choice, not the sort's
+    whole = select_top_ranks(torch.tensor([5.0, 3.0, 3.0, 1.0, 3.0, 0.2, 0.3, 0.5]), names, 4, budget=2)
+    assert whole.tie_order == 0
+
+
 @pytest.mark.parametrize("budget", [0, -1, 9, 2.5])
 def test_bad_budgets_are_refused(budget):
     with pytest.raises(FedP2EFTError, match="1 <= r <= R=8"):

@@ -9,6 +9,8 @@ import torch
 
 from fedp2eft.errors import FedP2EFTError
 
+TIE_TOLERANCE = 1e-5  # relative: an entry this close to the cut's value is equal to it (docs/discussion.md, ties)
+
 
 def check_budget(budget: int, max_rank: int) -> None:
     if not isinstance(budget, int) or budget <= 0 or budget > max_rank:
@@ -24,6 +26,7 @@ class Selection:
 
     kept: dict[str, torch.Tensor]
     values: dict[str, torch.Tensor]
+    tie_order: int = 0  # kept entries equal to one left out: chosen by torch.topk's tie order, not by Lambda
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -41,6 +44,19 @@ def top_entries_mask(scales: torch.Tensor, num_modules: int, budget: int) -> tor
     return mask
 
 
+def chosen_by_tie_order(flat: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many kept entries tie with an entry the cut left out (within ``TIE_TOLERANCE`` of the cut's value):
+    which of them were kept is the sort's tie order, so a map made of them says nothing about the generator."""
+    kept, left = flat[mask], flat[~mask]
+    if not len(kept) or not len(left):
+        return 0
+    cut = float(kept.min())
+    tolerance = TIE_TOLERANCE * abs(cut)
+    if float(left.max()) < cut - tolerance:
+        return 0
+    return int(((kept - cut).abs() <= tolerance).sum())
+
+
 def select_top_ranks(scales: torch.Tensor, module_names: list[str], max_rank: int, budget: int) -> Selection:
     """Global top-(budget * M) of the flat Lambda; modules that keep no rank are left out (no LoRA)."""
     check_budget(budget, max_rank)
@@ -48,7 +64,8 @@ def select_top_ranks(scales: torch.Tensor, module_names: list[str], max_rank: in
     if scales.numel() != expected:
         raise FedP2EFTError(f"Lambda has {scales.numel()} entries; M*R = {len(module_names)}*{max_rank} = {expected}")
     flat = scales.detach().flatten().float()
-    per_module = top_entries_mask(flat, len(module_names), budget).view(len(module_names), max_rank)
+    mask = top_entries_mask(flat, len(module_names), budget)
+    per_module = mask.view(len(module_names), max_rank)
     values = flat.view(len(module_names), max_rank)
     kept, kept_values = {}, {}
     for row, name in enumerate(module_names):
@@ -56,4 +73,4 @@ def select_top_ranks(scales: torch.Tensor, module_names: list[str], max_rank: in
         if len(index):
             kept[name] = index
             kept_values[name] = values[row, index].clone()
-    return Selection(kept=kept, values=kept_values)
+    return Selection(kept=kept, values=kept_values, tie_order=chosen_by_tie_order(flat, mask))

@@ -238,7 +238,7 @@ def selection_plan(selection: Selection, config: PersonalizeConfig, budget: int,
     values = {name: torch.ones_like(v) for name, v in selection.values.items()} if unit_scales else selection.values
     kept = {name: [round(float(v), 6) for v in values[name]] for name in selection.ranks}
     return RunPlan(LoRARun(selection.ranks, config.finetune_lr(budget), config.seed, scales=values), config.epochs,
-                   config.batch_size, {"lambdas": kept})
+                   config.batch_size, {"lambdas": kept, "tie_order": selection.tie_order})
 
 
 def search_plan(context: ClientContext, config: PersonalizeConfig) -> RunPlan:

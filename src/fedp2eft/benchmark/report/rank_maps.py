@@ -28,13 +28,17 @@ def kept_lambdas(row: dict) -> dict[str, list[float]]:
 def lambda_spread(rows: Iterable[dict]) -> dict | None:
     """How much the kept lambdas vary: their mean (over clients of each client's mean), the spread across a
     client's modules (std of per-module means, averaged over clients), the spread across clients (std of
-    per-client means), and their min/max. A generator that learned one magnitude for everyone shows ~0 spreads."""
-    client_means, module_stds, lows, highs = [], [], [], []
+    per-client means), and their min/max. A generator that learned one magnitude for everyone shows ~0 spreads.
+    ``tie_order``: the mean share of a client's kept entries that tied with one left out (None for rows written
+    before it was recorded): a map chosen by tie order is the sort's, not the generator's."""
+    client_means, module_stds, lows, highs, ties = [], [], [], [], []
     for row in rows:
         kept = kept_lambdas(row)
         if not kept:
             continue
         values = np.concatenate([np.array(v) for v in kept.values()])
+        if "tie_order" in row:
+            ties.append(row["tie_order"] / len(values))
         client_means.append(values.mean())
         module_stds.append(np.std([np.mean(v) for v in kept.values()]))
         lows.append(values.min())
@@ -43,7 +47,7 @@ def lambda_spread(rows: Iterable[dict]) -> dict | None:
         return None
     return {"mean": float(np.mean(client_means)), "std_modules": float(np.mean(module_stds)),
             "std_clients": float(np.std(client_means)), "min": float(min(lows)), "max": float(max(highs)),
-            "clients": len(client_means)}
+            "clients": len(client_means), "tie_order": float(np.mean(ties)) if ties else None}
 
 
 def rank_overlap(a: Mapping[str, float], b: Mapping[str, float]) -> float:
@@ -163,7 +167,9 @@ def structure_markdown(entries: list[dict]) -> str:
                  lambda e: _number((e["lambda"] or {}).get("std_modules"))),
                 ("std of kept λ across clients", lambda e: _number((e["lambda"] or {}).get("std_clients"))),
                 ("min / max kept λ", lambda e: "–" if not e["lambda"] else
-                 f"{_number(e['lambda']['min'])} / {_number(e['lambda']['max'])}")]
+                 f"{_number(e['lambda']['min'])} / {_number(e['lambda']['max'])}"),
+                ("kept entries chosen by tie order (share, mean over clients)",
+                 lambda e: _share((e["lambda"] or {}).get("tie_order")))]
         for method in methods:
             for key, label in [("between_language_means", "overlap of language-mean rank maps, different languages"),
                                ("client_pairs_same_language", "overlap of two clients, same language (reference)"),
@@ -174,6 +180,10 @@ def structure_markdown(entries: list[dict]) -> str:
         lines += [f"| {label} | " + " | ".join(f(e) for e in block) + " |" for label, f in rows]
         lines += [_agreement_sentence(e, budget) for e in block if e["agreement"].get(OURS)]
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
 
 
 def _agreement_sentence(entry: dict, budget: int) -> str:

@@ -79,7 +79,7 @@ def plan_fedp2eft_structure(context: ClientContext, budget: int, config: Persona
     return selection_plan(generator_selection(context, budget, config), config, budget, unit_scales=True)
 
 
-METHOD = MethodSpec("fedp2eft", personalize_fedp2eft, reports=("ranks", "lambdas"), stage=PSG_STAGE,
+METHOD = MethodSpec("fedp2eft", personalize_fedp2eft, reports=("ranks", "lambdas", "tie_order"), stage=PSG_STAGE,
                     plan=plan_fedp2eft)
 STRUCTURE = MethodSpec("fedp2eft-structure", personalize_fedp2eft_structure, reports=("ranks",), stage=PSG_STAGE,
                        plan=plan_fedp2eft_structure, ablation_of="fedp2eft")
