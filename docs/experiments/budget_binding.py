@@ -39,6 +39,9 @@ SETTINGS = {
     # Fewer places to spend rank: LoRA on the 12 attention value projections only (a memory-bound client's choice),
     # so the budget's r x M is 24 directions at r=2 instead of 144.
     "values-only": ["personalize.target_modules=[value]", "base.checkpoint={default_base}"],
+    # The same with the grid moved up (x3 to x300): on the main grid every value-only LoRA peaked at its top edge.
+    "values-only-wide-grid": ["personalize.target_modules=[value]", "base.checkpoint={default_base}",
+                              "selection.grid=[3.0,10.0,30.0,100.0,300.0]"],
     # The embedded decoder instruction-tuned on intents-chat (the `llm` profile: Gemma 3 270M, ROUGE-L of greedy
     # replies), with the encoder's selection grid and three clients per language so that clients can be replicates.
     "decoder": ["dataset_options.clients_per_language=3", "selection.grid=[1.0,3.0,10.0,30.0,100.0]",
