@@ -101,7 +101,7 @@ def test_every_method_stage_gets_a_train_command(capsys) -> None:
 
 
 def test_client_failures_are_summarized_once_each_in_one_line() -> None:
-    from fedp2eft.fl.server_app import failure_summary, one_line
+    from fedp2eft.fl.round_outcome import failure_summary, one_line
 
     remote = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    raise ValueError('bad lr')\n"
               "ValueError: could not convert string to float: '1e-4'\n")
