@@ -75,13 +75,12 @@ class _PersonalLoRATask(BaseModelTask):
         parameters = dict(model.named_parameters())
         self.initial_local = {name: parameters[name].detach().to("cpu", copy=True) for name in names}
 
-    def restore_local(self, state: dict[str, torch.Tensor] | None) -> dict[str, nn.Parameter]:
+    def restore_local(self, state: dict[str, torch.Tensor] | None) -> None:
         """Put the client's kept tensors (or the initial ones, on its first round) into the model."""
         parameters = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in (state or self.initial_local).items():
                 parameters[name].copy_(tensor)
-        return parameters
 
     def kept(self) -> dict[str, torch.Tensor]:
         parameters = dict(self.model.named_parameters())
