@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 
 from fedp2eft.benchmark.run_folder import finished_base, saved_config
+from fedp2eft.core.budget import TIE_TOLERANCE, chosen_by_tie_order, top_entries_mask
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.personalization import features_for
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
-
-RELATIVE_TIE = 1e-5  # two entries are tied when they differ by less than this share of their size (float32: ~1e-7)
 
 
 def sign_descent_demo() -> None:
@@ -60,7 +59,7 @@ def tie_groups(values: torch.Tensor) -> list[int]:
     """Sizes of the runs of equal values in ``values`` sorted in descending order."""
     sizes, start = [], 0
     for i in range(1, len(values) + 1):
-        if i == len(values) or float(values[start] - values[i]) > RELATIVE_TIE * abs(float(values[start])):
+        if i == len(values) or float(values[start] - values[i]) > TIE_TOLERANCE * abs(float(values[start])):
             sizes.append(i - start)
             start = i
     return sizes
@@ -83,7 +82,7 @@ def main() -> None:
     spec = generator.spec
     modules = len(spec.module_names)
     print(f"\nPart 2, {args.run} seed {args.seed}: M = {modules} modules x R = {spec.rank}; unseen clients; a tie is a "
-          f"difference below {RELATIVE_TIE:g} of the value")
+          f"difference below {TIE_TOLERANCE:g} of the value")
     budgets = sorted(config["budgets"])
     print("client | language | largest tie group (its value) | distinct levels in the top 16M | "
           + " | ".join(f"r={b}: kept entries chosen by tie order" for b in budgets))
@@ -93,14 +92,9 @@ def main() -> None:
         ordered = scales.sort(descending=True).values
         groups = tie_groups(ordered)
         biggest = max(range(len(groups)), key=groups.__getitem__)
-        cuts = []
-        for budget in budgets:
-            kept, seen = budget * modules, 0
-            for size in groups:  # the group the cut falls in: its kept part is a tie-break when the cut splits it
-                if seen + size >= kept:
-                    cuts.append(f"{kept - seen if seen + size > kept else 0} of {kept}")
-                    break
-                seen += size
+        # the kept entries of the group the cut splits: the count budget selection records (core/budget.py)
+        cuts = [f"{chosen_by_tie_order(scales, top_entries_mask(scales, modules, budget))} of {budget * modules}"
+                for budget in budgets]
         top = tie_groups(ordered[: 16 * modules])
         print(f"{client.client_id} | {client.language} | {groups[biggest]} ({float(ordered[sum(groups[:biggest])]):.4f})"
               f" | {len(top)} | " + " | ".join(cuts))
