@@ -44,7 +44,7 @@ SHARED_LORA = ArtifactKind("fedp2eft_shared_lora", "FedSA-LoRA shared A matrices
                            "train the FedSA-LoRA base again (`base.algorithm: fedsa-lora`)")
 GLOBAL, LOCAL = "global", "local"
 _LORA_KEY = re.compile(
-    r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.(?P<adapter>local|default)\.weight")
+    r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.(?:local|default)\.weight")
 
 
 def _adapter_names(model: nn.Module, adapter: str) -> list[str]:
@@ -152,7 +152,8 @@ class FedSALoRATask(_PersonalLoRATask):
         return model
 
     def shared_names(self) -> list[str]:
-        return [name for name in super().shared_names() if name not in set(self.local_names)]
+        local = set(self.local_names)
+        return [name for name in super().shared_names() if name not in local]
 
     def client_update(self, weights: dict[str, torch.Tensor], client_index: int, server_round: int,
                       state: dict[str, torch.Tensor] | None = None) -> ClientUpdate:
@@ -167,7 +168,6 @@ class FedSALoRATask(_PersonalLoRATask):
 
     def save_checkpoint(self, weights: dict[str, torch.Tensor], directory: str | Path) -> Path:
         """The base with the averaged head, and beside it the averaged A matrices; no client's B leaves it."""
-        self.load(weights)
         shared_lora = {name: weights[name] for name in self.names if ".lora_A." in name}
         self.restore_local(None)  # B = 0: merging adds nothing to the base weights
         path = super().save_checkpoint(weights, directory)
