@@ -56,10 +56,11 @@ from transformers import BertConfig, PreTrainedTokenizerFast
 from fedp2eft.core.base_training import BaseModelTask, BaseTrainingConfig
 from fedp2eft.core.device import resolve_device
 from fedp2eft.benchmark.config import load_profile
-from fedp2eft.core.fedl2p import FedL2PConfig, FedL2PTask, LRMetaNet, metanet_spec
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, generator_spec, method_spec, personalize
+from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, FedL2PTask
+from fedp2eft.core.methods.fedl2p.metanet import LRMetaNet, metanet_spec
 from fedp2eft.core.modeling import classifier_from_config
 from fedp2eft.core.tasks import ClassificationTask
 from fedp2eft.data.types import ClientData

@@ -33,17 +33,18 @@ import torch
 
 from fedp2eft.core import personalization
 from fedp2eft.core.btlora import default_target_modules
-from fedp2eft.core.fedl2p import FedL2PConfig, LRMetaNet, meta_update, metanet_spec
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, evaluate_many, features_for, generator_spec, \
-    personalize, personalize_many
+    personalize, personalize_config, personalize_many
+from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, meta_update
+from fedp2eft.core.methods.fedl2p.metanet import LRMetaNet, metanet_spec
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
 
 METHODS = ("lora", "adalora", "btlora", "fedp2eft-structure", "fedp2eft")
 BUDGETS = (2, 4, 8, 16)
 GRID = (1.0, 3.0, 10.0, 30.0, 100.0)  # the default profile's learning-rate scales
-CONFIG = PersonalizeConfig(lora_lr=1e-3, scale_lr=0.1, adalora_lr=1e-2)  # the paper's rates x10
+CONFIG = personalize_config(dict(lora_lr=1e-3, scale_lr=0.1, adalora_lr=1e-2))  # the paper's rates x10
 
 
 def matmul_peak(seconds: float = 2.0) -> float:

@@ -55,27 +55,35 @@ def test_the_flower_layer_knows_no_method_and_no_two_of_its_modules_import_each_
     assert "fedp2eft.experiment" not in (folder / "tasks.py").read_text()
 
 
-def test_a_method_is_one_module_and_one_registry_entry():
+def test_a_method_is_one_folder_and_one_registry_entry():
+    """Each method's declaration, personalization and own settings live in its folder under core/methods/; its
+    learning rate is a setting it reads (shared or its own) and one that the protocol's profile sets."""
+    from dataclasses import fields
+
     from fedp2eft.benchmark.config import load_profile
     from fedp2eft.core.methods import METHODS, MethodSpec
     from fedp2eft.core.personalization import PersonalizeConfig
 
     folder = PACKAGE / "core" / "methods"
     personalize_section = load_profile("full")["personalize"]
-    for name, spec in METHODS.items():
-        source = Path(inspect.getsourcefile(spec.personalize))
-        assert source.parent == folder, f"{name} is personalized outside core/methods/"
-        if spec.lr_field is not None:
-            assert spec.lr_field in PersonalizeConfig.__dataclass_fields__ and spec.lr_field in personalize_section
-    registry = (folder / "__init__.py").read_text()
-    declared = {}  # method name -> the module under core/methods/ that declares it (shared helpers declare none)
-    for path in folder.glob("*.py"):
-        module = importlib.import_module(f"fedp2eft.core.methods.{path.stem}")
+    declared = {}  # method name -> the folder under core/methods/ that declares it
+    for path in folder.glob("*/__init__.py"):
+        module = importlib.import_module(f"fedp2eft.core.methods.{path.parent.name}")
         for value in vars(module).values():
-            if isinstance(value, MethodSpec) and path.stem != "__init__":
-                declared[value.name] = path.stem
+            if isinstance(value, MethodSpec):
+                declared[value.name] = path.parent
     assert set(declared) == set(METHODS)
-    assert all(f"{stem}." in registry for stem in declared.values())
+    registry = (folder / "__init__.py").read_text()
+    assert all(f"{home.name}." in registry for home in declared.values())
+    # beside the folders only the registry and what several methods share (the peers' declarations)
+    assert sorted(path.name for path in folder.glob("*.py")) == ["__init__.py", "prefix.py", "registry.py"]
+    for name, spec in METHODS.items():
+        if spec.settings is not None:
+            assert Path(inspect.getsourcefile(spec.settings)).is_relative_to(declared[name]), name
+        if spec.lr_field is not None:
+            own = {item.name for item in fields(spec.settings)} if spec.settings is not None else set()
+            assert spec.lr_field in set(PersonalizeConfig.__dataclass_fields__) | own
+            assert spec.lr_field in personalize_section
 
 
 def test_a_dataset_is_one_loader_module_and_one_registry_entry():

@@ -1,4 +1,4 @@
-"""HetLoRA and FlexLoRA (core/hetlora.py, core/flexlora.py, core/prefix_lora.py): each seen client's own budget,
+"""HetLoRA and FlexLoRA (core/methods/hetlora/, core/methods/flexlora/, core/prefix_lora.py): each seen client's own budget,
 its share of the global factors, HetLoRA's self-pruning and sparsity-weighted aggregation and FlexLoRA's SVD
 redistribution against small hand computations, the refusal of DP and SecAgg+, and one round of each
 budget-heterogeneous peer on Flower in simulation equal to the stage's own server rule applied to its clients'
@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedp2eft.core.federation import Reply, aggregates_itself
-from fedp2eft.core.flexlora import FlexLoRATask, svd_factors, svd_redistribution
-from fedp2eft.core.hetlora import HetLoRAConfig, HetLoRATask, self_prune, sparsity_weighted, tail_size
+from fedp2eft.core.methods.flexlora.task import FlexLoRATask, svd_factors, svd_redistribution
+from fedp2eft.core.methods.hetlora.task import HetLoRAConfig, HetLoRATask, self_prune, sparsity_weighted, tail_size
 from fedp2eft.core.methods import PersonalizeConfig, personalize
 from fedp2eft.core.prefix_lora import PeerConfig, client_budgets, from_weights
 from fedp2eft.data.types import ClientData

@@ -8,19 +8,9 @@ import torch
 from safetensors import safe_open
 
 from conftest import LABELS, adam_rounding_tolerance, bert_config, classification_examples
-from fedp2eft.core.fedl2p import (
-    FedL2PConfig,
-    FedL2PTask,
-    LRMetaNet,
-    MetaNetSpec,
-    implicit_hypergradient,
-    lora_tensors,
-    meta_update,
-    metanet_file,
-    metanet_spec,
-    new_lora,
-    personalize_fedl2p,
-)
+from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, FedL2PTask, implicit_hypergradient, meta_update
+from fedp2eft.core.methods.fedl2p.metanet import LRMetaNet, MetaNetSpec, lora_tensors, metanet_file, metanet_spec, \
+    new_lora, personalize_fedl2p
 from fedp2eft.core.generator import GeneratorSpec, PSGenerator
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, features_for
 from fedp2eft.core.personalization import validation_split

@@ -6,12 +6,13 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from fedp2eft.core.methods import METHODS, ClientContext, PersonalizeConfig, generator_spec, personalize
+from fedp2eft.core.methods import METHODS, ClientContext, PersonalizeConfig, generator_spec, method_lr, personalize, \
+    personalize_config
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.errors import FedP2EFTError
 
-FAST = PersonalizeConfig(max_rank=8, epochs=6, batch_size=8, lora_lr=1e-2, scale_lr=5e-2, adalora_lr=5e-2,
-                         bayestune_epochs=3)
+FAST = personalize_config(dict(max_rank=8, epochs=6, batch_size=8, lora_lr=1e-2, scale_lr=5e-2, adalora_lr=5e-2,
+                              bayestune_epochs=3))
 
 
 def trained_like_generator(base, seed=0) -> PSGenerator:
@@ -26,13 +27,13 @@ def trained_like_generator(base, seed=0) -> PSGenerator:
 def artifact_for(method: str, base):
     """What the method's federated stage would have produced: a PS generator, FedL2P's meta-nets per budget, or a
     budget-heterogeneous peer's rank-R LoRA."""
-    from fedp2eft.core.fedl2p import LRMetaNet, metanet_spec
+    from fedp2eft.core.methods.fedl2p.metanet import LRMetaNet, metanet_spec
 
     stage = METHODS[method].stage
     if stage is None:
         return None
     if stage.name in ("nested", "hetlora", "flexlora"):  # a rank-R adapter as a peer's stage starts it (B = 0)
-        from fedp2eft.core.nested_lora import NestedLoRATask
+        from fedp2eft.core.methods.nested_lora.task import NestedLoRATask
         from fedp2eft.core.prefix_lora import PeerConfig, from_weights
 
         return from_weights(NestedLoRATask(base, None, [], PeerConfig(personalize=FAST), "tiny").initial_weights())
@@ -173,7 +174,9 @@ def test_adalora_keeps_peft_default_alpha(setup):
 
 def test_lr_scale_keeps_the_paper_ratios():
     scaled = PersonalizeConfig().with_lr_scale(10)
-    assert (scaled.lora_lr, scaled.scale_lr, scaled.adalora_lr) == pytest.approx((1e-3, 1e-1, 1e-2))
+    assert (scaled.lora_lr, scaled.scale_lr, method_lr(scaled, "adalora")) == pytest.approx((1e-3, 1e-1, 1e-2))
+    configured = personalize_config({"adalora_lr": 2e-3}).with_lr_scale(10)  # a method's own rate, set and scaled
+    assert method_lr(configured, "adalora") == pytest.approx(2e-2) and configured.lora_lr == pytest.approx(1e-3)
 
 
 def test_every_method_declares_a_known_learning_rate_and_stage_loads_refuse_foreign_files(setup, tmp_path):
@@ -189,8 +192,8 @@ def test_every_method_declares_a_known_learning_rate_and_stage_loads_refuse_fore
 
 
 def test_fedl2p_plugs_in_and_asks_for_its_meta_nets(setup, tmp_path):
-    from fedp2eft.core.fedl2p import LRMetaNet, metanet_spec
     from fedp2eft.core.methods import STAGES
+    from fedp2eft.core.methods.fedl2p.metanet import LRMetaNet, metanet_spec
 
     base, task, train, _ = setup
     assert METHODS["fedl2p"].stage is STAGES["fedl2p"] and METHODS["fedl2p"].lr_field is None

@@ -1,4 +1,4 @@
-"""Nested-rank LoRA (core/nested_lora.py, core/methods/nested_lora.py): the cut at a budget, the per-step ranks, a
+"""Nested-rank LoRA (core/methods/nested_lora/): the cut at a budget, the per-step ranks, a
 client's step training only its leading components and personalization starting from the cut on both paths (its
 round on Flower: tests/test_core_budget_peers.py)."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, personalize, personalize_many
-from fedp2eft.core.nested_lora import ARTIFACT, NestedLoRATask, step_ranks
+from fedp2eft.core.methods.nested_lora.task import ARTIFACT, NestedLoRATask, step_ranks
 from fedp2eft.core.prefix_lora import PeerConfig, from_weights, leading
 from fedp2eft.data.types import ClientData
 from fedp2eft.errors import FedP2EFTError

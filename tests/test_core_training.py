@@ -7,11 +7,11 @@ import torch
 
 from conftest import FILLER, adam_rounding_tolerance, classification_examples
 from fedp2eft.core import tasks
-from fedp2eft.core.methods import PersonalizeConfig, method_lr, personalize
+from fedp2eft.core.methods import method_lr, personalize, personalize_config
 from fedp2eft.core.tasks import length_groups
 
-CONFIG = PersonalizeConfig(max_rank=8, epochs=2, batch_size=8, lora_lr=1e-2, scale_lr=5e-2, adalora_lr=5e-2,
-                           bayestune_epochs=2)
+CONFIG = personalize_config(dict(max_rank=8, epochs=2, batch_size=8, lora_lr=1e-2, scale_lr=5e-2, adalora_lr=5e-2,
+                                  bayestune_epochs=2))
 CPU = torch.device("cpu")
 
 

@@ -1,7 +1,7 @@
 """Why FedL2P's learned learning rates stay at 1: its meta-nets trained at several meta learning rates on the
 main job's base model and seen clients, and how far their multipliers move (docs/discussion.md, "FedL2P").
 
-FedL2P's stage (core/fedl2p.py) runs ``FedL2PTask.client_update`` on a few seen clients per round and averages the
+FedL2P's stage (core/methods/fedl2p/meta_training.py) runs ``FedL2PTask.client_update`` on a few seen clients per round and averages the
 meta-nets (equal client sizes: a plain mean). This script does exactly that, in one process, for ``--rounds``
 rounds of ``--clients`` clients, once per meta learning rate of ``--meta-lrs`` (every other setting the default
 profile's, base learning rates at uniform LoRA's selected scale), and prints per meta learning rate:
@@ -26,8 +26,8 @@ import torch
 
 from fedp2eft.benchmark.run_folder import finished_base, saved_config
 from fedp2eft.benchmark.lr_selection import read_chosen_scales, selected_methods, stage_lr_scale
-from fedp2eft.core.fedl2p import FedL2PConfig, FedL2PTask
-from fedp2eft.core.methods import stage_named
+from fedp2eft.core.methods import settings_for_stage, stage_named
+from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, FedL2PTask
 from fedp2eft.core.personalization import PersonalizeConfig, features_for
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
@@ -52,7 +52,7 @@ def main() -> None:
     # the rate the stage itself trains at (fedl2p.lr_scale, e.g. uniform LoRA's selected scale)
     chosen = read_chosen_scales(args.run / "selection.json", selected_methods(config), config["budgets"])
     scale = stage_lr_scale(config, stage_named("fedl2p"), chosen)
-    personalize = PersonalizeConfig.from_dict(config["personalize"]).with_lr_scale(scale)
+    personalize = PersonalizeConfig.from_dict(settings_for_stage(config["personalize"], stage_named("fedl2p"), scale))
     training = {key: value for key, value in config["fedl2p"]["training"].items() if key != "meta_lr"}
     seen, unseen = setup.data.pool("seen"), setup.data.pool("unseen")
     per_language = config["dataset_options"]["clients_per_language"]  # seen clients come language by language

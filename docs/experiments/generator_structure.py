@@ -35,6 +35,7 @@ from fedp2eft.benchmark.config import resolve
 from fedp2eft.benchmark.report.rank_maps import rank_agreement
 from fedp2eft.core.budget import select_top_ranks
 from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
+from fedp2eft.core.methods import stage_named, settings_for_stage
 from fedp2eft.core.personalization import PersonalizeConfig, features_for, generator_spec, new_btlora, \
     train_btlora
 from fedp2eft.experiment import Setup
@@ -74,11 +75,10 @@ def main() -> None:
     setup = Setup(args.base, config["dataset"], dict(config["dataset_options"]), config["max_length"])
     base = setup.load_base_model()
     scale = args.scale if args.scale is not None else float(config["psg"]["lr_scale"])
-    personal = PersonalizeConfig.from_dict(config["personalize"]).with_lr_scale(scale)
-    rates = {"lora_lr": personal.lora_lr, "scale_lr": personal.scale_lr, "adalora_lr": personal.adalora_lr}
+    personalize = settings_for_stage(config["personalize"], stage_named("psg"), scale)
+    personal = PersonalizeConfig.from_dict(personalize)
     training = GeneratorTrainingConfig.from_dict({**config["psg"]["training"], "seed": args.seed,
-                                                  "personalize": {**config["personalize"], **rates},
-                                                  "total_rounds": args.rounds})
+                                                  "personalize": personalize, "total_rounds": args.rounds})
     epochs = args.local_epochs or [training.local_epochs]
     training = replace(training, local_epochs=epochs[0])
     clients = setup.data.seen + setup.data.unseen

@@ -57,7 +57,7 @@ MODEL = "multilingual-e5-small"
 METHOD_ORDER = ("lora", "adalora", "btlora", "fedp2eft")
 BUDGETS = (2, 4, 8, 16)
 CALLERS = (personalization, lora, adalora, btlora, fedp2eft, btlora_module)  # the modules whose lookups are timed
-CONFIG = methods.PersonalizeConfig(lora_lr=1e-3, scale_lr=0.1, adalora_lr=1e-2)
+CONFIG = methods.personalize_config(dict(lora_lr=1e-3, scale_lr=0.1, adalora_lr=1e-2))
 TRAIN_SIGNATURE = inspect.signature(plain_train)
 # (clients, budgets, methods) of the cost-growth table (d): 2 to 48 personalization runs
 GROWTH_SIZES = (

@@ -7,7 +7,7 @@ import time
 
 from fedp2eft.benchmark.workers import worker_artifacts, worker_model
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, Personalized, evaluate_many, method_lr, \
-    method_spec, personalize, personalize_many
+    method_spec, personalize, personalize_config, personalize_many
 from fedp2eft.core.personalization import validation_split
 from fedp2eft.core.pfl import apply_overlay
 
@@ -64,7 +64,7 @@ def personalize_client(config: dict, seed: int, pool: str, index: int, scales: d
 
 def seeded_personalize_config(config: dict, seed: int) -> PersonalizeConfig:
     """The personalization settings of a run's ``seed`` (before its learning-rate scale is applied)."""
-    return PersonalizeConfig.from_dict({**config["personalize"], "seed": seed})
+    return personalize_config({**config["personalize"], "seed": seed})
 
 
 def personalize_cell(context: ClientContext, test: list[dict], method: str, budget: int, personal: PersonalizeConfig,

@@ -12,7 +12,7 @@ from pathlib import Path
 from fedp2eft.benchmark.cells import validate_client
 from fedp2eft.benchmark.run_folder import read_jsonl, task_config
 from fedp2eft.benchmark.workers import WorkerPool, run_jobs
-from fedp2eft.core.methods import PersonalizeConfig, Stage, method_lr, method_spec, stages
+from fedp2eft.core.methods import Stage, method_lr, method_spec, personalize_config, stages
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import console
@@ -95,7 +95,7 @@ def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: di
     """``selection.json``: the grid, every grid point's pooled validation score of the task's main metric (named
     under ``metric``; the key stays ``val_accuracy``), and the choice."""
     correct, count = validation_counts(records)
-    personal = PersonalizeConfig.from_dict(config["personalize"])
+    personal = personalize_config(config["personalize"])
     results = [{"method": m, "budget": b, "scale": s,
                 "lr": method_lr(personal.with_lr_scale(s), m, b),
                 "val_accuracy": correct[(m, b, s)] / count[(m, b, s)], "val_count": count[(m, b, s)]}

@@ -28,7 +28,7 @@ from fedp2eft.benchmark.run_folder import StageClock, check_run_folder, finished
 from fedp2eft.benchmark.lr_selection import chosen_scales, reused_scales, selected_methods, stage_lr_scale, stage_select, \
     write_selection
 from fedp2eft.benchmark.workers import WorkerPool, run_jobs
-from fedp2eft.core.methods import PersonalizeConfig, Stage, method_spec, stages
+from fedp2eft.core.methods import Stage, method_spec, settings_for_stage, stages
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.experiment import Setup
 from fedp2eft.fl.checkpoint import load_state
@@ -76,9 +76,8 @@ def stage_artifact(config: dict, run_dir: Path, base_model: str, stage: Stage, s
         return finished
     output = run_dir / f"seed{seed}" / stage.name
     console.rule(f"[bold]Stage 3/5: {stage.name}, seed {seed} (Flower, seen pool)")
-    personal = PersonalizeConfig.from_dict(config["personalize"]).with_lr_scale(lr_scale)
-    rates = {"lora_lr": personal.lora_lr, "scale_lr": personal.scale_lr, "adalora_lr": personal.adalora_lr}
-    training = {**section["training"], "personalize": {**config["personalize"], **rates}, "seed": seed}
+    training = {**section["training"], "personalize": settings_for_stage(config["personalize"], stage, lr_scale),
+                "seed": seed}
     if stage.counts_rounds:
         training["total_rounds"] = section["rounds"]
     artifact = federated(stage.name, config, section, base_model, training, output, seed)

@@ -14,7 +14,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedp2eft.benchmark.run_folder import task_config
-from fedp2eft.core.methods import PersonalizeConfig, stage_named
+from fedp2eft.core.methods import personalize_config, stage_named
 from fedp2eft.experiment import Setup
 from fedp2eft.interrupt import ignore_interrupts
 from fedp2eft.logs import console, quiet_third_party
@@ -29,7 +29,7 @@ def _init_worker(config: dict, base_model: str) -> None:
     quiet_third_party()
     setup = Setup.from_config(task_config(config, base_model, {}))
     _WORKER.update(setup=setup, base=setup.load_base_model(config["device"]), artifacts={}, base_model=base_model,
-                   config=PersonalizeConfig.from_dict(config["personalize"]))
+                   config=personalize_config(config["personalize"]))
 
 
 def worker_model() -> tuple[Setup, torch.nn.Module]:

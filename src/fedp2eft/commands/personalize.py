@@ -199,13 +199,13 @@ def cell_of(args: argparse.Namespace) -> Cell:
 def compute(cell: Cell) -> tuple[dict, Personalized]:
     """The cell's row (as in the run's ``personalize.jsonl``, with the client and its pool) and its model."""
     from fedp2eft.benchmark.cells import personalize_cell, seeded_personalize_config
-    from fedp2eft.core.methods import ClientContext, PersonalizeConfig, method_spec
+    from fedp2eft.core.methods import ClientContext, method_spec, personalize_config
     from fedp2eft.core.pfl import apply_overlay
 
     setup, config = cell.setup, cell.config
     base = setup.load_base_model(config["device"])
     stage = method_spec(cell.method).stage
-    settings = PersonalizeConfig.from_dict(config["personalize"])
+    settings = personalize_config(config["personalize"])
     artifacts = {} if stage is None else {stage.name: stage.load(cell.artifact, base, settings, cell.base_model)}
     client = setup.data.pool(cell.pool)[cell.index]
     with apply_overlay(base, setup.personal_overlay(base, cell.pool, cell.index)):  # a pFL base: the client's own

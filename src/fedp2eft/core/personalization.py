@@ -9,10 +9,10 @@ of ``core/training.py``; the base model's weights are never modified."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from peft import PeftModel
@@ -29,19 +29,28 @@ from fedp2eft.core.training import TrainResult, train
 from fedp2eft.errors import FedP2EFTError, config_from_mapping
 
 REFERENCE_RANK = 2  # the budget at which ``rank_lr_exponent`` leaves lora_lr as it is: the paper's smallest
+LEARNING_RATE = {"learning_rate": True}  # field metadata of a setting that ``with_lr_scale`` multiplies
+Settings = TypeVar("Settings")
+
+
+def scaled_rates(settings: Settings, factor: float) -> Settings:
+    """``settings`` (a dataclass) with every field marked ``LEARNING_RATE`` times ``factor``."""
+    return replace(settings, **{item.name: getattr(settings, item.name) * factor for item in fields(settings)
+                                if item.metadata.get("learning_rate")})
 
 
 @dataclass
 class PersonalizeConfig:
-    """Paper defaults (docs/method.md). ``scale_lr``, ``bayestune_epochs`` and ``priors`` are BayesTune's, shared
-    by local BT-LoRA and the PS generator's federated stage; ``adalora_lr`` is AdaLoRA's."""
+    """What every method's personalization shares, at the paper's defaults (docs/method.md). ``scale_lr``,
+    ``bayestune_epochs`` and ``priors`` are BayesTune's, shared by local BT-LoRA and the PS generator's federated
+    stage. A method's own settings (AdaLoRA's learning rate, ...) are a dataclass of its own (``MethodSpec.settings``)
+    whose fields sit beside these in the ``personalize:`` section; ``settings`` reads them."""
 
     max_rank: int = 32
     epochs: int = 2
     batch_size: int = 16
-    lora_lr: float = 1e-4
-    scale_lr: float = 1e-2
-    adalora_lr: float = 1e-3
+    lora_lr: float = field(default=1e-4, metadata=LEARNING_RATE)
+    scale_lr: float = field(default=1e-2, metadata=LEARNING_RATE)
     bayestune_epochs: int = 2
     priors: PriorConfig = field(default_factory=PriorConfig)
     target_modules: list[str] | None = None
@@ -50,19 +59,35 @@ class PersonalizeConfig:
     # for every rank (the paper); 1 makes a rank-r update's size under Adam independent of r, as AdaLoRA's alpha / r
     # scaling does (docs/method.md, "Learning rate and rank"). Not applied to AdaLoRA, FedL2P or the BayesTune search.
     rank_lr_exponent: float = 0.0
+    own: dict[str, Any] = field(default_factory=dict)  # methods' own settings as configured, by method name
+    own_lr_scale: float = 1.0  # what ``with_lr_scale`` multiplied, applied to a method's own rates as they are read
 
     @classmethod
-    def from_dict(cls, raw: dict) -> PersonalizeConfig:
-        """From a YAML/JSON mapping (``priors`` nested); unknown keys are named in the error."""
+    def from_dict(cls, raw: dict, own_settings: Mapping[str, type] | None = None) -> PersonalizeConfig:
+        """From a YAML/JSON mapping (``priors`` nested); a key that names a field of a method's own settings class
+        (``own_settings``: method name -> class) goes to that method; other unknown keys are named in the error."""
         raw = dict(raw)
         priors = config_from_mapping(PriorConfig, raw.pop("priors", {}), "personalize.priors")
-        return config_from_mapping(cls, {**raw, "priors": priors}, "personalize")
+        own = {}
+        for method, kind in (own_settings or {}).items():
+            given = {item.name: raw.pop(item.name) for item in fields(kind) if item.name in raw}
+            if given:
+                own[method] = kind(**given)
+        shared = {item.name for item in fields(cls)} - {"own", "own_lr_scale"}
+        if unknown := sorted(set(raw) - shared):
+            known = sorted(shared | {item.name for kind in (own_settings or {}).values() for item in fields(kind)})
+            raise FedP2EFTError(f"personalize: unknown key(s) {unknown}; known keys: {', '.join(known)}")
+        return cls(**raw, priors=priors, own=own)
 
     def with_lr_scale(self, factor: float) -> PersonalizeConfig:
-        """Every learning rate times ``factor``: the paper's ratios (lambda 100x LoRA, AdaLoRA 10x) are kept,
-        so one number per method is what a learning-rate search has to choose."""
-        return replace(self, lora_lr=self.lora_lr * factor, scale_lr=self.scale_lr * factor,
-                       adalora_lr=self.adalora_lr * factor)
+        """Every learning rate times ``factor``, each method's own included: the paper's ratios (lambda 100x LoRA,
+        AdaLoRA 10x) are kept, so one number per method is what a learning-rate search has to choose."""
+        return replace(scaled_rates(self, factor), own_lr_scale=self.own_lr_scale * factor)
+
+    def settings(self, method: str, kind: type[Settings]) -> Settings:
+        """``method``'s own settings (its ``MethodSpec.settings`` class ``kind``): as configured, else its defaults;
+        their learning rates times the scale ``with_lr_scale`` applied."""
+        return scaled_rates(self.own[method] if method in self.own else kind(), self.own_lr_scale)
 
     def finetune_lr(self, budget: int) -> float:
         """The rate a LoRA of budget ``budget`` (mean rank per module) fine-tunes at (``rank_lr_exponent``)."""

@@ -3,11 +3,15 @@
     result = personalize("fedp2eft", base_model, task, train_examples, budget=8, artifact=psg)
     metrics = task.evaluate(result.model, test_examples)
 
-Each method lives in its own module and is declared by a :class:`MethodSpec`; ``METHODS`` lists them. Adding a
-method = one new module + one entry below. Pass a :class:`ClientContext` instead of (base_model, task,
+Each method lives in its own folder and is declared by a :class:`MethodSpec`; ``METHODS`` lists them. Adding a
+method = one new folder + one entry below, or, from another package, one ``fedp2eft.methods`` entry point naming
+its ``MethodSpec`` (docs/architecture.md). Pass a :class:`ClientContext` instead of (base_model, task,
 train_examples, artifact) to share a client's features, generator output and BayesTune searches between runs."""
 
 from __future__ import annotations
+
+from dataclasses import asdict, fields
+from importlib.metadata import entry_points
 
 import torch
 from torch import nn
@@ -21,11 +25,44 @@ from fedp2eft.core.methods.registry import MethodSpec, Stage
 from fedp2eft.core.tasks import Task
 from fedp2eft.errors import FedP2EFTError
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+METHOD_GROUP = "fedp2eft.methods"  # another package's methods: `name = "module:METHOD"` in its pyproject
+
+
+def plugin_methods() -> list[MethodSpec]:
+    """The methods other installed packages declare through the ``fedp2eft.methods`` entry point."""
+    found = []
+    for entry in entry_points(group=METHOD_GROUP):
+        spec = entry.load()
+        if not isinstance(spec, MethodSpec):
+            raise FedP2EFTError(f"the {METHOD_GROUP} entry point '{entry.name}' ({entry.value}) gives a "
+                                f"{type(spec).__name__}, not a MethodSpec")
+        found.append(spec)
+    return found
+
+
+def registry(specs: list[MethodSpec]) -> dict[str, MethodSpec]:
+    """Methods by name; two methods of one name, or a setting two of them (or a method and the shared settings)
+    would both read from the ``personalize:`` section, are errors."""
+    methods: dict[str, MethodSpec] = {}
+    owners = dict.fromkeys((item.name for item in fields(PersonalizeConfig)), "every method")
+    for spec in specs:
+        if spec.name in methods:
+            raise FedP2EFTError(f"two methods are called '{spec.name}'; rename one")
+        methods[spec.name] = spec
+        for item in fields(spec.settings) if spec.settings is not None else ():
+            if item.name in owners:
+                raise FedP2EFTError(f"method '{spec.name}' declares the setting personalize.{item.name}, which "
+                                    f"{owners[item.name]} already reads; give it a name of its own")
+            owners[item.name] = f"method '{spec.name}'"
+    return methods
+
+
+METHODS: dict[str, MethodSpec] = registry([
     lora.METHOD, adalora.METHOD, btlora.METHOD, fedl2p.METHOD, fedp2eft.STRUCTURE, fedp2eft.METHOD,
-    nested_lora.METHOD, hetlora.METHOD, flexlora.METHOD,
-)}
+    nested_lora.METHOD, hetlora.METHOD, flexlora.METHOD, *plugin_methods(),
+])
 STAGES: dict[str, Stage] = {spec.stage.name: spec.stage for spec in METHODS.values() if spec.stage is not None}
+OWN_SETTINGS: dict[str, type] = {name: spec.settings for name, spec in METHODS.items() if spec.settings is not None}
 
 
 def method_spec(method: str) -> MethodSpec:
@@ -52,12 +89,33 @@ def stage_named(name: str) -> Stage:
     return STAGES[name]
 
 
+def personalize_config(raw: dict) -> PersonalizeConfig:
+    """The ``personalize:`` section read with every method's own settings (``MethodSpec.settings``)."""
+    return PersonalizeConfig.from_dict(raw, OWN_SETTINGS)
+
+
+def settings_for_stage(raw: dict, stage: Stage, lr_scale: float) -> dict:
+    """The ``personalize`` mapping that ``stage``'s local training gets: the shared settings as configured and the
+    own settings of the methods that use the stage, every learning rate times ``lr_scale``."""
+    config = personalize_config(raw).with_lr_scale(lr_scale)
+    shared = {item.name for item in fields(PersonalizeConfig)}
+    mapping = {key: value for key, value in raw.items() if key in shared}
+    mapping |= {item.name: getattr(config, item.name) for item in fields(config) if item.metadata.get("learning_rate")}
+    for name, spec in METHODS.items():
+        if spec.stage is stage and spec.settings is not None:
+            mapping |= asdict(config.settings(name, spec.settings))
+    return mapping
+
+
 def method_lr(config: PersonalizeConfig, method: str, budget: int | None = None) -> float | None:
-    """The learning rate of ``method``'s LoRA weights (the config field its declaration names; for ``lora_lr`` at
+    """The learning rate of ``method``'s LoRA weights (the setting its declaration names; for ``lora_lr`` at
     ``budget``, the rate its fine-tuning runs at, ``finetune_lr``); None for a method that learns its own."""
-    field = method_spec(method).lr_field
+    spec = method_spec(method)
+    field = spec.lr_field
     if field is None:
         return None
+    if spec.settings is not None and field in {item.name for item in fields(spec.settings)}:
+        return getattr(config.settings(method, spec.settings), field)
     return config.finetune_lr(budget) if field == "lora_lr" and budget is not None else getattr(config, field)
 
 
@@ -124,6 +182,7 @@ def evaluate_many(task: Task, results: list[Personalized], examples: list[dict])
     return scores
 
 
-__all__ = ["LORA_SCALING", "METHODS", "STAGES", "ClientContext", "MethodSpec", "PersonalizeConfig", "Personalized",
-           "Stage", "features_for", "finetune_selection", "frozen_copy", "generator_spec", "method_lr", "method_spec",
-           "evaluate_many", "new_btlora", "personalize", "personalize_many", "stage_named", "stages", "train_btlora"]
+__all__ = ["LORA_SCALING", "METHODS", "OWN_SETTINGS", "STAGES", "ClientContext", "MethodSpec", "PersonalizeConfig",
+           "Personalized", "Stage", "features_for", "finetune_selection", "frozen_copy", "generator_spec", "method_lr",
+           "method_spec", "evaluate_many", "new_btlora", "personalize", "personalize_config", "personalize_many",
+           "settings_for_stage", "stage_named", "stages", "train_btlora"]

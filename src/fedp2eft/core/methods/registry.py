@@ -52,10 +52,12 @@ class Stage:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One personalization method: ``personalize(context, budget, config)``; ``lr_field`` names its learning rate
-    in ``PersonalizeConfig`` (None for a method that learns its own: learning-rate selection skips it);
-    ``reports`` lists per-run fields for the results (``ranks`` and keys of
-    ``Personalized.report``).
+    """One personalization method: ``personalize(context, budget, config)``; ``settings`` is the dataclass of its
+    own settings, if it has any (its fields are keys of the ``personalize:`` section beside the shared ones, its
+    defaults theirs; a field with ``LEARNING_RATE`` metadata scales with the others); ``lr_field`` names the
+    learning rate that selection chooses for it, a field of ``PersonalizeConfig`` or of ``settings`` (None for a
+    method that learns its own: learning-rate selection skips it); ``reports`` lists per-run fields for the
+    results (``ranks`` and keys of ``Personalized.report``).
 
     A LoRA-shaped method also gives ``plan(context, budget, config)``: the same run described, not trained, so
     that a client's runs train together in one pass (``core/multi_lora.py``); ``prepare(context, configs)`` does
@@ -72,3 +74,4 @@ class MethodSpec:
     plan: Callable[[ClientContext, int, PersonalizeConfig], RunPlan] | None = None
     prepare: Callable[[ClientContext, list[PersonalizeConfig]], None] | None = None
     ablation_of: str | None = None
+    settings: type | None = None

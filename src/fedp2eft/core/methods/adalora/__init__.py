@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from peft import AdaLoraConfig, PeftModel
 
 from fedp2eft.core.btlora import attach_adalora, resolve_target_modules
 from fedp2eft.core.modeling import adapter_carried_modules
 from fedp2eft.core.multi_lora import LoRARun
-from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, RunPlan, frozen_copy, \
-    train_metrics
+from fedp2eft.core.personalization import LEARNING_RATE, ClientContext, PersonalizeConfig, Personalized, RunPlan, \
+    frozen_copy, train_metrics
 from fedp2eft.core.methods.registry import MethodSpec
 from fedp2eft.core.training import steps_per_epoch, train
+
+
+@dataclass
+class AdaLoRASettings:
+    """AdaLoRA's own setting, a key of the ``personalize:`` section: its learning rate (the paper's, 10x LoRA's)."""
+
+    adalora_lr: float = field(default=1e-3, metadata=LEARNING_RATE)
+
+
+def adalora_lr(config: PersonalizeConfig) -> float:
+    return config.settings("adalora", AdaLoRASettings).adalora_lr
 
 
 def adalora_config(context: ClientContext, budget: int, config: PersonalizeConfig) -> AdaLoraConfig:
@@ -31,14 +44,14 @@ def plan_adalora(context: ClientContext, budget: int, config: PersonalizeConfig)
     (``core/multi_lora.py``, ``RankAllocation``)."""
     adalora = adalora_config(context, budget, config)
     ranks = {name: adalora.init_r for name in adalora.target_modules}
-    return RunPlan(LoRARun(ranks, config.adalora_lr, config.seed, adalora=adalora), config.epochs, config.batch_size)
+    return RunPlan(LoRARun(ranks, adalora_lr(config), config.seed, adalora=adalora), config.epochs, config.batch_size)
 
 
 def personalize_adalora(context: ClientContext, budget: int, config: PersonalizeConfig) -> Personalized:
     """PEFT's AdaLoRA at ``adalora_config``, trained alone (the ``personalize`` command's path)."""
     adalora = adalora_config(context, budget, config)
     model = attach_adalora(frozen_copy(context.base_model), adalora, config.seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.adalora_lr,
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=adalora_lr(config),
                                   weight_decay=0.0)
     # Trained through PEFT's AdaLoraModel, whose forward adds the orthogonality penalty to the loss: a PeftModel
     # without a task type calls the wrapped model directly and would skip it.
@@ -54,4 +67,5 @@ def allocated_ranks(model: PeftModel) -> dict[str, int]:
             if "default" in getattr(module, "lora_E", {})}
 
 
-METHOD = MethodSpec("adalora", personalize_adalora, lr_field="adalora_lr", reports=("ranks",), plan=plan_adalora)
+METHOD = MethodSpec("adalora", personalize_adalora, lr_field="adalora_lr", reports=("ranks",), plan=plan_adalora,
+                    settings=AdaLoRASettings)

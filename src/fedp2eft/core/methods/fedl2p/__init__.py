@@ -1,6 +1,6 @@
 """FedL2P (Lee et al., NeurIPS 2023), the paper's strongest baseline: federatedly meta-learned per-tensor learning
-rates for a uniform-rank LoRA (docs/method.md, "Baselines"). The mathematics live in ``core/fedl2p.py``; this
-module declares the method and its federated stage."""
+rates for a uniform-rank LoRA (docs/method.md, "Baselines"). The meta-net and the personalization it drives live in
+``metanet.py``, its federated training in ``meta_training.py``; this module declares the method and its stage."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 from torch import nn
 
-from fedp2eft.core.fedl2p import STAGE_NAME, FedL2PConfig, FedL2PTask, LRMetaNet, load_metanets, personalize_fedl2p, \
-    plan_fedl2p
-from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, RunPlan
+from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, FedL2PTask
+from fedp2eft.core.methods.fedl2p.metanet import STAGE_NAME, LRMetaNet, load_metanets, personalize_fedl2p, plan_fedl2p
 from fedp2eft.core.methods.registry import MethodSpec, Stage
+from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Personalized, RunPlan
 from fedp2eft.core.tasks import Task
 from fedp2eft.data.types import ClientData
 from fedp2eft.errors import FedP2EFTError
