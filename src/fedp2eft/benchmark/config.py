@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import yaml
 
 from fedp2eft.config_yaml import load_yaml, load_yaml_mapping
-from fedp2eft.core.methods import METHODS, STAGES, Stage, stages
+from fedp2eft.core.methods import METHODS, OWN_SETTINGS, STAGES, Stage, stages
 from fedp2eft.errors import FedP2EFTError
 
 PROFILES = ("default", "full", "quick", "paper", "paper-fedaya", "llm", "llm-quick", "pfl", "budget-peers",
@@ -44,6 +45,12 @@ def stage_section(stage: Stage) -> dict:
 OPTIONAL_KEYS = {"generation_tokens": 0}  # instruction tasks: greedy tokens generated and scored per test example
 
 
+def own_settings_defaults() -> dict:
+    """The ``personalize:`` keys that methods declare as their own settings (``MethodSpec.settings``), at their
+    defaults: a method's setting is defined once, in its folder."""
+    return {key: value for kind in OWN_SETTINGS.values() for key, value in asdict(kind()).items()}
+
+
 def section_defaults() -> dict[str, dict]:
     """Keys of sections a profile may leave out: the base model's algorithm (FedAvg, or a personalized-FL base)
     and each pFL algorithm's own settings (``core/pfl.py``)."""
@@ -59,7 +66,7 @@ def section_defaults() -> dict[str, dict]:
             "report": {"reference_run": None},  # a finished run's folder to compare every cell against
             # fine-tuning at budget r runs at lora_lr x (2 / r) ** rank_lr_exponent; 0 is the paper's one rate for
             # every rank (docs/method.md, "Learning rate and rank")
-            "personalize": {"rank_lr_exponent": 0.0},
+            "personalize": {"rank_lr_exponent": 0.0, **own_settings_defaults()},
             **{stage: copy.deepcopy(private) for stage in STAGES}}
 
 
