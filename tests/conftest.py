@@ -43,6 +43,23 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+SHARED_RUNS = ("quick_run", "full_toy_run")  # session fixtures that tests of several files read
+MAX_WORKERS = 4  # pytest-xdist's `-n auto` at most: each worker holds torch, a model and Ray clusters (~2-3 GB)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`--dist loadgroup`, pyproject.toml), the tests that share an expensive fixture run on one
+    worker, so no worker builds it again: those of a shared run (``SHARED_RUNS``) together, every other test with
+    the rest of its file (module fixtures: a finished Flower run, a loopback federation, Gemma)."""
+    for item in items:
+        shared = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
+        item.add_marker(pytest.mark.xdist_group(shared or item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()
