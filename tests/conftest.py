@@ -51,6 +51,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (its worker's hook of the same name)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`--dist loadgroup`, pyproject.toml), the tests that share an expensive fixture run on one
     worker, so no worker builds it again: those of a shared run (``SHARED_RUNS``) together, every other test with

@@ -22,19 +22,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from peft import AdaLoraConfig, PeftModel
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from torch import nn
-from torch.nn.functional import dropout, pad
+from torch.nn.functional import pad
 
 from fedp2eft.core.btlora import LORA_SCALING, PriorConfig, attach_adalora, attach_lora, clamp_ste
 from fedp2eft.core.modeling import ClassifierOutput, frozen_copy
-from fedp2eft.errors import FedP2EFTError
+from fedp2eft.core.rank_allocation import RankAllocation
+from fedp2eft.core.shared_dropout import share_dropout_masks
 
 
 @dataclass
@@ -171,59 +168,6 @@ class StackedLoRALinear(nn.Module):
             scales = torch.where(self.raw_rows, torch.ones_like(scales), scales)
         change = (self.b_all - self.b0).abs().sum(1)
         return (change / scales * real).sum(1), (scales.log() * real).sum(1), (scales * real).sum(1)
-
-
-class TiledDropout(nn.Module):
-    """Dropout that draws one mask for the rows of one run and applies it to every run's copy of the batch: each
-    run sees the mask a separate run would draw, from the same random stream."""
-
-    def __init__(self, p: float, runs: int) -> None:
-        super().__init__()
-        self.p, self.runs = p, runs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        mask = dropout(torch.ones_like(x[: len(x) // self.runs]), self.p, True)
-        return x * mask.repeat(self.runs, *[1] * (x.dim() - 1))
-
-
-def tiled_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, *,
-                    runs: int, **kwargs) -> tuple[torch.Tensor, None]:
-    """Transformers' attention for K copies of a batch whose probability dropout draws one mask for one run's rows
-    and shares it (what ``sdpa`` computes otherwise): a separate run draws that mask from the same stream."""
-    if dropout == 0.0 or not module.training:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
-                                      **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = query @ key.transpose(-2, -1) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-    if attention_mask is not None:
-        blocked = torch.finfo(scores.dtype).min
-        scores = (scores.masked_fill(~attention_mask, blocked) if attention_mask.dtype == torch.bool
-                  else scores + attention_mask)
-    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    mask = torch.nn.functional.dropout(torch.ones_like(probabilities[: len(probabilities) // runs]), dropout, True)
-    output = (probabilities * mask.repeat(runs, 1, 1, 1)) @ value
-    return output.transpose(1, 2).contiguous(), None
-
-
-def share_dropout_masks(model: nn.Module, runs: int) -> None:
-    """Make every dropout of ``model`` (a copy that will see ``runs`` copies of each batch) draw one run's mask and
-    share it: ``nn.Dropout`` modules become ``TiledDropout``, and attention-probability dropout goes through
-    ``tiled_attention`` (registered with transformers' attention and mask interfaces under its own name)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Dropout):
-            parent, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attribute, TiledDropout(module.p, runs))
-    implementation = f"fedp2eft-tiled-{runs}"
-    AttentionInterface.register(implementation, partial(tiled_attention, runs=runs))
-    AttentionMaskInterface.register(implementation, sdpa_mask)
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if getattr(config, "_attn_implementation", None) in ("sdpa", "eager"):
-            config._attn_implementation = implementation
 
 
 def _factors_of(module: nn.Module, adalora: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -413,106 +357,3 @@ class MultiLoRAModel(nn.Module):
                     target.lora_A["default"].weight.copy_(layer.a[run])
                     target.lora_B["default"].weight.copy_(layer.b[run] * clamp_ste(layer.scale[run]))
         return peft_model.eval()
-
-
-class RankAllocation:
-    """AdaLoRA's rank allocation (PEFT's ``RankAllocator`` and ``AdaLoraModel.update_and_allocate``, Zhang et al.,
-    ICLR 2023) for the AdaLoRA runs of a ``MultiLoRAModel``, on the stacked factors: after every optimizer step, each
-    run's sensitivity |p * grad| of A, E and B is smoothed (EMA beta1) with its uncertainty (EMA beta2); on its
-    schedule (no pruning for ``tinit`` steps, a cubic fall from the initial to the target budget, the final
-    ``tfinal`` steps at the target) each run zeroes the singular values whose triplet score, E's plus the mean of
-    A's row and B's column, lies at or below the k-th smallest of that run's scores; after the final allocation its
-    pattern is applied again after every step. Tested against PEFT's own on both tiny models."""
-
-    def __init__(self, model: MultiLoRAModel) -> None:
-        self.model = model
-        self.rows = [index for index, run in enumerate(model.runs) if run.adalora is not None]
-        configs = [model.runs[index].adalora for index in self.rows]
-        if len({(c.beta1, c.beta2) for c in configs}) > 1:
-            raise FedP2EFTError("AdaLoRA runs trained in one pass must share beta1 and beta2; train them apart")
-        self.beta1, self.beta2 = configs[0].beta1, configs[0].beta2
-        device = next(iter(model.layers.values())).a_all.device
-        self.index = torch.tensor(self.rows, device=device)
-        self.weights = torch.zeros(model.run_count, device=device)
-        self.weights[self.index] = torch.tensor([c.orth_reg_weight for c in configs], device=device)
-        self.restart()
-
-    def restart(self) -> None:
-        """A fresh training: step 0, no smoothed scores, no final pattern."""
-        self.steps = 0
-        self.smoothed: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.patterns: dict[int, dict[str, torch.Tensor]] = {}
-
-    def orthogonality_penalty(self) -> torch.Tensor:
-        """Per run (K): orth_reg_weight times the mean over its A and B matrices of ||P P^T - I||_F (0 for a run
-        that is not AdaLoRA), which PEFT's AdaLoraModel adds to the loss of every forward pass; added in training
-        only, so that an evaluation's loss is the task's, as a PEFT model scores it."""
-        layers = list(self.model.layers.values())
-        total = sum(layer.orthogonality(self.index) for layer in layers)
-        counts = sum((layer.gate_mask[self.index] > 0).any(1).to(total.dtype) * 2 for layer in layers)
-        penalty = torch.zeros_like(self.weights).index_copy(0, self.index, total / counts)
-        return self.weights * penalty
-
-    def _scores(self) -> dict[str, torch.Tensor]:
-        """Each layer's triplet scores, (AdaLoRA runs) x rank."""
-        scores = {}
-        for name, terms in self.smoothed.items():
-            (a_ipt, a_unc), (b_ipt, b_unc), (e_ipt, e_unc) = terms
-            scores[name] = e_ipt * e_unc + ((a_ipt * a_unc).mean(2) + (b_ipt * b_unc).mean(1))
-        return scores
-
-    def _smooth(self) -> None:
-        for name, layer in self.model.layers.items():
-            tensors = (layer.a_all, layer.b_all, layer.scale_all)
-            sensitivities = [(t.detach()[self.index] * t.grad[self.index]).abs() for t in tensors]
-            if name not in self.smoothed:
-                self.smoothed[name] = [(torch.zeros_like(s), torch.zeros_like(s)) for s in sensitivities]
-            updated = []
-            for (ipt, unc), sensitivity in zip(self.smoothed[name], sensitivities):
-                ipt = self.beta1 * ipt + (1 - self.beta1) * sensitivity
-                updated.append((ipt, self.beta2 * unc + (1 - self.beta2) * (sensitivity - ipt).abs()))
-            self.smoothed[name] = updated
-
-    def _mask(self, slot: int, pattern: dict[str, torch.Tensor]) -> None:
-        run = self.rows[slot]
-        with torch.no_grad():
-            for name, keep in pattern.items():
-                layer = self.model.layers[name]
-                layer.scale_all[run, : len(keep)].masked_fill_(~keep, 0.0)
-
-    def _allocate(self, slot: int, budget: int, initial: int, every_score: dict[str, torch.Tensor]
-                  ) -> dict[str, torch.Tensor]:
-        run = self.rows[slot]
-        scores = {name: score[slot, : self.model.layers[name].widths[run]] for name, score in every_score.items()
-                  if self.model.layers[name].widths[run]}
-        threshold = torch.kthvalue(torch.cat(list(scores.values())), k=initial - budget)[0].item()
-        pattern = {name: score > threshold for name, score in scores.items()}
-        self._mask(slot, pattern)
-        return pattern
-
-    def step(self) -> None:
-        """What PEFT's ``update_and_allocate(global_step)`` does after optimizer step ``global_step``, for every
-        AdaLoRA run."""
-        step, self.steps = self.steps, self.steps + 1
-        configs = [self.model.runs[run].adalora for run in self.rows]
-        if any(step < c.total_step - c.tfinal for c in configs):
-            self._smooth()
-        scores: dict[str, torch.Tensor] = {}
-        for slot, (run, config) in enumerate(zip(self.rows, configs)):
-            final = config.total_step - config.tfinal
-            if step > final:
-                self._mask(slot, self.patterns[slot])
-                continue
-            widths = [layer.widths[run] for layer in self.model.layers.values() if layer.widths[run]]
-            initial, target = sum(widths), config.target_r * len(widths)
-            if step <= config.tinit:
-                budget, masks = initial, False
-            else:
-                remaining = 1 - (step - config.tinit) / (final - config.tinit)
-                budget = int((initial - target) * remaining**3 + target)
-                masks = step % config.deltaT == 0
-            if step == final or masks:
-                scores = scores or self._scores()
-                pattern = self._allocate(slot, budget, initial, scores)
-                if step == final:
-                    self.patterns[slot] = pattern

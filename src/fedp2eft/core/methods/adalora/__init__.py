@@ -41,7 +41,7 @@ def adalora_config(context: ClientContext, budget: int, config: PersonalizeConfi
 
 def plan_adalora(context: ClientContext, budget: int, config: PersonalizeConfig) -> RunPlan:
     """``personalize_adalora`` as a plan: the batched pass runs PEFT's AdaLoRA of the same config
-    (``core/multi_lora.py``, ``RankAllocation``)."""
+    (``core/multi_lora.py`` with ``core/rank_allocation.py``)."""
     adalora = adalora_config(context, budget, config)
     ranks = {name: adalora.init_r for name in adalora.target_modules}
     return RunPlan(LoRARun(ranks, adalora_lr(config), config.seed, adalora=adalora), config.epochs, config.batch_size)
