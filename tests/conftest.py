@@ -51,14 +51,23 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (its worker's hook of the same name)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`--dist loadgroup`, pyproject.toml), the tests that share an expensive fixture run on one
-    worker, so no worker builds it again: those of a shared run (``SHARED_RUNS``) together, every other test with
-    the rest of its file (module fixtures: a finished Flower run, a loopback federation, Gemma)."""
-    for item in items:
-        shared = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
-        item.add_marker(pytest.mark.xdist_group(shared or item.nodeid.split("::")[0]))
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """pytest-xdist (`-n`, pyproject.toml) sends each test file whole to one worker (its module fixtures: a finished
+    Flower run, a loopback federation, Gemma), and every file that reads a shared session run (``SHARED_RUNS``) to
+    the same worker, so that no worker builds one again. (xdist's own `loadgroup` marks cannot do it under pytest 9:
+    they rename a node id attribute that pytest 9 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    folder = Path(__file__).parent
+    shared = {f"tests/{path.name}": name for path in sorted(folder.glob("test_*.py"))
+              for name in SHARED_RUNS if name in path.read_text()}
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::")[0]
+            return shared.get(file, file)
+
+    return SharedRunScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
