@@ -58,7 +58,8 @@ from fedp2eft.core.device import resolve_device
 from fedp2eft.benchmark.config import load_profile
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.generator_training import GeneratorTask, GeneratorTrainingConfig
-from fedp2eft.core.methods import ClientContext, PersonalizeConfig, generator_spec, method_spec, personalize
+from fedp2eft.core.methods import ClientContext, PersonalizeConfig, generator_spec, method_spec, personalize, \
+    personalize_config
 from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, FedL2PTask
 from fedp2eft.core.methods.fedl2p.metanet import LRMetaNet, metanet_spec
 from fedp2eft.core.modeling import classifier_from_config
@@ -106,7 +107,7 @@ def setting(name: str) -> Setting:
                    {"vocab_size": 250037, "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12,
                     "intermediate_size": 1536, "max_position_embeddings": 512},
                    28, 48, default["dataset_options"]["test_size"], (2, 12), None, default["max_length"],
-                   tuple(default["budgets"]), PersonalizeConfig.from_dict(default["personalize"]))
+                   tuple(default["budgets"]), personalize_config(default["personalize"]))
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

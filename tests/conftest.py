@@ -52,7 +52,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """pytest-xdist (`-n`, pyproject.toml) sends each test file whole to one worker (its module fixtures: a finished
+    """pytest-xdist (`-n auto`, README) sends each test file whole to one worker (its module fixtures: a finished
     Flower run, a loopback federation, Gemma), and every file that reads a shared session run (``SHARED_RUNS``) to
     the same worker, so that no worker builds one again. (xdist's own `loadgroup` marks cannot do it under pytest 9:
     they rename a node id attribute that pytest 9 no longer reads.)"""

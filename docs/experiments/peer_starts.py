@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fedp2eft.benchmark.report.stats import paired_bootstrap
 from fedp2eft.benchmark.run_folder import finished_artifact, read_jsonl, saved_config
-from fedp2eft.core.methods import METHODS, PersonalizeConfig
+from fedp2eft.core.methods import METHODS, personalize_config
 from fedp2eft.core.prefix_lora import leading, lora_from
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
@@ -67,7 +67,7 @@ def main() -> None:
     setup = Setup(str(args.run / "base" / "model"), config["dataset"], dict(config["dataset_options"]),
                   config["max_length"])
     base = setup.load_base_model()
-    personal = PersonalizeConfig.from_dict(config["personalize"])
+    personal = personalize_config(config["personalize"])
     budgets = sorted(config["budgets"])
     adapters = {}
     for method in PEERS:

@@ -14,9 +14,10 @@ from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, Pers
 
 
 def search_key(config: PersonalizeConfig) -> tuple:
-    """One search per search setting (the config without the fine-tuning epochs), shared by every budget."""
+    """One search per search setting (the config without the fine-tuning epochs and other methods' own settings),
+    shared by every budget."""
     return ("bayestune", repr(sorted((key, value) for key, value in asdict(config).items()
-                                     if key not in ("epochs", "rank_lr_exponent"))))
+                                     if key not in ("epochs", "rank_lr_exponent", "own", "own_lr_scale"))))
 
 
 def bayestune_scales(context: ClientContext, config: PersonalizeConfig) -> tuple[torch.Tensor, list[str], float]:
