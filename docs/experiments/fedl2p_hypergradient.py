@@ -10,11 +10,14 @@ seen clients of a finished run, what the validation loss really does as each ten
 - the finite-difference gradient of the same validation loss, each tensor's rate raised by ``--eps`` (relative)
   in its own fine-tune, all fine-tunes of a client trained together (``MultiLoRAModel``: each equals its own run);
 - their cosine and sign agreement, and the loss after a step of relative size ``--eps`` along -g (what a meta-step
-  does) and along minus the finite-difference gradient (what a step that knew the true slope would do).
+  does) and along minus the finite-difference gradient (what a step that knew the true slope would do);
+- the floor under all of these: the same unperturbed fine-tune placed at several positions of the batched passes
+  (other neighbours, other pass sizes), whose validation losses differ only by float rounding that 2 epochs of
+  AdamW amplify.
 
 Only *training* data of seen clients are read (FedL2P's own inner-train/validation split); no test data.
 
-    python docs/experiments/fedl2p_hypergradient.py --run results/default-s12b [--clients 3] [--budget 2] [--eps 0.1]
+    python docs/experiments/fedl2p_hypergradient.py --run results/default-s12b [--clients 3] [--budget 2] [--eps 0.5]
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a finished run of the intent benchmark")
     parser.add_argument("--clients", type=int, default=3, help="seen clients, one per language first")
     parser.add_argument("--budget", type=int, default=2)
-    parser.add_argument("--eps", type=float, default=0.1, help="relative change of a rate for the finite differences")
+    parser.add_argument("--eps", type=float, default=0.5, help="relative change of a rate for the finite differences")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,20 +111,30 @@ def main() -> None:
         raised = [rates.clone() for _ in range(spec.num_outputs)]
         for tensor, perturbed in enumerate(raised):
             perturbed[tensor] *= 1 + args.eps
-        steps = {"along -g": rates * (1 - args.eps * hypergrad * rates / (hypergrad * rates).abs().max())}
-        losses = validation_losses(base, setup.task, spec, [rates, *raised, steps["along -g"]], inner, validation,
-                                   settings)
-        base_loss, finite = losses[0], torch.tensor(losses[1:-1]) - losses[0]
+        along_g = rates * (1 - args.eps * hypergrad * rates / (hypergrad * rates).abs().max())
+        # the unperturbed rates at several places of the list: the same fine-tune in other passes and neighbours,
+        # whose spread is how far the loss moves with no change of rate at all (the floor of any difference)
+        places = [0, len(raised) // 3, 2 * len(raised) // 3, len(raised)]
+        rate_sets = [*raised, along_g]
+        for place in reversed(places):
+            rate_sets.insert(place, rates)
+        losses = validation_losses(base, setup.task, spec, rate_sets, inner, validation, settings)
+        at_base = [losses[place + offset] for offset, place in enumerate(places)]
+        rest = [loss for index, loss in enumerate(losses) if index not in {p + o for o, p in enumerate(places)}]
+        base_loss, floor = sum(at_base) / len(at_base), max(at_base) - min(at_base)
+        finite = torch.tensor(rest[:-1]) - base_loss
         fd_grad = finite / (args.eps * rates)  # d loss / d rate, forward differences
-        direction = fd_grad * rates  # in log-rate units, as the step above
+        direction = fd_grad * rates  # in log-rate units, as the step along -g
         along_fd = rates * (1 - args.eps * direction / direction.abs().max())
         (loss_fd,) = validation_losses(base, setup.task, spec, [along_fd], inner, validation, settings)
         cosine = float(torch.nn.functional.cosine_similarity(hypergrad, fd_grad, dim=0))
         agree = float(((hypergrad > 0) == (fd_grad > 0)).float().mean())
-        print(f"client {client.client_id}: val loss {base_loss:.4f} (IFT pass {loss:.4f}); cosine(IFT, finite "
-              f"differences) {cosine:+.3f}, same sign {agree:.0%}; |g| IFT {float(hypergrad.norm()):.3g}, finite "
-              f"{float(fd_grad.norm()):.3g}; loss after a step along -g {losses[-1] - base_loss:+.4f}, along minus "
-              f"the finite-difference gradient {loss_fd - base_loss:+.4f} ({time.perf_counter() - started:.0f} s)")
+        print(f"client {client.client_id}: val loss {base_loss:.4f} (alone, in the IFT pass: {loss:.4f}); the same "
+              f"rates in {len(places)} places of the batch span {floor:.4f}; a rate raised by {args.eps:.0%} moves it "
+              f"by {float(finite.abs().median()):.4f} (median over tensors; {int((finite.abs() > floor).sum())} of "
+              f"{len(finite)} beyond the span); cosine(IFT, finite differences) {cosine:+.3f}, same sign "
+              f"{agree:.0%}; a step along -g moves it {rest[-1] - base_loss:+.4f}, along minus the finite-difference "
+              f"gradient {loss_fd - base_loss:+.4f} ({time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":
