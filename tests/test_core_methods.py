@@ -241,3 +241,29 @@ def test_rank_lr_exponent_leaves_the_bayestune_search_alone(setup):
     plain_two = personalize("btlora", base, task, train, budget=2, config=FAST)
     assert at_two.metrics == plain_two.metrics and at_two.ranks == plain_two.ranks
     assert PersonalizeConfig(lora_lr=1e-3, rank_lr_exponent=1.0).finetune_lr(16) == pytest.approx(1.25e-4)
+
+
+def test_a_method_registry_refuses_a_second_name_and_a_setting_two_methods_would_read():
+    from dataclasses import dataclass
+
+    from fedp2eft.core.methods import MethodSpec, by_name
+
+    lora = METHODS["lora"]
+    with pytest.raises(FedP2EFTError, match="two methods are called 'lora'"):
+        by_name([lora, lora])
+
+    @dataclass
+    class Clash:
+        adalora_lr: float = 1.0
+
+    with pytest.raises(FedP2EFTError, match=r"personalize\.adalora_lr, which method 'adalora' already reads"):
+        by_name([METHODS["adalora"], MethodSpec("other", lora.personalize, settings=Clash)])
+
+    @dataclass
+    class Shared:
+        lora_lr: float = 1.0
+
+    with pytest.raises(FedP2EFTError, match=r"personalize\.lora_lr, which every method already reads"):
+        by_name([MethodSpec("other", lora.personalize, settings=Shared)])
+    with pytest.raises(FedP2EFTError, match="unknown key.*adalora_lrr.*known keys: .*adalora_lr"):
+        personalize_config({"adalora_lrr": 1e-3})

@@ -40,7 +40,7 @@ def plugin_methods() -> list[MethodSpec]:
     return found
 
 
-def registry(specs: list[MethodSpec]) -> dict[str, MethodSpec]:
+def by_name(specs: list[MethodSpec]) -> dict[str, MethodSpec]:
     """Methods by name; two methods of one name, or a setting two of them (or a method and the shared settings)
     would both read from the ``personalize:`` section, are errors."""
     methods: dict[str, MethodSpec] = {}
@@ -57,7 +57,7 @@ def registry(specs: list[MethodSpec]) -> dict[str, MethodSpec]:
     return methods
 
 
-METHODS: dict[str, MethodSpec] = registry([
+METHODS: dict[str, MethodSpec] = by_name([
     lora.METHOD, adalora.METHOD, btlora.METHOD, fedl2p.METHOD, fedp2eft.STRUCTURE, fedp2eft.METHOD,
     nested_lora.METHOD, hetlora.METHOD, flexlora.METHOD, *plugin_methods(),
 ])
