@@ -30,16 +30,15 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fedp2eft.benchmark.lr_selection import read_chosen_scales, selected_methods, stage_lr_scale
-from fedp2eft.benchmark.run_folder import finished_base, saved_config
-from fedp2eft.core.methods import settings_for_stage, stage_named
+from fedp2eft.benchmark.lr_selection import stage_rates_of_run
+from fedp2eft.benchmark.run_folder import finished_run_model
+from fedp2eft.core.methods import stage_named
 from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, implicit_hypergradient, loss_and_gradient, \
     rate_run, sgd_step_map, stacked_tensors
 from fedp2eft.core.methods.fedl2p.metanet import metanet_spec
 from fedp2eft.core.multi_lora import MultiLoRAModel
 from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, runs_per_pass, validation_split
 from fedp2eft.core.training import train
-from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
 
 
@@ -76,30 +75,23 @@ def ift_hypergradient(base, task, spec, rates: torch.Tensor, inner, validation, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished run of the intent benchmark")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clients", type=int, default=3, help="seen clients, one per language first")
     parser.add_argument("--budget", type=int, default=2)
     parser.add_argument("--eps", type=float, default=0.5, help="relative change of a rate for the finite differences")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     quiet_third_party()
-    config = saved_config(args.run)
-    base_path = finished_base(config, args.run)
-    if base_path is None:
-        parser.error(f"{args.run} has no finished base model")
-    setup = Setup.from_config({**config, "model": base_path})
-    base = setup.load_base_model("cpu")
-    chosen = read_chosen_scales(args.run / "selection.json", selected_methods(config), config["budgets"])
-    scale = stage_lr_scale(config, stage_named("fedl2p"), chosen)
-    personalize = settings_for_stage(config["personalize"], stage_named("fedl2p"), scale)
+    torch.set_num_threads(args.threads)
+    config, setup, base = finished_run_model(args.run)
+    scale, personalize = stage_rates_of_run(config, args.run, stage_named("fedl2p"))
     fedl2p = FedL2PConfig.from_dict({**config["fedl2p"]["training"], "personalize": personalize})
     settings: PersonalizeConfig = fedl2p.personalize
-    spec = metanet_spec(base, settings, str(base_path), args.budget)
+    spec = metanet_spec(base, settings, setup.model, args.budget)
     rates = torch.full((spec.num_outputs,), settings.lora_lr)
     seen = setup.data.pool("seen")
     per_language = config["dataset_options"]["clients_per_language"]
     order = sorted(range(len(seen)), key=lambda client: (client % per_language, client))[:args.clients]
-    print(f"base model {base_path}; r={args.budget}; {spec.num_outputs} LoRA tensors at uniform LoRA's rate "
+    print(f"base model {setup.model}; r={args.budget}; {spec.num_outputs} LoRA tensors at uniform LoRA's rate "
           f"{settings.lora_lr:g} (scale x{scale:g}); eps {args.eps:g}")
     for index in order:
         started = time.perf_counter()

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-from fedp2eft.benchmark.run_folder import finished_base, saved_config
-from fedp2eft.benchmark.lr_selection import read_chosen_scales, selected_methods, stage_lr_scale
-from fedp2eft.core.methods import settings_for_stage, stage_named
+from fedp2eft.benchmark.lr_selection import stage_rates_of_run
+from fedp2eft.benchmark.run_folder import finished_run_model
+from fedp2eft.core.methods import stage_named
 from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, FedL2PTask
 from fedp2eft.core.personalization import PersonalizeConfig, features_for
-from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
 
 
@@ -43,16 +42,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quiet_third_party()
-    config = saved_config(args.run)
-    base_path = finished_base(config, args.run)
-    if base_path is None:
-        parser.error(f"{args.run} has no finished base model")
-    setup = Setup.from_config({**config, "model": base_path})
-    base = setup.load_base_model("cpu")
+    config, setup, base = finished_run_model(args.run)
+    base_path = setup.model
     # the rate the stage itself trains at (fedl2p.lr_scale, e.g. uniform LoRA's selected scale)
-    chosen = read_chosen_scales(args.run / "selection.json", selected_methods(config), config["budgets"])
-    scale = stage_lr_scale(config, stage_named("fedl2p"), chosen)
-    personalize = PersonalizeConfig.from_dict(settings_for_stage(config["personalize"], stage_named("fedl2p"), scale))
+    scale, rates = stage_rates_of_run(config, args.run, stage_named("fedl2p"))
+    personalize = PersonalizeConfig.from_dict(rates)
     training = {key: value for key, value in config["fedl2p"]["training"].items() if key != "meta_lr"}
     seen, unseen = setup.data.pool("seen"), setup.data.pool("unseen")
     per_language = config["dataset_options"]["clients_per_language"]  # seen clients come language by language

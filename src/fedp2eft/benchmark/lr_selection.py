@@ -12,7 +12,7 @@ from pathlib import Path
 from fedp2eft.benchmark.cells import validate_client
 from fedp2eft.benchmark.run_folder import read_jsonl, task_config
 from fedp2eft.benchmark.workers import WorkerPool, run_jobs
-from fedp2eft.core.methods import Stage, method_lr, method_spec, personalize_config, stages
+from fedp2eft.core.methods import Stage, method_lr, method_spec, personalize_config, settings_for_stage, stages
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import console
@@ -154,3 +154,11 @@ def stage_lr_scale(config: dict, stage: Stage, chosen: dict[str, dict[int, float
         return float(setting)
     votes = Counter(chosen[setting].values())
     return min(votes, key=lambda scale: (-votes[scale], scale))
+
+
+def stage_rates_of_run(config: dict, run_dir: Path, stage: Stage) -> tuple[float, dict]:
+    """The learning-rate scale a finished run's ``stage`` trained at (``stage_lr_scale`` of its ``selection.json``)
+    and the ``personalize`` mapping it was given (``settings_for_stage``)."""
+    chosen = read_chosen_scales(run_dir / "selection.json", selected_methods(config), config["budgets"])
+    scale = stage_lr_scale(config, stage, chosen)
+    return scale, settings_for_stage(config["personalize"], stage, scale)

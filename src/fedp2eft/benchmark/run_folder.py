@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import yaml
+from torch import nn
 
 from fedp2eft.benchmark.config import OPTIONAL_KEYS, with_stage_sections
 from fedp2eft.core.methods import Stage
 from fedp2eft.errors import FedP2EFTError
+from fedp2eft.experiment import Setup
 from fedp2eft.interrupt import resumable
 
 log = logging.getLogger(__name__)
@@ -125,3 +127,14 @@ class StageClock:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.seconds, indent=1))
             os.replace(tmp, self.path)
+
+
+def finished_run_model(run_dir: Path, device: str = "cpu") -> tuple[dict, Setup, nn.Module]:
+    """A finished run's saved config, its ``Setup`` on the run's own base model, and that model: where a probe of
+    a run (docs/experiments/) starts."""
+    config = saved_config(run_dir)
+    base_path = finished_base(config, run_dir)
+    if base_path is None:
+        raise FedP2EFTError(f"{run_dir} has no finished base model")
+    setup = Setup.from_config({**config, "model": base_path})
+    return config, setup, setup.load_base_model(device)
