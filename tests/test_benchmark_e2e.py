@@ -3,8 +3,6 @@ without redoing work, and never lets an unseen client into base-model or generat
 
 import json
 
-import pytest
-
 from fedp2eft.benchmark.config import resolve
 from fedp2eft.cli import main
 from fedp2eft.core.methods import METHODS
