@@ -63,6 +63,11 @@ class PersonalizeConfig:
     own_lr_scale: float = 1.0  # what ``with_lr_scale`` multiplied, applied to a method's own rates as they are read
 
     @classmethod
+    def shared_keys(cls) -> set[str]:
+        """The keys of the ``personalize:`` section that every method shares (the methods' own come beside them)."""
+        return {item.name for item in fields(cls)} - {"own", "own_lr_scale"}
+
+    @classmethod
     def from_dict(cls, raw: dict, own_settings: Mapping[str, type] | None = None) -> PersonalizeConfig:
         """From a YAML/JSON mapping (``priors`` nested); a key that names a field of a method's own settings class
         (``own_settings``: method name -> class) goes to that method; other unknown keys are named in the error."""
@@ -73,7 +78,7 @@ class PersonalizeConfig:
             given = {item.name: raw.pop(item.name) for item in fields(kind) if item.name in raw}
             if given:
                 own[method] = kind(**given)
-        shared = {item.name for item in fields(cls)} - {"own", "own_lr_scale"}
+        shared = cls.shared_keys()
         if unknown := sorted(set(raw) - shared):
             known = sorted(shared | {item.name for kind in (own_settings or {}).values() for item in fields(kind)})
             raise FedP2EFTError(f"personalize: unknown key(s) {unknown}; known keys: {', '.join(known)}")

@@ -44,7 +44,7 @@ def by_name(specs: list[MethodSpec]) -> dict[str, MethodSpec]:
     """Methods by name; two methods of one name, or a setting two of them (or a method and the shared settings)
     would both read from the ``personalize:`` section, are errors."""
     methods: dict[str, MethodSpec] = {}
-    owners = dict.fromkeys((item.name for item in fields(PersonalizeConfig)), "every method")
+    owners = dict.fromkeys(PersonalizeConfig.shared_keys(), "every method")
     for spec in specs:
         if spec.name in methods:
             raise FedP2EFTError(f"two methods are called '{spec.name}'; rename one")
@@ -98,8 +98,7 @@ def settings_for_stage(raw: dict, stage: Stage, lr_scale: float) -> dict:
     """The ``personalize`` mapping that ``stage``'s local training gets: the shared settings as configured and the
     own settings of the methods that use the stage, every learning rate times ``lr_scale``."""
     config = personalize_config(raw).with_lr_scale(lr_scale)
-    shared = {item.name for item in fields(PersonalizeConfig)}
-    mapping = {key: value for key, value in raw.items() if key in shared}
+    mapping = {key: value for key, value in raw.items() if key in PersonalizeConfig.shared_keys()}
     mapping |= {item.name: getattr(config, item.name) for item in fields(config) if item.metadata.get("learning_rate")}
     for name, spec in METHODS.items():
         if spec.stage is stage and spec.settings is not None:
