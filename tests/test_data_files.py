@@ -188,3 +188,22 @@ def test_integer_labels_and_client_ids_are_names(tmp_path):
     records = [{**r, "label": i % 3, "client": i % 4} for i, r in enumerate(rows(("en",), 40))]
     data = load_dataset(str(write_jsonl(tmp_path / "ids.jsonl", records)))
     assert data.labels == ["0", "1", "2"] and {c.client_id for c in data.seen + data.unseen} == {"0", "1", "2", "3"}
+
+
+def test_a_pool_column_fixes_the_unseen_clients(tmp_path):
+    records = [{**r, "pool": "unseen" if r["client"].endswith(("user1", "user3")) else "seen"}
+               for r in rows(client=True, split=True)]
+    data = load_dataset(str(write_jsonl(tmp_path / "pools.jsonl", records)), seed=5)
+    assert sorted(c.client_id for c in data.unseen) == ["en-user1", "en-user3", "fr-user1", "fr-user3"]
+    assert sorted(c.client_id for c in data.seen) == ["en-user0", "en-user2", "fr-user0", "fr-user2"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r, i: {**r, "pool": "held-out"}, "pool must be 'seen' or 'unseen', got 'held-out'"),
+    (lambda r, i: {**r, "pool": "seen" if i % 8 else "unseen"}, "a client is in one pool"),
+    (lambda r, i: {k: v for k, v in r.items() if k != "client"} | {"pool": "seen"}, "needs a 'client' column"),
+])
+def test_a_bad_pool_column_is_named(tmp_path, change, message):
+    records = [change(r, i) for i, r in enumerate(rows(client=True, split=True))]
+    with pytest.raises(FedP2EFTError, match=message):
+        load_dataset(str(write_jsonl(tmp_path / "bad.jsonl", records)))

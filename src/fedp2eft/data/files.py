@@ -1,9 +1,10 @@
 """Your own data: JSONL, CSV or Parquet files (or a folder of them) -> FederatedDataset.
 
-Columns: ``text`` (optional ``text_pair``), ``label``, ``language``, optional ``client`` and ``split``
-for classification; ``instruction``, ``response``, ``language``, optional ``client`` and ``split``
-for instruction tuning. With ``client`` the clients are taken as they are; otherwise each
-language's rows are partitioned into clients with Dirichlet label skew (data/partition.py).
+Columns: ``text`` (optional ``text_pair``), ``label``, ``language``, optional ``client``, ``pool`` and ``split``
+for classification; ``instruction``, ``response``, ``language``, optional ``client``, ``pool`` and ``split``
+for instruction tuning. With ``client`` the clients are taken as they are (``pool`` names the unseen ones when the
+data fix them, else a seeded share per language is unseen); otherwise each language's rows are partitioned into
+clients with Dirichlet label skew (data/partition.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ OPTIONAL = {"classification": ("text_pair",), "instruction": ()}
 # What each known column may hold. Labels and client ids are names, so whole numbers (class ids) are fine too, but not
 # floats: 1.0 and 1 would be two different labels.
 COLUMN_TYPES = {"text": str, "text_pair": str, "instruction": str, "response": str, "language": str, "split": str,
+                "pool": str,
                 "label": (str, int), "client": (str, int)}
 
 
@@ -59,7 +61,7 @@ def detect_task(rows: list[dict], source: Path) -> str:
 
 def validate(rows: list[dict], task: str) -> None:
     """Every row has non-empty values in its required columns, values of the column's type and a known split."""
-    required = (*TASK_COLUMNS[task], "language", *(("client",) if "client" in rows[0] else ()))
+    required = (*TASK_COLUMNS[task], "language", *(c for c in ("client", "pool") if c in rows[0]))
     for row in rows:
         for column in required:
             if row.get(column) is None or str(row[column]).strip() == "":
@@ -72,6 +74,10 @@ def validate(rows: list[dict], task: str) -> None:
                                     f"{value!r}; store the column as strings")
         if row.get("split") not in (None, "train", "test"):
             raise FedP2EFTError(f"{row['_origin']}: split must be 'train' or 'test', got {row['split']!r}")
+        if row.get("pool") not in (None, "seen", "unseen"):
+            raise FedP2EFTError(f"{row['_origin']}: pool must be 'seen' or 'unseen', got {row['pool']!r}")
+    if "pool" in rows[0] and "client" not in rows[0]:
+        raise FedP2EFTError(f"{rows[0]['_origin']}: a 'pool' column needs a 'client' column (the pool is a client's)")
 
 
 def label_space(rows: list[dict]) -> list[str]:
@@ -100,21 +106,17 @@ def split_rows(rows: list[dict], test_fraction: float, rng: np.random.Generator)
 
 
 def clients_as_given(rows, task, index, unseen_fraction, test_fraction, rng) -> tuple[list, list]:
-    """One client per ``client`` value; per language a seeded ``unseen_fraction`` of them is unseen."""
+    """One client per ``client`` value; the ``pool`` column names the unseen ones (data whose held-out clients are
+    fixed, e.g. clients that share nothing with the others), else per language a seeded ``unseen_fraction``."""
     by_client: dict[str, list[dict]] = {}
     for row in rows:
         by_client.setdefault(str(row["client"]), []).append(row)
+    if "pool" in rows[0]:
+        return _clients_by_pool_column(by_client, task, index, test_fraction, rng)
     by_language: dict[str, list[ClientData]] = {}
     for client_id, client_rows in sorted(by_client.items()):
-        languages = {r["language"] for r in client_rows}
-        train, test = split_rows(client_rows, test_fraction, rng)
-        if not train or not test:
-            raise FedP2EFTError(f"client '{client_id}': needs both train and test rows ({client_rows[0]['_origin']})")
-        language = sorted(languages)[0] if len(languages) == 1 else "multi"
-        client = ClientData(
-            client_id, language, [to_example(r, task, index) for r in train], [to_example(r, task, index) for r in test]
-        )
-        by_language.setdefault(language, []).append(client)
+        client = _client(client_id, client_rows, task, index, test_fraction, rng)
+        by_language.setdefault(client.language, []).append(client)
     seen, unseen = [], []
     for clients in by_language.values():
         order = rng.permutation(len(clients))
@@ -122,6 +124,28 @@ def clients_as_given(rows, task, index, unseen_fraction, test_fraction, rng) -> 
         unseen += [clients[i] for i in order[:n_unseen]]
         seen += [clients[i] for i in order[n_unseen:]]
     return seen, unseen
+
+
+def _client(client_id: str, client_rows: list[dict], task, index, test_fraction, rng) -> ClientData:
+    """One client's rows as a ClientData: its own split, its language (``multi`` when it writes several)."""
+    languages = {r["language"] for r in client_rows}
+    train, test = split_rows(client_rows, test_fraction, rng)
+    if not train or not test:
+        raise FedP2EFTError(f"client '{client_id}': needs both train and test rows ({client_rows[0]['_origin']})")
+    language = sorted(languages)[0] if len(languages) == 1 else "multi"
+    return ClientData(client_id, language, [to_example(r, task, index) for r in train],
+                      [to_example(r, task, index) for r in test])
+
+
+def _clients_by_pool_column(by_client: dict[str, list[dict]], task, index, test_fraction, rng) -> tuple[list, list]:
+    pools: dict[str, list[ClientData]] = {"seen": [], "unseen": []}
+    for client_id, client_rows in sorted(by_client.items()):
+        named = {r["pool"] for r in client_rows}
+        if len(named) != 1:
+            raise FedP2EFTError(f"client '{client_id}': its rows name pools {sorted(named)}; a client is in one pool "
+                                f"({client_rows[0]['_origin']})")
+        pools[named.pop()].append(_client(client_id, client_rows, task, index, test_fraction, rng))
+    return pools["seen"], pools["unseen"]
 
 
 def label_pools(rows: list[dict], task: str, index: dict[str, int]) -> dict[int, list[dict]]:
