@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -46,6 +48,10 @@ SETTINGS = {
     # replies), with the encoder's selection grid and three clients per language so that clients can be replicates.
     "decoder": ["dataset_options.clients_per_language=3", "selection.grid=[1.0,3.0,10.0,30.0,100.0]",
                 "selection.per_budget=false"],
+    # A relation between two requests instead of the label of one (the paper's XNLI is sentence pairs): the same
+    # clients' sentences as intent pairs, same or different intent (docs/experiments/intent_pairs.py), 96 training
+    # pairs per client; a base model of its own, trained on the seen clients' pairs.
+    "sentence-pairs": ["dataset={intent_pairs}"],
 }
 PROFILE = {"decoder": "llm"}  # the profile a setting starts from; the others start from `default`
 
@@ -84,7 +90,11 @@ def cross_fitted(records: list[dict], per_budget: bool = False) -> dict[int, Uni
 def run_setting(name: str, overrides: list[str], results: Path) -> dict:
     """Run (or resume) one setting and summarize its validation rows."""
     run_dir = results / name
-    overrides = [o.format(default_base=results / "default" / "base" / "model") for o in overrides]
+    pairs = results / "intent-pairs.jsonl"
+    if any("{intent_pairs}" in o for o in overrides) and not pairs.is_file():
+        subprocess.run([sys.executable, str(Path(__file__).with_name("intent_pairs.py")), "--out", str(pairs)],
+                       check=True)
+    overrides = [o.format(default_base=results / "default" / "base" / "model", intent_pairs=pairs) for o in overrides]
     profile = PROFILE.get(name, "default")
     if fedp2eft(["-q", "benchmark", "--config", profile, "--results", str(results), f"name={name}", *COMMON,
                  *overrides]) != 0:
