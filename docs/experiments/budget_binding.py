@@ -52,6 +52,9 @@ SETTINGS = {
     # clients' sentences as intent pairs, same or different intent (docs/experiments/intent_pairs.py), 96 training
     # pairs per client; a base model of its own, trained on the seen clients' pairs.
     "sentence-pairs": ["dataset={intent_pairs}"],
+    # The same with the grid moved up (x3 to x300): on the main grid r=2 peaked at its top edge (x30).
+    "sentence-pairs-wide-grid": ["dataset={intent_pairs}", "base.checkpoint={pairs_base}",
+                                 "selection.grid=[3.0,10.0,30.0,100.0,300.0]"],
 }
 PROFILE = {"decoder": "llm"}  # the profile a setting starts from; the others start from `default`
 
@@ -94,7 +97,8 @@ def run_setting(name: str, overrides: list[str], results: Path) -> dict:
     if any("{intent_pairs}" in o for o in overrides) and not pairs.is_file():
         subprocess.run([sys.executable, str(Path(__file__).with_name("intent_pairs.py")), "--out", str(pairs)],
                        check=True)
-    overrides = [o.format(default_base=results / "default" / "base" / "model", intent_pairs=pairs) for o in overrides]
+    overrides = [o.format(default_base=results / "default" / "base" / "model", intent_pairs=pairs,
+                          pairs_base=results / "sentence-pairs" / "base" / "model") for o in overrides]
     profile = PROFILE.get(name, "default")
     if fedp2eft(["-q", "benchmark", "--config", profile, "--results", str(results), f"name={name}", *COMMON,
                  *overrides]) != 0:
