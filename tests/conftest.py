@@ -105,6 +105,14 @@ def adam_rounding_tolerance(lr: float, steps: int) -> float:
     return lr * steps * ROUNDING_DIRECTION
 
 
+# A loss read after training (a mean over the last epoch, a validation loss after an update) is computed at weights
+# that rounding has moved by up to ``adam_rounding_tolerance`` each, and to first order it moves by its gradient times
+# that drift: about 1e-4 of the loss on the tiny models (2.0e-4 seen on one CPU for a Llama-like run batched with
+# eleven others). 1e-3 relative leaves a margin of 5x on any CPU, while an error in what is trained or scored (another
+# run's rows, a lost mask, a wrong mean) moves such a loss by whole percents.
+TRAINED_LOSS_REL = 1e-3
+
+
 def classification_examples(count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     examples = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import adam_rounding_tolerance
+from conftest import TRAINED_LOSS_REL, adam_rounding_tolerance
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, evaluate_many, method_lr, personalize, \
     personalize_many
 from fedp2eft.core.methods.btlora import bayestune_scales, search_key
@@ -29,10 +29,27 @@ def lora_weights(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
 
 
+def loss_drift_bound(model, task, examples, moved: dict[str, torch.Tensor]) -> float:
+    """How far the mean loss of ``model`` over ``examples`` may move when its adapter tensors move to ``moved``: to
+    first order by sum |dL/dw| |w' - w| (the triangle inequality over every weight), doubled for the curvature and
+    for the last epoch's earlier weights, at which a training loss is read, plus float32 rounding of the mean."""
+    model.eval()  # the sensitivity of the function trained, without dropout's noise
+    parameters = dict(model.named_parameters())
+    weights = [parameters[name] for name in moved]
+    for weight in weights:
+        weight.requires_grad_(True)
+    batch = task.collate(examples)
+    loss = model(**batch).loss
+    gradients = torch.autograd.grad(loss, weights)
+    first_order = sum(float((g.abs() * (moved[name] - w.detach()).abs()).sum())
+                      for name, g, w in zip(moved, gradients, weights))
+    return 2 * first_order + 1e-6 * float(loss)
+
+
 def separate(base, task, train, method, budget, config, artifact):
+    """One run trained alone: its result and its PEFT model (multipliers folded into B)."""
     result = personalize(method, base, task, train, budget=budget, config=config, artifact=artifact)
-    peft_model = result.model.fold_scales() if hasattr(result.model, "fold_scales") else result.model
-    return result, lora_weights(peft_model)
+    return result, result.model.fold_scales() if hasattr(result.model, "fold_scales") else result.model
 
 
 def test_a_batch_of_runs_equals_the_runs_one_at_a_time(setup):
@@ -45,8 +62,9 @@ def test_a_batch_of_runs_equals_the_runs_one_at_a_time(setup):
     assert passes == -(-len(CELLS) // runs_per_pass(context, CONFIG.batch_size))  # as few passes as memory allows
     scores = evaluate_many(task, batched, test)  # each pass's runs scored together
     for (method, budget, config), result, score in zip(CELLS, batched, scores):
-        alone, weights = separate(base, task, train, method, budget, config,
-                                  metanets if method == "fedl2p" else generator)
+        alone, peft_alone = separate(base, task, train, method, budget, config,
+                                     metanets if method == "fedl2p" else generator)
+        weights = lora_weights(peft_alone)
         assert result.ranks == alone.ranks, method
         assert result.report.keys() == alone.report.keys()
         # btlora's multipliers come out of a search whose lambda trains at scale_lr (then rounded to 6 digits)
@@ -56,10 +74,8 @@ def test_a_batch_of_runs_equals_the_runs_one_at_a_time(setup):
             assert result.report["lambdas"][name] == pytest.approx(values, abs=search), (method, name)
         assert result.metrics["steps"] == alone.metrics["steps"]
         assert result.metrics["trainable_parameters"] == alone.metrics["trainable_parameters"]
-        # a mean of per-token losses: float32 rounding of sums of a few hundred terms, far below 1e-4 relative
-        assert result.metrics["train_loss_last_epoch"] == pytest.approx(alone.metrics["train_loss_last_epoch"],
-                                                                         rel=1e-4)
-        exported = lora_weights(result.model.export(result.run))
+        exported_model = result.model.export(result.run)
+        exported = lora_weights(exported_model)
         assert exported.keys() == weights.keys() and weights, method
         rates = result.model.runs[result.run].tensor_lrs  # FedL2P: one learning rate per tensor, the largest bounds
         lr = max(max(pair) for pair in rates.values()) if rates else method_lr(config, method)
@@ -68,8 +84,13 @@ def test_a_batch_of_runs_equals_the_runs_one_at_a_time(setup):
         for name in weights:  # lambda is fixed while fine-tuning; folded into B it scales B's tolerance
             torch.testing.assert_close(exported[name], weights[name], atol=tolerance * fold, rtol=0,
                                        msg=f"{method} r={budget} {name}")
-        evaluated = task.evaluate(alone.model, test)
-        assert score["loss"] == pytest.approx(evaluated["loss"], rel=1e-3, abs=1e-4), method
+        # the training losses differ by what the weights' rounding drift (held to Adam's bound above) can move them
+        drift = loss_drift_bound(peft_alone, task, train, exported)
+        assert abs(result.metrics["train_loss_last_epoch"] - alone.metrics["train_loss_last_epoch"]) <= drift, method
+        # scoring all runs in one pass equals scoring the run's own adapter alone: the same weights, so float
+        # rounding of the logits only (~1e-6 relative, as in the export test below)
+        evaluated = task.evaluate(exported_model, test)
+        assert score["loss"] == pytest.approx(evaluated["loss"], rel=1e-4), method
         assert score["count"] == evaluated["count"]
 
 
@@ -82,7 +103,7 @@ def test_batched_bayestune_searches_equal_separate_searches(setup):
         batched_scales, batched_names, batched_loss = batched_context.shared(search_key(config), None)
         scales, names, loss = bayestune_scales(ClientContext(base, task, train), config)
         assert batched_names == names
-        assert batched_loss == pytest.approx(loss, rel=1e-4)
+        assert batched_loss == pytest.approx(loss, rel=TRAINED_LOSS_REL)
         steps = config.bayestune_epochs * -(-len(train) // config.batch_size)
         torch.testing.assert_close(batched_scales, scales, rtol=0,
                                    atol=adam_rounding_tolerance(config.scale_lr, steps))
@@ -158,13 +179,14 @@ def test_runs_with_dropout_see_the_masks_a_separate_run_draws(tokenizer):
     cells = [("lora", 2, CONFIG), ("lora", 4, CONFIG.with_lr_scale(3.0)), ("adalora", 2, CONFIG)]
     batched = personalize_many(ClientContext(base, task, train), cells)
     for (method, budget, config), result in zip(cells, batched):
-        alone, weights = separate(base, task, train, method, budget, config, None)
-        assert result.metrics["train_loss_last_epoch"] == pytest.approx(alone.metrics["train_loss_last_epoch"],
-                                                                         rel=1e-4)
+        alone, peft_alone = separate(base, task, train, method, budget, config, None)
+        weights = lora_weights(peft_alone)
         exported = lora_weights(result.model.export(result.run))
         tolerance = adam_rounding_tolerance(method_lr(config, method), result.metrics["steps"])
         for name in weights:
             torch.testing.assert_close(exported[name], weights[name], atol=tolerance, rtol=0, msg=name)
+        drift = loss_drift_bound(peft_alone, task, train, exported)
+        assert abs(result.metrics["train_loss_last_epoch"] - alone.metrics["train_loss_last_epoch"]) <= drift, method
 
 
 def test_a_pass_keeps_every_tensor_on_the_models_device_and_views_on_the_stacked_storage(setup):
