@@ -47,6 +47,14 @@ SHARED_RUNS = ("quick_run", "full_toy_run")  # session fixtures that tests of se
 MAX_WORKERS = 4  # pytest-xdist's `-n auto` at most: each worker holds torch, a model and Ray clusters (~2-3 GB)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker's torch would take every core for its own threads, so two workers on two cores
+    run four threads and every test slows down; a worker takes its share of the cores instead."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
