@@ -141,6 +141,20 @@ def test_validation_split_is_seeded_disjoint_and_eighty_twenty():
         validation_split(examples[:1], 0.2, 0)
 
 
+def test_validation_split_holds_out_whole_groups():
+    """Rows that share content (a ``group``) are never on both sides, and a fifth of the groups is held out."""
+    examples = [{"i": i, "group": f"doc{i // 5}"} for i in range(50)] + [{"i": 50}]  # one row without a group
+    for key in range(20):
+        inner, validation = validation_split(examples, 0.2, key)
+        assert sorted(e["i"] for e in inner + validation) == list(range(51))
+        assert not {e.get("group") for e in inner} & {e.get("group") for e in validation} - {None}
+        assert len({e.get("group", e["i"]) for e in validation}) == 2  # round(0.2 x 11 units)
+    held = [validation_split(examples[:50], 0.2, key)[1][0]["group"] for key in (3, 9)]
+    assert held[0] != held[1]  # the seed chooses the groups
+    with pytest.raises(FedP2EFTError, match="at least 2 groups"):
+        validation_split(examples[:5], 0.2, 0)
+
+
 def test_meta_training_raises_useful_learning_rates_and_lowers_validation_loss(tokenizer):
     """A tiny BERT whose LoRA learns too slowly at lr 2e-3: the validation hypergradient must raise the learning
     rates, and fine-tuning with the learned rates must reach a lower validation loss than with the initial ones

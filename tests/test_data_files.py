@@ -207,3 +207,16 @@ def test_a_bad_pool_column_is_named(tmp_path, change, message):
     records = [change(r, i) for i, r in enumerate(rows(client=True, split=True))]
     with pytest.raises(FedP2EFTError, match=message):
         load_dataset(str(write_jsonl(tmp_path / "bad.jsonl", records)))
+
+
+def test_a_group_stays_on_one_side_of_the_test_and_the_validation_split(tmp_path):
+    from fedp2eft.core.personalization import validation_split
+
+    # each client's rows i, i+4, i+8 form a group: about 8 groups of 3 rows per client
+    records = [{**r, "group": f"{r['client']}/{i // 12}"} for i, r in enumerate(rows(("en",), 96, client=True))]
+    data = load_dataset(str(write_jsonl(tmp_path / "groups.jsonl", records)), seed=1)
+    for client in data.seen + data.unseen:
+        assert not {e["group"] for e in client.train} & {e["group"] for e in client.test}
+        inner, validation = validation_split(client.train, 0.25, client.client_id)
+        assert validation and not {e["group"] for e in inner} & {e["group"] for e in validation}
+    assert all(isinstance(e["group"], str) for c in data.seen for e in c.train)  # names, as client ids are

@@ -143,13 +143,28 @@ def finetune_lora(context: ClientContext, model: PeftModel, ranks: dict[str, int
 def validation_split(examples: list[dict], fraction: float, key: int | str) -> tuple[list[dict], list[dict]]:
     """A split of a client's *training* data into (inner-train, validation), seeded by ``key`` (a seed or a client
     id), each part in the original order and neither empty: learning-rate selection and FedL2P's meta-training
-    hold out validation data this way, so no test example ever chooses anything."""
-    if len(examples) < 2:
-        raise FedP2EFTError(f"holding out validation data needs at least 2 training examples per client (got "
-                            f"{len(examples)}); give the client more data")
-    count = min(len(examples) - 1, max(1, round(fraction * len(examples))))
-    held = set(random.Random(key).sample(range(len(examples)), count))
+    hold out validation data this way, so no test example ever chooses anything. Examples that carry a ``group``
+    (rows that share content, e.g. one document's pieces) are held out whole groups at a time: a validation row
+    whose group was trained on measures memory, not what the choice is for (docs/discussion.md, "A trap found on
+    the way")."""
+    units = _units(examples)
+    if len(units) < 2:
+        what = "groups" if len(units) < len(examples) else "training examples"
+        raise FedP2EFTError(f"holding out validation data needs at least 2 {what} per client (got {len(units)}); "
+                            "give the client more data")
+    count = min(len(units) - 1, max(1, round(fraction * len(units))))
+    held = {index for unit in random.Random(key).sample(units, count) for index in unit}
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def _units(examples: list[dict]) -> list[tuple[int, ...]]:
+    """The indices that are held out together: one example each, or all examples of one ``group``."""
+    if not any("group" in example for example in examples):
+        return [(i,) for i in range(len(examples))]
+    groups: dict[Any, list[int]] = {}
+    for i, example in enumerate(examples):
+        groups.setdefault(example.get("group", ("ungrouped", i)), []).append(i)
+    return [tuple(indices) for indices in groups.values()]
 
 
 def generator_spec(base_model: nn.Module, config: PersonalizeConfig, base_model_name: str) -> GeneratorSpec:

@@ -1,10 +1,10 @@
 """Your own data: JSONL, CSV or Parquet files (or a folder of them) -> FederatedDataset.
 
-Columns: ``text`` (optional ``text_pair``), ``label``, ``language``, optional ``client``, ``pool`` and ``split``
-for classification; ``instruction``, ``response``, ``language``, optional ``client``, ``pool`` and ``split``
-for instruction tuning. With ``client`` the clients are taken as they are (``pool`` names the unseen ones when the
-data fix them, else a seeded share per language is unseen); otherwise each language's rows are partitioned into
-clients with Dirichlet label skew (data/partition.py).
+Columns: ``text`` (optional ``text_pair``), ``label``, ``language`` for classification; ``instruction``,
+``response``, ``language`` for instruction tuning; optional for both ``client``, ``pool``, ``split`` and ``group``.
+With ``client`` the clients are taken as they are (``pool`` names the unseen ones when the data fix them, else a
+seeded share per language is unseen); otherwise each language's rows are partitioned into clients with Dirichlet
+label skew (data/partition.py). Rows of one ``group`` stay on one side of every random split.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from fedp2eft.data.types import ClientData, FederatedDataset
 from fedp2eft.errors import FedP2EFTError
 
 TASK_COLUMNS = {"classification": ("text", "label"), "instruction": ("instruction", "response")}
-OPTIONAL = {"classification": ("text_pair",), "instruction": ()}
+# ``group``: rows that share content (one document's pieces) stay on one side of every random split.
+OPTIONAL = {"classification": ("text_pair", "group"), "instruction": ("group",)}
 # What each known column may hold. Labels and client ids are names, so whole numbers (class ids) are fine too, but not
 # floats: 1.0 and 1 would be two different labels.
 COLUMN_TYPES = {"text": str, "text_pair": str, "instruction": str, "response": str, "language": str, "split": str,
-                "pool": str,
+                "pool": str, "group": (str, int),
                 "label": (str, int), "client": (str, int)}
 
 
@@ -61,7 +62,7 @@ def detect_task(rows: list[dict], source: Path) -> str:
 
 def validate(rows: list[dict], task: str) -> None:
     """Every row has non-empty values in its required columns, values of the column's type and a known split."""
-    required = (*TASK_COLUMNS[task], "language", *(c for c in ("client", "pool") if c in rows[0]))
+    required = (*TASK_COLUMNS[task], "language", *(c for c in ("client", "pool", "group") if c in rows[0]))
     for row in rows:
         for column in required:
             if row.get(column) is None or str(row[column]).strip() == "":
@@ -93,13 +94,24 @@ def to_example(row: dict, task: str, index: dict[str, int]) -> dict:
     example = {c: row[c] for c in (*TASK_COLUMNS[task], *OPTIONAL[task]) if row.get(c) is not None}
     if task == "classification":
         example["label"] = index[str(row["label"])]
+    if "group" in example:
+        example["group"] = str(example["group"])
     return example
 
 
 def split_rows(rows: list[dict], test_fraction: float, rng: np.random.Generator) -> tuple[list[dict], list[dict]]:
-    """Use the ``split`` column when present, else a seeded random split."""
+    """Use the ``split`` column when present, else a seeded random split (of whole groups when rows have a
+    ``group``: a test row whose group was trained on would test memory)."""
     if any(r.get("split") for r in rows):
         return [r for r in rows if r.get("split") != "test"], [r for r in rows if r.get("split") == "test"]
+    if "group" in rows[0]:
+        groups: dict[str, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(str(row["group"]), []).append(row)
+        units = list(groups.values())
+        order = rng.permutation(len(units))
+        n_test = int(round(len(units) * test_fraction))
+        return ([row for i in order[n_test:] for row in units[i]], [row for i in order[:n_test] for row in units[i]])
     order = rng.permutation(len(rows))
     n_test = int(round(len(rows) * test_fraction))
     return [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]
