@@ -48,6 +48,9 @@ SETTINGS = {
     # replies), with the encoder's selection grid and three clients per language so that clients can be replicates.
     "decoder": ["dataset_options.clients_per_language=3", "selection.grid=[1.0,3.0,10.0,30.0,100.0]",
                 "selection.per_budget=false"],
+    # A base model that has learnt little of the task (1 federated round instead of 12): the clients' personalization
+    # must then carry the task itself, not only adapt it.
+    "weak-base": ["base.rounds=1"],
     # A relation between two requests instead of the label of one (the paper's XNLI is sentence pairs): the same
     # clients' sentences as intent pairs, same or different intent (docs/experiments/intent_pairs.py), 96 training
     # pairs per client; a base model of its own, trained on the seen clients' pairs.
