@@ -51,7 +51,8 @@ SETTINGS = {
     # A base model that has learnt little of the task (1 federated round instead of 12): the clients' personalization
     # must then carry the task itself, not only adapt it.
     "weak-base": ["base.rounds=1"],
-    "weak-base-wide-grid": ["base.rounds=1", "base.checkpoint={weak_base}", "selection.grid=[3.0,10.0,30.0,100.0,300.0]"],
+    "weak-base-wide-grid": ["base.rounds=1", "base.checkpoint={weak_base}",
+                            "selection.grid=[3.0,10.0,30.0,100.0,300.0]"],
     # A relation between two requests instead of the label of one (the paper's XNLI is sentence pairs): the same
     # clients' sentences as intent pairs, same or different intent (docs/experiments/intent_pairs.py), 96 training
     # pairs per client; a base model of its own, trained on the seen clients' pairs.
