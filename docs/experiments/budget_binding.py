@@ -44,6 +44,8 @@ SETTINGS = {
     # The same with the grid moved up (x3 to x300): on the main grid every value-only LoRA peaked at its top edge.
     "values-only-wide-grid": ["personalize.target_modules=[value]", "base.checkpoint={default_base}",
                               "selection.grid=[3.0,10.0,30.0,100.0,300.0]"],
+    # The same with twice the sentences per client (96): twice the validation rows per decision, and more to learn from.
+    "weak-base-96": ["base.rounds=1", "dataset_options.train_size=96", "selection.grid=[3.0,10.0,30.0,100.0,300.0]"],
     # The embedded decoder instruction-tuned on intents-chat (the `llm` profile: Gemma 3 270M, ROUGE-L of greedy
     # replies), with the encoder's selection grid and three clients per language so that clients can be replicates.
     "decoder": ["dataset_options.clients_per_language=3", "selection.grid=[1.0,3.0,10.0,30.0,100.0]",
