@@ -16,7 +16,7 @@ from fedp2eft.core.methods import METHODS, OWN_SETTINGS, STAGES, Stage, stages
 from fedp2eft.errors import FedP2EFTError
 
 PROFILES = ("default", "full", "quick", "paper", "paper-fedaya", "llm", "llm-quick", "pfl", "budget-peers",
-            "value-projections")
+            "value-projections", "weak-base")
 
 
 def load_profile(name_or_path: str) -> dict[str, Any]:
