@@ -43,7 +43,7 @@ def loss_drift_bound(model, task, examples, moved: dict[str, torch.Tensor]) -> f
     gradients = torch.autograd.grad(loss, weights)
     first_order = sum(float((g.abs() * (moved[name] - w.detach()).abs()).sum())
                       for name, g, w in zip(moved, gradients, weights))
-    return 2 * first_order + 1e-6 * float(loss)
+    return 2 * first_order + 1e-6 * loss.item()
 
 
 def separate(base, task, train, method, budget, config, artifact):
