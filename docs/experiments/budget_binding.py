@@ -44,8 +44,6 @@ SETTINGS = {
     # The same with the grid moved up (x3 to x300): on the main grid every value-only LoRA peaked at its top edge.
     "values-only-wide-grid": ["personalize.target_modules=[value]", "base.checkpoint={default_base}",
                               "selection.grid=[3.0,10.0,30.0,100.0,300.0]"],
-    # The same with twice the sentences per client (96): twice the validation rows per decision, and more to learn from.
-    "weak-base-96": ["base.rounds=1", "dataset_options.train_size=96", "selection.grid=[3.0,10.0,30.0,100.0,300.0]"],
     # The embedded decoder instruction-tuned on intents-chat (the `llm` profile: Gemma 3 270M, ROUGE-L of greedy
     # replies), with the encoder's selection grid and three clients per language so that clients can be replicates.
     "decoder": ["dataset_options.clients_per_language=3", "selection.grid=[1.0,3.0,10.0,30.0,100.0]",
@@ -55,6 +53,8 @@ SETTINGS = {
     "weak-base": ["base.rounds=1"],
     "weak-base-wide-grid": ["base.rounds=1", "base.checkpoint={weak_base}",
                             "selection.grid=[3.0,10.0,30.0,100.0,300.0]"],
+    # Weak base and wide grid with twice the sentences per client (96): twice the validation rows per decision.
+    "weak-base-96": ["base.rounds=1", "dataset_options.train_size=96", "selection.grid=[3.0,10.0,30.0,100.0,300.0]"],
     # A relation between two requests instead of the label of one (the paper's XNLI is sentence pairs): the same
     # clients' sentences as intent pairs, same or different intent (docs/experiments/intent_pairs.py), 96 training
     # pairs per client; a base model of its own, trained on the seen clients' pairs.
