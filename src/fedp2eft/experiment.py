@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from fedp2eft.core.device import resolve_device
+from fedp2eft.core.device import resolve_device, resolve_precision
 from fedp2eft.core.federation import FederatedTask
 from fedp2eft.core.modeling import SequenceClassifier, load_causal_lm
 from fedp2eft.core.tasks import ClassificationTask, InstructionTask, Task
@@ -48,6 +48,7 @@ class Setup:
     dataset_options: dict
     max_length: int = 128
     generation_tokens: int = 0  # instruction tasks: greedy tokens per test example scored by ROUGE-L/exact match
+    precision: str = "fp32"  # bf16 or fp32: how the task's forward passes compute (core/device.py)
 
     @cached_property
     def model_path(self) -> Path:
@@ -64,8 +65,8 @@ class Setup:
     @cached_property
     def task(self) -> Task:
         if self.data.task == "classification":
-            return ClassificationTask(self.tokenizer, self.data.labels, self.max_length)
-        return InstructionTask(self.tokenizer, self.max_length, self.generation_tokens)
+            return ClassificationTask(self.tokenizer, self.data.labels, self.max_length, precision=self.precision)
+        return InstructionTask(self.tokenizer, self.max_length, self.generation_tokens, precision=self.precision)
 
     def load_base_model(self, device: str | torch.device = "cpu", new_head_seed: int | None = None) -> nn.Module:
         """A fresh copy of the base model from disk, placed on ``device``: a torch device or a ``device:`` setting
@@ -102,8 +103,12 @@ class Setup:
 
     @classmethod
     def from_config(cls, config: dict) -> Setup:
+        """A setup from a JSON-able config; ``precision: auto`` is resolved for the config's ``device`` here, so a
+        config that already names bf16 or fp32 (a benchmark resolves it once, in its main process) computes the
+        same on every machine that runs it."""
         return cls(config["model"], config["dataset"], dict(config.get("dataset_options", {})),
-                   int(config.get("max_length", 128)), int(config.get("generation_tokens", 0)))
+                   int(config.get("max_length", 128)), int(config.get("generation_tokens", 0)),
+                   resolve_precision(config.get("precision", "fp32"), str(config.get("device", "auto"))))
 
 
 def make_base_task(config: dict) -> FederatedTask:

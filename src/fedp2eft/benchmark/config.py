@@ -42,7 +42,9 @@ def stage_section(stage: Stage) -> dict:
 
 
 # Top-level keys a profile may leave out, with the value they take then.
-OPTIONAL_KEYS = {"generation_tokens": 0}  # instruction tasks: greedy tokens generated and scored per test example
+# Keys a saved config may lack, at the value they had before they existed: instruction tasks' greedy tokens per
+# test example, and the precision (runs before it existed computed in float32 on the CPU).
+OPTIONAL_KEYS = {"generation_tokens": 0, "precision": "fp32"}
 
 
 def own_settings_defaults() -> dict:
@@ -278,9 +280,12 @@ def validate(config: dict) -> dict:
                             f"of an instruction dataset; 0 scores next-token accuracy only), got {tokens!r}")
     for stage in stages(config["methods"]):
         validate_stage(config, stage)
-    from fedp2eft.core.device import resolve_device
+    from fedp2eft.core.device import resolve_device, resolve_precision
 
     resolve_device(str(config["device"]))  # an unknown device, or cuda without a GPU, fails here, before any work
+    # resolved once, here: the saved config names what every stage and worker computes in, and a run resumed on a
+    # machine where `auto` means something else is refused rather than mixed
+    config["precision"] = resolve_precision(config["precision"], str(config["device"]))
     from fedp2eft.data.registry import check_dataset, dataset_names
 
     dataset = config["dataset"]

@@ -27,7 +27,8 @@ def read_task_config(path: Path) -> dict[str, Any]:
     return load_yaml_mapping(path, "task config")
 
 
-TASK_KEYS = {"model", "dataset", "dataset_options", "max_length", "device", "budgets", "generation_tokens", "training"}
+TASK_KEYS = {"model", "dataset", "dataset_options", "max_length", "device", "precision", "budgets", "generation_tokens",
+             "training"}
 
 
 def check_task_config(task: str, config: dict[str, Any], where: str) -> None:

@@ -81,6 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", type=device_setting,
                         help=f"auto (a CUDA GPU when present), cpu, cuda or cuda:N (default: the run's; without "
                              f"--run {profile['device']})")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                        help=f"bf16 mixed precision or plain fp32; auto: bf16 where the hardware has it (default: the "
+                             f"run's, so that its rows are reproduced; without --run {profile['precision']})")
     parser.set_defaults(func=run)
 
 
@@ -93,6 +96,8 @@ def command_config(args: argparse.Namespace) -> dict:
         config |= {"dataset": args.data, "dataset_options": {}}  # options belong to the dataset they were set for
     if args.device is not None:
         config["device"] = args.device
+    if args.precision is not None:
+        config["precision"] = args.precision
     return config
 
 

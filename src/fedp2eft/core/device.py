@@ -1,14 +1,20 @@
 """Where models and batches live: a CUDA GPU when one is visible, the CPU otherwise.
 
-The config key ``device`` takes ``auto`` (GPU if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. On a GPU
-that supports bfloat16 the forward passes of training and evaluation run under bf16 autocast; on the CPU
-nothing changes (no autocast), so CPU results stay bit-identical to a run without this module.
+The config key ``device`` takes ``auto`` (GPU if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+The config key ``precision`` says how the forward passes of training and evaluation compute: ``bf16`` runs them
+under bfloat16 autocast (matmuls and attention in bf16, parameters, gradients, optimizer state and losses in
+float32: mixed precision), ``fp32`` in plain float32, and ``auto`` picks bf16 where the hardware multiplies bf16
+matrices natively (a CUDA GPU that supports it; an x86 CPU with AVX512-BF16 or AMX, where a bf16 matmul runs at
+about 2.3x float32's rate: docs/method.md, "Precision") and fp32 elsewhere, where bf16 would be emulated and slower.
 """
 
 from __future__ import annotations
 
 import re
 from contextlib import AbstractContextManager, nullcontext
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +23,8 @@ from torch import nn
 from fedp2eft.errors import FedP2EFTError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+PRECISIONS = ("auto", "bf16", "fp32")
+NATIVE_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}  # x86 CPU flags (/proc/cpuinfo) of hardware bf16 dot products
 CUDA_DEVICE = re.compile(r"cuda(?::(\d+))?")
 
 
@@ -68,8 +76,41 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for key, value in batch.items()}
 
 
-def autocast_for(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on a CUDA device that supports it; no autocast anywhere else (so CPU numerics never change)."""
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is absent or says none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware (module docstring)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
+
+
+def resolve_precision(setting: str, device: torch.device | str = "auto") -> str:
+    """``bf16`` or ``fp32``: what a ``precision:`` setting means on ``device`` (a torch device or a ``device:``
+    setting, resolved only for ``auto``, which picks bf16 where it is native)."""
+    value = str(setting).strip().lower()
+    if value not in PRECISIONS:
+        raise FedP2EFTError(f"precision: {setting} is not a known precision; use one of {', '.join(PRECISIONS)}")
+    if value == "auto":
+        return "bf16" if native_bf16(device if isinstance(device, torch.device) else resolve_device(device)) else "fp32"
+    return value
+
+
+def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:
+    """bf16 autocast on ``device`` for precision ``bf16``; no autocast for ``fp32`` (plain float32)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return nullcontext()
+    raise ValueError(f"precision {precision!r} must be resolved to bf16 or fp32 first (resolve_precision)")

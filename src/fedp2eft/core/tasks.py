@@ -27,6 +27,7 @@ class ClassificationTask:
     labels: list[str]
     max_length: int = 128
     kind: str = "classification"
+    precision: str = "fp32"  # how forward passes compute: bf16 (mixed precision) or fp32 (core/device.py)
 
     def check(self, examples: list[dict], where: str) -> None:
         _check_nonempty(examples, where)
@@ -66,7 +67,7 @@ class ClassificationTask:
         return losses.view(runs, -1).mean(1)
 
     def evaluate(self, model: nn.Module, examples: list[dict], batch_size: int = 32) -> dict[str, float]:
-        """Accuracy and mean loss; batches go to the model's device (bf16 autocast on a CUDA GPU that has it)."""
+        """Accuracy and mean loss; batches go to the model's device (bf16 autocast when ``precision`` is bf16)."""
         return self.evaluate_runs(model, examples, batch_size)[0]
 
     def evaluate_runs(self, model: nn.Module, examples: list[dict], batch_size: int = 32) -> list[dict]:
@@ -75,7 +76,7 @@ class ClassificationTask:
         device = model_device(model)
         runs = run_count(model)
         correct, loss_sum = torch.zeros(runs, dtype=torch.long), torch.zeros(runs, dtype=torch.float64)
-        with _evaluation(device):
+        with _evaluation(device, self.precision):
             for batch in iterate_batches(examples, self.collate, batch_size):
                 for part, _ in length_groups(batch, self.loss_units, device):
                     part = to_device(part, device)
@@ -98,6 +99,7 @@ class InstructionTask:
     tokenizer: PreTrainedTokenizerBase
     max_length: int = 256
     generation_tokens: int = 0
+    precision: str = "fp32"  # how forward passes compute: bf16 (mixed precision) or fp32 (core/device.py)
     kind: str = "instruction"
 
     def check(self, examples: list[dict], where: str) -> None:
@@ -181,7 +183,7 @@ class InstructionTask:
                 generations[run] += generated
         loss_sum, correct = torch.zeros(runs, dtype=torch.float64), torch.zeros(runs, dtype=torch.long)
         count = 0
-        with _evaluation(device):
+        with _evaluation(device, self.precision):
             for batch in iterate_batches(examples, self.collate, batch_size):
                 for part, _ in length_groups(batch, self.loss_units, device):
                     part = to_device(part, device)
@@ -236,7 +238,7 @@ class InstructionTask:
         new: list[list[int]] = [[] for _ in range(len(sequences))]
         finished = [False] * len(sequences)
         past = None
-        with _evaluation(device):
+        with _evaluation(device, self.precision):
             for _ in range(self.generation_tokens):
                 fed = sequences[:, -1:] if past is not None else sequences
                 positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -fed.shape[1]:]
@@ -295,9 +297,9 @@ def _right_pad(rows: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def _evaluation(device: torch.device) -> Iterator[None]:
-    """No autograd at all (inference mode) plus bf16 autocast on a CUDA GPU that supports it."""
-    with torch.inference_mode(), autocast_for(device):
+def _evaluation(device: torch.device, precision: str) -> Iterator[None]:
+    """No autograd at all (inference mode), computing in the task's precision."""
+    with torch.inference_mode(), autocast_for(device, precision):
         yield
 
 

@@ -49,8 +49,8 @@ def train(
     rank allocation reads them there).
 
     A batch runs as length groups whose gradients add up to the batch's (``tasks.length_groups``; on the CPU this
-    skips most padding). Batches go to the model's device (that of its first parameter); on a CUDA GPU with
-    bfloat16 support the forward passes and the extra loss run under bf16 autocast, on the CPU in plain float32.
+    skips most padding). Batches go to the model's device (that of its first parameter); the forward passes and the
+    extra loss run under bf16 autocast when the task's ``precision`` is bf16, else in plain float32.
     A model whose loss is a vector (one per run of a ``MultiLoRAModel``) is trained on the sum, whose gradient for
     each run's disjoint parameters is that run's own."""
     result = TrainResult()
@@ -62,12 +62,12 @@ def train(
         for batch in iterate_batches(examples, task.collate, batch_size, shuffle_seed=seed * 1000 + epoch):
             loss = 0.0
             for part, share in length_groups(batch, task.loss_units, device):
-                with autocast_for(device):
+                with autocast_for(device, task.precision):
                     part_loss = model(**to_device(part, device)).loss * share
                 part_loss.sum().backward()
                 loss = loss + part_loss.detach()
             if extra_loss is not None:
-                with autocast_for(device):
+                with autocast_for(device, task.precision):
                     prior = extra_loss()
                 prior.backward()
             optimizer.step()

@@ -58,6 +58,10 @@ def rewritten_note(command: str) -> str:
             "are this version's, its numbers the run's.\n")
 
 
+PRECISION_WORDS = {"bf16": "bf16 mixed precision (forward passes under bf16 autocast, float32 weights and optimizer)",
+                   "fp32": "float32"}
+
+
 def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seconds: dict[str, float], command: str,
                     summary: Mapping[Setting, dict], units: Mapping[Setting, Units], facts: dict) -> str:
     """The text of report.md; sections whose inputs are missing (no generator log, no selection.json) are left
@@ -70,8 +74,8 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
         f"# FedP²EFT benchmark: `{config['name']}`\n",
         f"Command: `{command}`\n", *([rewritten_note(facts["rewritten_by"])] if facts["rewritten_by"] else []),
         f"Model `{config['model']}`, dataset `{config['dataset']}`, {len(records)} client runs; methods "
-        f"{', '.join(config['methods'])} at budgets {', '.join(map(str, budgets))}; seeds {config.get('seeds')}. "
-        f"Wall time {sum(stage_seconds.values()) / 60:.1f} min on {os.cpu_count()} CPU cores ("
+        f"{', '.join(config['methods'])} at budgets {', '.join(map(str, budgets))}; seeds {config.get('seeds')}; "
+        f"{PRECISION_WORDS[config.get('precision', 'fp32')]}. Wall time {sum(stage_seconds.values()) / 60:.1f} min on {os.cpu_count()} CPU cores ("
         + ", ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in stage_seconds.items())
         + "). Files: " + ", ".join(links) + ".\n",
         "## How the numbers are computed\n", _statistics_note(records, facts["metrics"]),
