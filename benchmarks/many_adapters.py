@@ -1,15 +1,17 @@
 """One client's personalization cells trained one at a time against all together (core/multi_lora.py), on the
 embedded model and data, in the benchmark's worker layout (one process, one thread per worker).
 
-    .venv/bin/python benchmarks/many_adapters.py [--client 0] [--threads 1] [--grid] [--pass-tokens N]
+    .venv/bin/python benchmarks/many_adapters.py [--client 0] [--threads 1] [--grid] [--pass-tokens N] [--no-bf16]
 
 Both paths run in this process and this run, so their ratio is robust to a noisy machine:
-(a) the float32 matmul peak: best GFLOP/s of square matmuls (2 n^3 FLOPs each);
+(a) the float32 matmul peak: best GFLOP/s of square matmuls (2 n^3 FLOPs each), and the bfloat16 one;
 (b) the default profile's LoRA-shaped cells of one unseen client of ``intents`` on ``multilingual-e5-small``: lora,
     adalora, btlora (BayesTune search + fine-tune), fedp2eft-structure and fedp2eft (a generator whose outputs vary across
     ranks, as a trained one's do) at budgets 2, 4, 8, 16, each trained and scored on the client's test set;
-    once with ``personalize`` + ``task.evaluate`` per cell (the old path, still the ``personalize`` command's) and
-    once with ``personalize_many`` + ``evaluate_many`` (the benchmark's path);
+    once with ``personalize`` + ``task.evaluate`` per cell in float32 (the old path, still the ``personalize``
+    command's), once with ``personalize_many`` + ``evaluate_many`` (the benchmark's path) in float32, and once more
+    in bf16 mixed precision (``precision: bf16``, what ``auto`` picks on a CPU with native bf16; left out with
+    ``--no-bf16``);
 (c) useful FLOP/s of each path: the matmul FLOPs of the real tokens (padding excluded) of training (search and
     fine-tunes: frozen weight forward + input gradient 4*in*out, LoRA 6*r*(in+out) per token and module) and of
     evaluation (2*in*out + 2*r*(in+out)), divided by the path's wall time, as a share of (a);
@@ -26,6 +28,7 @@ and how far their validation losses and hypergradient norms differ.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import time
 
@@ -47,11 +50,11 @@ GRID = (1.0, 3.0, 10.0, 30.0, 100.0)  # the default profile's learning-rate scal
 CONFIG = personalize_config(dict(lora_lr=1e-3, scale_lr=0.1, adalora_lr=1e-2))  # the paper's rates x10
 
 
-def matmul_peak(seconds: float = 2.0) -> float:
-    """Best float32 GFLOP/s over square matmuls of a few sizes."""
+def matmul_peak(seconds: float = 2.0, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s over square matmuls of a few sizes in ``dtype``."""
     best = 0.0
     for n in (256, 512, 1024):
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         start, count = time.perf_counter(), 0
         while time.perf_counter() - start < seconds / 3:
             a @ b
@@ -112,6 +115,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the benchmark's workers use 1)")
     parser.add_argument("--grid", action="store_true", help="the cells of learning-rate selection instead")
     parser.add_argument("--fedl2p", action="store_true", help="time a FedL2P client update instead")
+    parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 mixed-precision pass")
     parser.add_argument("--pass-tokens", type=int, default=personalization.PASS_TOKENS,
                         help="tokens one batched pass may hold (PASS_TOKENS)")
     args = parser.parse_args()
@@ -135,35 +139,44 @@ def main() -> None:
               for scale in GRID for budget in BUDGETS] if args.grid
              else [(method, budget, CONFIG) for method in METHODS for budget in BUDGETS])
     peak = matmul_peak()
-    print(f"(a) matmul peak, {args.threads} thread(s): {peak:.1f} GFLOP/s")
+    paths = [("one at a time", "fp32"), ("all together", "fp32")] + [("all together", "bf16")] * (not args.no_bf16)
+    peak_bf16 = matmul_peak(dtype=torch.bfloat16) if not args.no_bf16 else None
+    print(f"(a) matmul peak, {args.threads} thread(s): {peak:.1f} GFLOP/s float32"
+          + (f", {peak_bf16:.1f} GFLOP/s bf16" if peak_bf16 else ""))
     print(f"(b) client {client.client_id}: {len(client.train)} training, {len(client.test)} test sentences; "
           f"{len(cells)} cells ({', '.join(sorted({m for m, _, _ in cells}))} x r={list(BUDGETS)}"
           f"{f' x scales {GRID}' if args.grid else ''}); "
           f"{personalization.runs_per_pass(ClientContext(base, setup.task, client.train), 16)} runs per pass")
 
     timings, scores = {}, {}
-    for path in ("one at a time", "all together"):
-        context = ClientContext(base, setup.task, client.train, {"psg": generator})
+    for path, precision in paths:
+        task = dataclasses.replace(setup.task, precision=precision)
+        context = ClientContext(base, task, client.train, {"psg": generator})
         start = time.perf_counter()
         if path == "one at a time":
             results = [personalize(method, context, budget=budget, config=config) for method, budget, config in cells]
-            scored = [setup.task.evaluate(result.model, client.test) for result in results]
+            scored = [task.evaluate(result.model, client.test) for result in results]
         else:
             results = personalize_many(context, cells)
-            scored = evaluate_many(setup.task, results, client.test)
-        timings[path] = time.perf_counter() - start
-        scores[path] = [score["correct"] for score in scored]
-        flops = useful_flops(base, setup.task, client.train, client.test, results, CONFIG)
-        print(f"    {path:>13}: {timings[path]:7.1f} s, {timings[path] / len(cells):5.2f} s per cell; "
-              f"(c) useful {flops / timings[path] / 1e9:5.1f} GFLOP/s = {flops / timings[path] / 1e9 / peak:.0%} "
-              f"of peak")
-    print(f"    speed-up per cell: {timings['one at a time'] / timings['all together']:.2f}x")
-    same = sum(a == b for a, b in zip(scores["one at a time"], scores["all together"]))
-    print(f"(d) cells with the same number of correct test answers: {same}/{len(cells)}; peak resident memory "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB")
-    for (method, budget, config), a, b in zip(cells, scores["one at a time"], scores["all together"]):
-        if a != b:
-            print(f"    differs: {method} r={budget} lr x{config.lora_lr / CONFIG.lora_lr:g}: {a} vs {b} correct")
+            scored = evaluate_many(task, results, client.test)
+        name = f"{path}, {precision}"
+        timings[name] = time.perf_counter() - start
+        scores[name] = [score["correct"] for score in scored]
+        rate = useful_flops(base, task, client.train, client.test, results, CONFIG) / timings[name] / 1e9
+        shares = f"{rate / peak:.0%} of the float32 peak" + (f", {rate / peak_bf16:.0%} of the bf16 peak"
+                                                            if precision == "bf16" else "")
+        names = list(timings)
+        speed = f", {timings[names[0]] / timings[name]:.2f}x the old path" if len(names) > 1 else ""
+        print(f"    {name:>19}: {timings[name]:7.1f} s, {timings[name] / len(cells):5.2f} s per cell; "
+              f"(c) useful {rate:5.1f} GFLOP/s = {shares}{speed}")
+    old = scores[names[0]]
+    for name in names[1:]:
+        same = sum(a == b for a, b in zip(old, scores[name]))
+        print(f"(d) {name}: cells with the old path's number of correct test answers: {same}/{len(cells)}")
+        for (method, budget, config), a, b in zip(cells, old, scores[name]):
+            if a != b:
+                print(f"    differs: {method} r={budget} lr x{config.lora_lr / CONFIG.lora_lr:g}: {a} vs {b} correct")
+    print(f"    peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB")
 
 
 if __name__ == "__main__":

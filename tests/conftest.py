@@ -209,9 +209,11 @@ def environment_per_test():
 
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory) -> Path:
-    """``fedp2eft benchmark --config quick`` on the embedded model and data, once per test session."""
+    """``fedp2eft benchmark --config quick`` on the embedded model and data, once per test session, in float32:
+    its readers check rows reproduced by other code paths (the ``personalize`` command's single PEFT run) to float32
+    rounding, and ``precision: auto`` would pick bf16 on some CPUs and not on others."""
     from fedp2eft.cli import main
 
     results = tmp_path_factory.mktemp("results")
-    assert main(["benchmark", "--config", "quick", "--results", str(results)]) == 0
+    assert main(["benchmark", "--config", "quick", "--results", str(results), "precision=fp32"]) == 0
     return results / "quick"

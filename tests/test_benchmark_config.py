@@ -81,6 +81,14 @@ def test_cuda_without_a_gpu_fails_before_any_work():
         resolve("quick", ["device=cuda"])
 
 
+def test_the_saved_precision_is_resolved_and_a_bad_one_fails_before_any_work():
+    assert resolve("quick", ["precision=fp32"])["precision"] == "fp32"
+    assert resolve("quick", ["precision=bf16"])["precision"] == "bf16"
+    assert resolve("quick", [])["precision"] in ("bf16", "fp32")  # auto, decided here for every stage and worker
+    with pytest.raises(FedP2EFTError, match="precision: fp16 is not a known precision"):
+        resolve("quick", ["precision=fp16"])
+
+
 @pytest.mark.parametrize("written, number", [("1e-4", 1e-4), ("5E-5", 5e-5), ("-3e2", -300.0), ("+2e1", 20.0)])
 def test_numbers_written_without_a_dot_are_numbers(written, number):
     config = apply_overrides(load_profile("quick"), [f"personalize.lora_lr={written}", f"selection.grid=[{written}]"])

@@ -86,6 +86,13 @@ def test_a_changed_config_is_refused_and_runtime_keys_are_not(tmp_path, capsys):
     check_run_folder(run, resolve("quick", SMALL))
     with pytest.raises(FedP2EFTError, match="differs in: generation_tokens"):
         check_run_folder(run, resolve("quick", [*SMALL, "generation_tokens=4"]))
+    # a run made before precision existed computed in float32: it resumes in fp32 and is refused in bf16, as is a
+    # run whose `auto` meant bf16 on its machine and fp32 on this one
+    del older["precision"]
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    check_run_folder(run, resolve("quick", [*SMALL, "precision=fp32"]))
+    with pytest.raises(FedP2EFTError, match="differs in: precision"):
+        check_run_folder(run, resolve("quick", [*SMALL, "precision=bf16"]))
     # federated stages checkpoint their task config: a default-valued new key stays out of it, so they resume too
     from fedp2eft.benchmark.run_folder import task_config
 

@@ -2,6 +2,9 @@
 exports to a standard PEFT adapter that reproduces its predictions. The tiny models have no dropout, so the two
 paths may differ by float rounding only."""
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from peft import PeftModel
@@ -208,3 +211,28 @@ def test_a_pass_keeps_every_tensor_on_the_models_device_and_views_on_the_stacked
     (layer(x).sum() + model.prior_loss(4)).backward()
     optimizer.step()
     assert layer.a[0].device.type == "meta" and layer.a_all.grad is None  # handed over, then cleared
+
+
+def test_every_batched_method_trains_and_scores_in_bf16_mixed_precision(setup):
+    """Under bf16 the batched pass multiplies in bf16 (its stacked layers' outputs are bf16) while every trained
+    tensor stays float32, and a run's exported PEFT adapter, scored alone in bf16, gives the batched score up to
+    bf16 rounding: 8 significant bits, a relative 2^-9 per matmul output, compounding over the tiny models' ~10
+    chained matmuls to ~2% of a logit; a mean loss may move as much, so 4% with margin."""
+    base, task, train, test = setup
+    task = dataclasses.replace(task, precision="bf16")
+    context = ClientContext(base, task, train, {"psg": trained_like_generator(base),
+                                                "fedl2p": artifact_for("fedl2p", base)})
+    batched = personalize_many(context, CELLS)
+    outputs: set[torch.dtype] = set()
+    models = {id(result.model): result.model for result in batched}.values()
+    handles = [layer.register_forward_hook(lambda _m, _i, out: outputs.add(out.dtype))
+               for model in models for layer in model.layers.values()]
+    scores = evaluate_many(task, batched, test)
+    for handle in handles:
+        handle.remove()
+    assert outputs == {torch.bfloat16}
+    for (method, budget, _), result, score in zip(CELLS, batched, scores):
+        assert {p.dtype for p in result.model.parameters()} == {torch.float32}, method
+        assert math.isfinite(result.metrics["train_loss_last_epoch"]), method
+        alone = task.evaluate(result.model.export(result.run), test)
+        assert score["loss"] == pytest.approx(alone["loss"], rel=0.04), (method, budget)
