@@ -11,9 +11,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import ray
 from flwr.app import Context
+from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
+from flwr.simulation.run_simulation import DEFAULT_SIMULATION_CONFIG
 
 from fedp2eft.core.device import visible_gpus
 from fedp2eft.core.federation import FederatedTask
@@ -31,6 +34,21 @@ from fedp2eft.logs import plain_flower_logs
 # 0.1 s per virtual client, not only Job's default (queries still unanswered at the deadline would delay the rounds).
 DISCOVERY_S_PER_CLIENT = 0.1
 MAX_CLIENTS_PER_GPU = 4  # more actors per GPU than this mostly add model copies to its memory
+
+
+def start_ray(settings: dict[str, Any], verbose: bool) -> None:
+    """Start Ray here, in the calling thread, with the arguments Flower's simulation would use; Flower then finds it
+    running and uses it. Left to Flower, Ray starts in the simulation engine's thread while the ServerApp's thread
+    is already running, and Ray spawns its servers with a ``preexec_fn``, which Python documents as unsafe when other
+    threads exist: a fork taken while another thread holds a lock can deadlock the child before it runs, and the
+    parent waits forever (seen: a test's simulation hung 5 minutes in ``Popen`` for Ray's GCS server)."""
+    if ray.is_initialized():
+        return
+    init_args = dict(settings.get("init_args", {}))
+    if not verbose:
+        init_args.setdefault("logging_level", DEFAULT_SIMULATION_CONFIG.init_args_logging_level)
+        init_args.setdefault("log_to_driver", DEFAULT_SIMULATION_CONFIG.init_args_log_to_driver)
+    RayBackend({**settings, "init_args": init_args})  # its constructor starts Ray as Flower's engine would
 
 
 def default_gpus_per_client(clients_per_round: int) -> float:
@@ -128,8 +146,12 @@ def run_federated(
         finished.append(serve(grid, job, task))
 
     plain_flower_logs()
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=task.num_clients(),
-                   backend_name="ray", backend_config=settings, verbose_logging=verbose)
+    start_ray(settings, verbose)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=task.num_clients(),
+                       backend_name="ray", backend_config=settings, verbose_logging=verbose)
+    finally:
+        ray.shutdown()  # Flower's backend shuts Ray down when it ends; not when the simulation failed to start
     if not finished:
         raise FedP2EFTError(f"the simulation stopped before the job finished; see the log and {job.output_dir}")
     return finished[0]
