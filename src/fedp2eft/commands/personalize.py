@@ -40,6 +40,7 @@ def default_profile() -> dict:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from fedp2eft.core.device import PRECISIONS
     from fedp2eft.core.methods import METHODS
 
     profile = default_profile()
@@ -81,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", type=device_setting,
                         help=f"auto (a CUDA GPU when present), cpu, cuda or cuda:N (default: the run's; without "
                              f"--run {profile['device']})")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+    parser.add_argument("--precision", choices=list(PRECISIONS),
                         help=f"bf16 mixed precision or plain fp32; auto: bf16 where the hardware has it (default: the "
                              f"run's, so that its rows are reproduced; without --run {profile['precision']})")
     parser.set_defaults(func=run)

@@ -75,7 +75,8 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
         f"Command: `{command}`\n", *([rewritten_note(facts["rewritten_by"])] if facts["rewritten_by"] else []),
         f"Model `{config['model']}`, dataset `{config['dataset']}`, {len(records)} client runs; methods "
         f"{', '.join(config['methods'])} at budgets {', '.join(map(str, budgets))}; seeds {config.get('seeds')}; "
-        f"{PRECISION_WORDS[config.get('precision', 'fp32')]}. Wall time {sum(stage_seconds.values()) / 60:.1f} min on {os.cpu_count()} CPU cores ("
+        f"{PRECISION_WORDS[config.get('precision', 'fp32')]}. "
+        f"Wall time {sum(stage_seconds.values()) / 60:.1f} min on {os.cpu_count()} CPU cores ("
         + ", ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in stage_seconds.items())
         + "). Files: " + ", ".join(links) + ".\n",
         "## How the numbers are computed\n", _statistics_note(records, facts["metrics"]),
