@@ -41,9 +41,9 @@ def stage_section(stage: Stage) -> dict:
     return {"artifact": None, "lr_scale": 1.0, **stage.defaults}
 
 
-# Top-level keys a profile may leave out, with the value they take then.
-# Keys a saved config may lack, at the value they had before they existed: instruction tasks' greedy tokens per
-# test example, and the precision (runs before it existed computed in float32 on the CPU).
+# Top-level keys a profile or a saved config may leave out, with the value they take then (for a saved config, the
+# value they had before they existed): instruction tasks' greedy tokens per test example, and the precision (runs
+# before it existed computed in float32 on the CPU).
 OPTIONAL_KEYS = {"generation_tokens": 0, "precision": "fp32"}
 
 

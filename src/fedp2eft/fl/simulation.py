@@ -41,7 +41,7 @@ def start_ray(settings: dict[str, Any], verbose: bool) -> None:
     running and uses it. Left to Flower, Ray starts in the simulation engine's thread while the ServerApp's thread
     is already running, and Ray spawns its servers with a ``preexec_fn``, which Python documents as unsafe when other
     threads exist: a fork taken while another thread holds a lock can deadlock the child before it runs, and the
-    parent waits forever (seen: a test's simulation hung 5 minutes in ``Popen`` for Ray's GCS server)."""
+    parent waits forever (seen: a test's simulation hung in ``Popen`` for Ray's GCS server until its 600 s timeout)."""
     if ray.is_initialized():
         return
     init_args = dict(settings.get("init_args", {}))
