@@ -1,7 +1,8 @@
 """One client's personalization cells trained one at a time against all together (core/multi_lora.py), on the
 embedded model and data, in the benchmark's worker layout (one process, one thread per worker).
 
-    .venv/bin/python benchmarks/many_adapters.py [--client 0] [--threads 1] [--grid] [--pass-tokens N] [--no-bf16]
+    .venv/bin/python benchmarks/many_adapters.py [--client 0] [--threads 1] [--grid | --fedl2p] [--pass-tokens N]
+        [--no-bf16] [--base RUN/base/model]
 
 Both paths run in this process and this run, so their ratio is robust to a noisy machine:
 (a) the float32 matmul peak: best GFLOP/s of square matmuls (2 n^3 FLOPs each), and the bfloat16 one;
@@ -22,13 +23,15 @@ Both paths run in this process and this run, so their ratio is robust to a noisy
 60 runs, five BayesTune searches); ``--pass-tokens`` sets ``PASS_TOKENS``, the size of a pass (memory against speed).
 ``--fedl2p`` times one client update of FedL2P's federated stage instead (the default profile's meta-training
 settings, a fresh meta-net per budget): each budget's meta-net updated alone against all four in one pass per step,
-and how far their validation losses and hypergradient norms differ.
+and how far their validation losses and hypergradient norms differ; where the CPU has native bf16, the update again
+in bf16, and the hypergradient at the same fine-tuned LoRAs in float32 and in bf16 (time, cosine, sign agreement).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import random
 import resource
 import time
 
@@ -36,11 +39,14 @@ import torch
 
 from fedp2eft.core import personalization
 from fedp2eft.core.btlora import default_target_modules
+from fedp2eft.core.device import native_bf16
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, evaluate_many, features_for, generator_spec, \
     personalize, personalize_config, personalize_many
-from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, meta_update
+from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, meta_update, rate_run, validation_hypergradient
 from fedp2eft.core.methods.fedl2p.metanet import LRMetaNet, metanet_spec
+from fedp2eft.core.multi_lora import MultiLoRAModel
+from fedp2eft.core.personalization import validation_split
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
 
@@ -107,6 +113,41 @@ def fedl2p_update(base, task, train) -> None:
     differences = [abs(a[key] - b[key]) / abs(a[key]) for a, b in zip(alone, together)
                    for key in ("val_loss_before", "val_loss_after", "hypergrad_norm")]
     print(f"    largest relative difference of validation losses and hypergradient norms: {max(differences):.1e}")
+    if not native_bf16(torch.device("cpu")):
+        print("    (no native bf16 on this CPU: the bf16 hypergradient is left out)")
+        return
+    bf16 = dataclasses.replace(task, precision="bf16")
+    start = time.perf_counter()
+    torch.manual_seed(1)
+    meta_update(fresh(), base, bf16, train, features, config, seed=0)
+    rounded = time.perf_counter() - start
+    print(f"    the same update (together) in bf16: {rounded:.1f} s, {batched / rounded:.2f}x float32's")
+    hypergradient_precision(base, task, train, features, config, fresh())
+
+
+def hypergradient_precision(base, task, train, features, config, metanets: list[LRMetaNet]) -> None:
+    """(e), continued: FedL2P's hypergradient at the same fine-tuned LoRAs (every budget's, trained together in
+    float32) computed in float32 and in bf16: time, and how far the direction moves (cosine, sign agreement)."""
+    settings = config.personalize
+    inner, validation = validation_split(train, config.validation_fraction, 0)
+    rates = torch.stack([metanet.learning_rates(features) for metanet in metanets]).detach()
+    model = MultiLoRAModel(base, task, [rate_run(m.spec, r, settings.seed) for m, r in zip(metanets, rates)])
+    personalization.train(model, task, inner, model.optimizer(), settings.epochs, settings.batch_size,
+                          seed=settings.seed)
+    batch = task.collate(random.Random(0).sample(inner, settings.batch_size))
+    names = metanets[0].spec.module_names
+    results = {}
+    for precision in ("fp32", "bf16"):
+        start = time.perf_counter()
+        hypergrads = validation_hypergradient(model, dataclasses.replace(task, precision=precision), names,
+                                              validation, batch, rates, config)[1]
+        results[precision] = (time.perf_counter() - start, hypergrads)
+    (slow, exact), (fast, rounded) = results["fp32"], results["bf16"]
+    cosines = [float(torch.nn.functional.cosine_similarity(e, r, dim=0)) for e, r in zip(exact, rounded)]
+    signs = [float((e.sign() == r.sign()).float().mean()) for e, r in zip(exact, rounded)]
+    print(f"    hypergradient at the fine-tuned LoRAs: float32 {slow:.1f} s, bf16 {fast:.1f} s ({slow / fast:.2f}x); "
+          f"bf16 vs float32 per budget: cosine {', '.join(f'{c:.4f}' for c in cosines)}, same sign "
+          f"{', '.join(f'{x:.0%}' for x in signs)}")
 
 
 def main() -> None:
@@ -115,6 +156,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the benchmark's workers use 1)")
     parser.add_argument("--grid", action="store_true", help="the cells of learning-rate selection instead")
     parser.add_argument("--fedl2p", action="store_true", help="time a FedL2P client update instead")
+    parser.add_argument("--base", default="multilingual-e5-small",
+                        help="a trained base-model folder (a run's base/model) instead of the embedded model with an "
+                             "untrained head")
     parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 mixed-precision pass")
     parser.add_argument("--pass-tokens", type=int, default=personalization.PASS_TOKENS,
                         help="tokens one batched pass may hold (PASS_TOKENS)")
@@ -122,11 +166,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     personalization.PASS_TOKENS = args.pass_tokens
     quiet_third_party()
-    setup = Setup.from_config({"model": "multilingual-e5-small", "dataset": "intents", "max_length": 64,
+    setup = Setup.from_config({"model": args.base, "dataset": "intents", "max_length": 64,
                                "dataset_options": {"languages": ["en", "zh-CN", "hi", "cy"],
                                                    "clients_per_language": 3, "test_size": 48},
                                "budgets": list(BUDGETS), "device": "cpu", "training": {}})
-    base = setup.load_base_model("cpu", new_head_seed=0)  # timing only: an untrained head
+    base = setup.load_base_model("cpu", new_head_seed=0)  # the embedded model: an untrained head (timing only)
     client = setup.data.pool("unseen")[args.client]
     if args.fedl2p:
         fedl2p_update(base, setup.task, client.train)

@@ -1,6 +1,7 @@
 """FedL2P (Lee et al., NeurIPS 2023): the IFT/Neumann hypergradient, the learning-rate meta-net, its meta-training,
 its file format, its federated job and its personalization (docs/method.md, "Baselines")."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -8,13 +9,16 @@ import torch
 from safetensors import safe_open
 
 from conftest import LABELS, TRAINED_LOSS_REL, adam_rounding_tolerance, bert_config, classification_examples
-from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, FedL2PTask, implicit_hypergradient, meta_update
+from fedp2eft.core import training
+from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, FedL2PTask, implicit_hypergradient, meta_update, \
+    rate_run, validation_hypergradient
 from fedp2eft.core.methods.fedl2p.metanet import LRMetaNet, MetaNetSpec, lora_tensors, metanet_file, metanet_spec, \
     new_lora, personalize_fedl2p
 from fedp2eft.core.generator import GeneratorSpec, PSGenerator
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, features_for
 from fedp2eft.core.personalization import validation_split
 from fedp2eft.core.modeling import classifier_from_config
+from fedp2eft.core.multi_lora import MultiLoRAModel
 from fedp2eft.core.tasks import ClassificationTask
 from fedp2eft.errors import FedP2EFTError
 
@@ -204,6 +208,34 @@ def test_meta_nets_updated_together_equal_each_updated_alone(setup):
             lr = config.base_lr_lr if name == "base_lrs" else config.meta_lr
             torch.testing.assert_close(together[index].state_dict()[name], value, rtol=0,
                                        atol=adam_rounding_tolerance(lr, config.outer_steps), msg=name)
+
+
+def test_bf16_hypergradient_points_where_float32_does(setup):
+    """A bf16 task computes the validation loss and its hypergradient under bf16 autocast (the meta-nets stay
+    float32). At the same fine-tuned LoRAs it must differ from float32's (else autocast never ran) and point the same
+    way: bf16 rounds every product to 2^-9 relative, and the ~20 chained rounded matmuls of the double backward leave
+    an error of a few per cent of the gradient's norm (cosine 1 - e^2/2 >= 0.995 at e = 0.1); a hypergradient that
+    lost a run's or a tensor's slice would be far off."""
+    base, task, train, _ = setup
+    inner = PersonalizeConfig(max_rank=8, epochs=1, batch_size=8, lora_lr=1e-2)
+    config = FedL2PConfig(personalize=inner)
+    torch.manual_seed(5)
+    metanets = [LRMetaNet(metanet_spec(base, inner, "tiny", budget), base_lr=inner.lora_lr) for budget in (2, 8)]
+    features = features_for(base, task, train, metanets[0].spec)
+    rates = torch.stack([metanet.learning_rates(features) for metanet in metanets]).detach()
+    model = MultiLoRAModel(base, task, [rate_run(m.spec, r, inner.seed) for m, r in zip(metanets, rates)])
+    fit, validation = validation_split(train, 0.2, 0)
+    training.train(model, task, fit, model.optimizer(), inner.epochs, inner.batch_size, seed=0)
+    batch = task.collate(fit[:inner.batch_size])
+    names = metanets[0].spec.module_names
+    exact_loss, exact = validation_hypergradient(model, task, names, validation, batch, rates, config)
+    rounded_loss, rounded = validation_hypergradient(model, replace(task, precision="bf16"), names, validation, batch,
+                                                     rates, config)
+    assert not torch.equal(exact, rounded)
+    assert exact.abs().min(dim=1).values.gt(0).all()  # every tensor of every run has a hypergradient
+    for run in range(len(metanets)):
+        assert torch.nn.functional.cosine_similarity(exact[run], rounded[run], dim=0) > 0.99, run
+        assert rounded_loss[run] == pytest.approx(exact_loss[run], rel=0.02)  # 2^-9 per product, ~10 chained
 
 
 def test_config_from_dict_names_unknown_keys_and_nests_personalize():

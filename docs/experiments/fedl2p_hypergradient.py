@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedp2eft.benchmark.lr_selection import stage_rates_of_run
 from fedp2eft.benchmark.run_folder import finished_run_model
 from fedp2eft.core.methods import stage_named
-from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, implicit_hypergradient, loss_and_gradient, \
-    rate_run, sgd_step_map, stacked_tensors
+from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, loss_and_gradient, rate_run, stacked_tensors, \
+    validation_hypergradient
 from fedp2eft.core.methods.fedl2p.metanet import metanet_spec
 from fedp2eft.core.multi_lora import MultiLoRAModel
 from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, runs_per_pass, validation_split
@@ -63,12 +62,8 @@ def ift_hypergradient(base, task, spec, rates: torch.Tensor, inner, validation, 
     model = MultiLoRAModel(base, task, [rate_run(spec, rates, settings.seed)])
     train(model, task, inner, model.optimizer(), settings.epochs, settings.batch_size, seed=settings.seed)
     batch = task.collate(rng.sample(inner, min(settings.batch_size, len(inner))))
-    tensors = stacked_tensors(model, spec.module_names)
-    hparams = rates.view(1, -1).clone().requires_grad_(True)
-    with sdpa_kernel(SDPBackend.MATH):
-        loss, val_grads = loss_and_gradient(model, task, validation, tensors, settings.batch_size)
-        (hypergrad,) = implicit_hypergradient(sgd_step_map(model, batch), tensors, [hparams], val_grads,
-                                              terms=config.neumann_terms, step=config.neumann_step)
+    loss, hypergrad = validation_hypergradient(model, task, spec.module_names, validation, batch, rates.view(1, -1),
+                                               config)
     return loss[0], hypergrad.view(-1).detach()
 
 
