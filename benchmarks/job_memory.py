@@ -12,7 +12,7 @@ prints, at the end, the peak of the tree's summed memory by two measures:
 - PSS (proportional set size, Linux): each shared page divided among the processes that map it, so the sum is the
   memory the job really holds. This is the figure to compare with a machine's RAM.
 
-It also prints the process count and the largest process at the PSS peak, and the command's wall time and exit
+It also prints every process of the tree at the PSS peak with its own PSS, and the command's wall time and exit
 status (which it returns). Sampling misses peaks shorter than the interval.
 """
 
@@ -42,7 +42,7 @@ def sample(processes: list[psutil.Process]) -> tuple[int, int, list[tuple[int, s
     for process in processes:
         try:
             info = process.memory_full_info()
-            name = " ".join(process.cmdline()[:3])[:80] or process.name()
+            name = " ".join(process.cmdline())[:110] or process.name()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
         rss += info.rss
@@ -71,10 +71,12 @@ def main() -> int:
             peak_pss, at_peak = pss, each
         time.sleep(args.interval)
     wall = time.perf_counter() - start
-    largest = max(at_peak, default=(0, "-"))
-    print(f"job memory: peak PSS {peak_pss / GIB:.2f} GiB summed over {len(at_peak)} processes (largest "
-          f"{largest[0] / GIB:.2f} GiB: {largest[1]}); peak RSS summed {peak_rss / GIB:.2f} GiB (counts shared pages "
-          f"once per process); wall {wall / 60:.1f} min, exit status {child.returncode}", file=sys.stderr)
+    print(f"job memory: peak PSS {peak_pss / GIB:.2f} GiB summed over {len(at_peak)} processes; peak RSS summed "
+          f"{peak_rss / GIB:.2f} GiB (counts shared pages once per process); wall {wall / 60:.1f} min, exit status "
+          f"{child.returncode}", file=sys.stderr)
+    print("processes at the PSS peak, largest first:", file=sys.stderr)
+    for pss, name in sorted(at_peak, reverse=True):
+        print(f"  {pss / GIB:6.2f} GiB  {name}", file=sys.stderr)
     return child.returncode
 
 

@@ -67,13 +67,17 @@ def stage_base(config: dict, run_dir: Path) -> str:
                          config["seeds"][0]))
 
 
-def stage_artifact(config: dict, run_dir: Path, base_model: str, stage: Stage, seed: int, lr_scale: float) -> Path:
+def stage_artifact(config: dict, run_dir: Path, base_model: str, stage: Stage, seed: int, lr_scale: float,
+                   pool: WorkerPool | None = None) -> Path:
     """The artifact of one method stage (e.g. the PS generator) for one seed: the configured file, or one trained
-    on the seen pool. Its local training runs at the personalization rates x ``lr_scale``."""
+    on the seen pool, with the run's worker processes (``pool``) released meanwhile, so that their memory goes to
+    Flower's clients. Its local training runs at the personalization rates x ``lr_scale``."""
     section = config[stage.name]
     finished = finished_artifact(config, run_dir, stage, seed)
     if finished is not None:
         return finished
+    if pool is not None:
+        pool.release()
     output = run_dir / f"seed{seed}" / stage.name
     console.rule(f"[bold]Stage 3/5: {stage.name}, seed {seed} (Flower, seen pool)")
     training = {**section["training"], "personalize": settings_for_stage(config["personalize"], stage, lr_scale),
@@ -134,7 +138,7 @@ def run(config: dict, results_root: Path = Path("results"), command: str = "") -
             lr_scale = stage_lr_scale(config, stage, scales)
             for seed in config["seeds"]:
                 artifacts[seed][stage.name] = clock.time(stage.name, stage_artifact, config, run_dir, base_model,
-                                                         stage, seed, lr_scale)
+                                                         stage, seed, lr_scale, pool)
             if reused:
                 continue
             users = [m for m in config["methods"]

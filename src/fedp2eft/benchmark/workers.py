@@ -48,9 +48,12 @@ def worker_artifacts(paths: dict[str, str]) -> dict[str, object]:
 
 
 class WorkerPool:
-    """The run's worker processes, started when a stage first needs one and kept for every later stage: each loads
-    the base model once per run instead of once per stage (seconds each time; the quick profile has four such
-    stages). Workers stay idle, holding their model, while a federated stage runs."""
+    """The run's worker processes, started when a stage first needs one and kept from one per-client stage to the
+    next (selection, personalization): each loads the base model once for them, not once per stage. A federated
+    stage ``release``s them first: idle, a worker still holds its model, tokenizer and the heap its passes grew
+    (1-3 GB each), next to Ray's actors that hold their own; with the workers kept through the generator's stage
+    the main job's processes held 11.3 GiB together (``benchmarks/job_memory.py``), over the 8 GB the job must stay
+    under. The next per-client stage starts them again (a few seconds, both at once)."""
 
     def __init__(self, config: dict, base_model: str) -> None:
         self.config, self.base_model = config, base_model
@@ -64,6 +67,13 @@ class WorkerPool:
             self._executor = ProcessPoolExecutor(size, mp_context=get_context("spawn"), initializer=_init_worker,
                                                  initargs=(self.config, self.base_model))
         return self._executor.submit(function, self.config, *job)
+
+    def release(self) -> None:
+        """Stop the worker processes (their jobs are all done: ``run_jobs`` waits for them) and free their memory;
+        the next ``submit`` starts new ones."""
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
 
     def __enter__(self) -> WorkerPool:
         return self
