@@ -42,6 +42,21 @@ def ignore_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextmanager
+def children_start_deaf() -> Iterator[None]:
+    """Processes started inside start with SIGINT blocked: a Ctrl-C that reaches them while they are still starting
+    (a benchmark worker imports torch for seconds before it can ``ignore_interrupts``) would otherwise raise a
+    KeyboardInterrupt there and print its traceback. A blocked signal mask survives the start of a new program
+    (the standard library starts its resource tracker the same way). Here the block lasts only while the children
+    start, and a SIGINT that arrives meanwhile is not lost: it waits, and this process handles it when the block
+    ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def stop_descendants(timeout_s: float = 5.0) -> None:
     """Stop every process started from this one: Ray through ``ray.shutdown`` (killed in another order, its
     servers end this process with status 1 before it can exit with 130, or its agents outlive it), then a kill

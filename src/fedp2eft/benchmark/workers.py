@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedp2eft.benchmark.run_folder import task_config
 from fedp2eft.core.methods import personalize_config, stage_named
 from fedp2eft.experiment import Setup
-from fedp2eft.interrupt import ignore_interrupts
+from fedp2eft.interrupt import children_start_deaf, ignore_interrupts
 from fedp2eft.logs import console, quiet_third_party
 
 # --- worker processes: one base model each, stage artifacts loaded on first use -----------------------------------
@@ -66,7 +66,8 @@ class WorkerPool:
             size = max(1, min(int(self.config["workers"]), os.cpu_count() or 1))
             self._executor = ProcessPoolExecutor(size, mp_context=get_context("spawn"), initializer=_init_worker,
                                                  initargs=(self.config, self.base_model))
-        return self._executor.submit(function, self.config, *job)
+        with children_start_deaf():  # a submit starts the processes (spawn: one per submit, up to ``size``)
+            return self._executor.submit(function, self.config, *job)
 
     def release(self) -> None:
         """Stop the worker processes (their jobs are all done: ``run_jobs`` waits for them) and free their memory;
