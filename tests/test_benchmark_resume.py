@@ -65,7 +65,8 @@ def test_ctrl_c_stops_the_run_at_once_with_one_line_and_the_same_command_resumes
     The command ends itself with ``os._exit`` after stopping its workers and Ray, so the run folder sees what a hard
     kill leaves (no code of ours runs after the signal besides the stop): this is also the resume-after-a-kill
     test."""
-    small = ["methods=[fedp2eft]", "budgets=[2]", "seeds=[0]", "pools=[unseen]", "psg.rounds=5"]
+    # lora's learning-rate selection starts the workers before the generator's stage, which must release them
+    small = ["methods=[lora,fedp2eft]", "budgets=[2]", "seeds=[0]", "pools=[unseen]", "psg.rounds=5"]
     command = [sys.executable, "-m", "fedp2eft.cli", "benchmark", "--config", "quick", "--results", str(tmp_path),
                *small]
     psg = tmp_path / "quick" / "seed0" / "psg"
@@ -74,6 +75,7 @@ def test_ctrl_c_stops_the_run_at_once_with_one_line_and_the_same_command_resumes
         return (psg / "state.json").exists() and json.loads((psg / "state.json").read_text())["round"] >= 1
 
     commands = interrupt_when(command, in_federated_stage, "psg")
+    assert (tmp_path / "quick" / "selection.jsonl").read_text().count("\n") == 2  # both validation clients, by workers
     assert any("raylet" in line for line in commands), "Ray was not running: the interrupt missed the stage"
     assert not any("spawn_main" in line for line in commands), "the benchmark's workers stayed during Flower's stage"
     stopped_at = json.loads((psg / "state.json").read_text())["round"]
