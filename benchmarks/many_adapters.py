@@ -43,9 +43,9 @@ from fedp2eft.core.device import native_bf16
 from fedp2eft.core.generator import PSGenerator
 from fedp2eft.core.methods import ClientContext, PersonalizeConfig, evaluate_many, features_for, generator_spec, \
     personalize, personalize_config, personalize_many
-from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, meta_update, rate_run, validation_hypergradient
+from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, fine_tune_at_rates, meta_update, \
+    validation_hypergradient
 from fedp2eft.core.methods.fedl2p.metanet import LRMetaNet, metanet_spec
-from fedp2eft.core.multi_lora import MultiLoRAModel
 from fedp2eft.core.personalization import validation_split
 from fedp2eft.experiment import Setup
 from fedp2eft.logs import quiet_third_party
@@ -131,9 +131,7 @@ def hypergradient_precision(base, task, train, features, config, metanets: list[
     settings = config.personalize
     inner, validation = validation_split(train, config.validation_fraction, 0)
     rates = torch.stack([metanet.learning_rates(features) for metanet in metanets]).detach()
-    model = MultiLoRAModel(base, task, [rate_run(m.spec, r, settings.seed) for m, r in zip(metanets, rates)])
-    personalization.train(model, task, inner, model.optimizer(), settings.epochs, settings.batch_size,
-                          seed=settings.seed)
+    model = fine_tune_at_rates(base, task, [metanet.spec for metanet in metanets], rates, inner, settings)
     batch = task.collate(random.Random(0).sample(inner, settings.batch_size))
     names = metanets[0].spec.module_names
     results = {}

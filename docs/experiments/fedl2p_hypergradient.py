@@ -32,12 +32,10 @@ import torch
 from fedp2eft.benchmark.lr_selection import stage_rates_of_run
 from fedp2eft.benchmark.run_folder import finished_run_model
 from fedp2eft.core.methods import stage_named
-from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, loss_and_gradient, rate_run, stacked_tensors, \
-    validation_hypergradient
+from fedp2eft.core.methods.fedl2p.meta_training import FedL2PConfig, fine_tune_at_rates, loss_and_gradient, \
+    stacked_tensors, validation_hypergradient
 from fedp2eft.core.methods.fedl2p.metanet import metanet_spec
-from fedp2eft.core.multi_lora import MultiLoRAModel
 from fedp2eft.core.personalization import ClientContext, PersonalizeConfig, runs_per_pass, validation_split
-from fedp2eft.core.training import train
 from fedp2eft.logs import quiet_third_party
 
 
@@ -47,9 +45,8 @@ def validation_losses(base, task, spec, rate_sets: list[torch.Tensor], inner, va
     per_pass = runs_per_pass(ClientContext(base, task, inner), settings.batch_size)
     losses = []
     for start in range(0, len(rate_sets), per_pass):
-        model = MultiLoRAModel(base, task, [rate_run(spec, rates, settings.seed)
-                                            for rates in rate_sets[start:start + per_pass]])
-        train(model, task, inner, model.optimizer(), settings.epochs, settings.batch_size, seed=settings.seed)
+        chunk = rate_sets[start:start + per_pass]
+        model = fine_tune_at_rates(base, task, [spec] * len(chunk), chunk, inner, settings)
         tensors = stacked_tensors(model, spec.module_names)
         losses += loss_and_gradient(model, task, validation, tensors, settings.batch_size)[0]
     return losses
@@ -59,8 +56,7 @@ def ift_hypergradient(base, task, spec, rates: torch.Tensor, inner, validation, 
                       rng: random.Random) -> tuple[float, torch.Tensor]:
     """The validation loss and FedL2P's hypergradient with respect to the per-tensor rates, as ``meta_update``."""
     settings = config.personalize
-    model = MultiLoRAModel(base, task, [rate_run(spec, rates, settings.seed)])
-    train(model, task, inner, model.optimizer(), settings.epochs, settings.batch_size, seed=settings.seed)
+    model = fine_tune_at_rates(base, task, [spec], [rates], inner, settings)
     batch = task.collate(rng.sample(inner, min(settings.batch_size, len(inner))))
     loss, hypergrad = validation_hypergradient(model, task, spec.module_names, validation, batch, rates.view(1, -1),
                                                config)
