@@ -180,19 +180,41 @@ def _validation_records(correct: dict[tuple[str, int, float], int], count: int =
 
 def test_selection_pools_the_budgets_unless_told_to_choose_per_budget():
     """A scale that wins one budget by a sentence loses to one that is better over all budgets; per budget, each
-    budget gets its own winner; ties go to the smaller scale; a learned-rate method keeps 1."""
+    budget gets its own winner; ties go to the smaller scale; a learned-rate method keeps 1, unless its stage's
+    rate (FedL2P's meta learning rate) is selected on the grid."""
     from fedp2eft.benchmark.lr_selection import chosen_scales
 
-    config = resolve("quick", ["methods=[lora,fedl2p]", "budgets=[2,8]"])
+    config = resolve("quick", ["methods=[lora,fedl2p]", "budgets=[2,8]", "fedl2p.select_on_grid=false"])
     assert config["selection"]["per_budget"] is False and config["selection"]["grid"] == [3.0, 30.0]
     records = _validation_records({("lora", 2, 3.0): 6, ("lora", 2, 30.0): 5, ("lora", 8, 3.0): 4,
                                    ("lora", 8, 30.0): 8})
     assert chosen_scales(config, records) == {"lora": {2: 30.0, 8: 30.0}, "fedl2p": {2: 1.0, 8: 1.0}}
+    gridded = {**config, "fedl2p": {**config["fedl2p"], "select_on_grid": True}}
+    meta = _validation_records({("fedl2p", 2, 3.0): 4, ("fedl2p", 2, 30.0): 5, ("fedl2p", 8, 3.0): 4,
+                                ("fedl2p", 8, 30.0): 4})
+    assert chosen_scales(gridded, records + meta)["fedl2p"] == {2: 30.0, 8: 30.0}
+    assert chosen_scales({**gridded, "fedl2p": {**gridded["fedl2p"], "artifact": "given"}}, records + meta)[
+        "fedl2p"] == {2: 1.0, 8: 1.0}  # meta-nets given: nothing to select
     per_budget = {**config, "selection": {**config["selection"], "per_budget": True}}
     assert chosen_scales(per_budget, records)["lora"] == {2: 3.0, 8: 30.0}
     tied = _validation_records({("lora", 2, 3.0): 5, ("lora", 2, 30.0): 6, ("lora", 8, 3.0): 7,
                                 ("lora", 8, 30.0): 6})
     assert chosen_scales(config, tied)["lora"] == {2: 3.0, 8: 3.0}
+
+
+def test_fedl2p_starts_each_budget_at_the_rate_chosen_for_uniform_lora():
+    """Its stage trains at LoRA's most chosen scale; a budget chosen at another scale gets the ratio, so its meta-net
+    starts where uniform LoRA's rate for that budget is. With one scale for all budgets nothing is added."""
+    from fedp2eft.benchmark.lr_selection import stage_budget_lr_scales, stage_lr_scale
+    from fedp2eft.core.methods import STAGES
+
+    config = resolve("quick", ["methods=[lora,fedl2p]", "budgets=[2,4,8]", "selection.per_budget=true"])
+    chosen = {"lora": {2: 100.0, 4: 30.0, 8: 30.0}}
+    assert stage_lr_scale(config, STAGES["fedl2p"], chosen) == 30.0
+    factors = stage_budget_lr_scales(config, STAGES["fedl2p"], chosen)["budget_lr_scales"]
+    assert factors == {"2": pytest.approx(100 / 30), "4": 1.0, "8": 1.0}
+    assert stage_budget_lr_scales(config, STAGES["fedl2p"], {"lora": dict.fromkeys([2, 4, 8], 30.0)}) == {}
+    assert stage_budget_lr_scales(config, STAGES["psg"], chosen) == {}  # the generator has no such setting
 
 
 def test_a_stage_rate_borrowed_from_a_method_that_is_not_a_row_is_still_selected():

@@ -15,9 +15,13 @@ def test_quick_profile_writes_the_full_report(quick_run):
     for name in ["report.md", "results.json", "results.csv", "config.yaml", "figures/accuracy_vs_budget.png",
                  "figures/rank_heatmap.png", "figures/psg_training.png", "seed0/psg/generator.safetensors",
                  "seed1/psg/generator.safetensors", "base/model/config.json", "selection.json",
-                 "seed0/fedl2p/fedl2p-r2.safetensors", "seed1/fedl2p/fedl2p-r8.safetensors",
-                 "seed0/fedl2p/best.safetensors"]:
+                 "seed0/fedl2p/x3/fedl2p-r2.safetensors", "seed0/fedl2p/x30/fedl2p-r8.safetensors",
+                 "seed0/fedl2p/x3/best.safetensors"]:
         assert (quick_run / name).is_file(), name
+    # FedL2P's seed 0 is trained at every point of the grid (its meta learning rate is selected on them); seed 1
+    # only at the points chosen
+    chosen = {float(scale) for scale in json.loads((quick_run / "selection.json").read_text())["chosen"]["fedl2p"].values()}
+    assert {p.name for p in (quick_run / "seed1" / "fedl2p").glob("x*")} == {f"x{scale:g}" for scale in chosen}
     summary = json.loads((quick_run / "results.json").read_text())["summary"]
     settings = {(row["pool"], row["method"], row["budget"]) for row in summary}
     expected = {(p, m, b) for p in config["pools"] for m in config["methods"] for b in config["budgets"]}
@@ -39,8 +43,13 @@ def test_learning_rates_are_chosen_on_validation_data_only(quick_run):
     never saw (the profile's selection pool): no test example was scored to choose."""
     config = resolve("quick", [])
     selection = json.loads((quick_run / "selection.json").read_text())
-    assert "fedl2p" in config["methods"]  # it learns its own learning rates: never selected
-    assert set(selection["chosen"]) == {m for m in config["methods"] if METHODS[m].lr_field is not None}
+    # FedL2P learns its own learning rates; its meta learning rate is selected on the same grid (select_on_grid)
+    assert config["fedl2p"]["select_on_grid"] and METHODS["fedl2p"].lr_field is None
+    assert set(selection["chosen"]) == {m for m in config["methods"] if METHODS[m].lr_field is not None} | {"fedl2p"}
+    assert selection["rate_of"] == {"fedl2p": "fedl2p.training.meta_lr"}
+    meta_lr = config["fedl2p"]["training"]["meta_lr"]
+    assert {(row["scale"], row["lr"]) for row in selection["results"] if row["method"] == "fedl2p"} == {
+        (scale, meta_lr * scale) for scale in config["selection"]["grid"]}
     assert all(set(map(int, by_budget)) == set(config["budgets"]) for by_budget in selection["chosen"].values())
     assert all(row["scale"] in config["selection"]["grid"] for row in selection["results"])
     assert config["selection"]["pool"] == "unseen"
@@ -55,8 +64,8 @@ def test_learning_rates_are_chosen_on_validation_data_only(quick_run):
     for record in records:
         for row in record["rows"]:
             if row["method"] == "fedl2p":
-                assert row["lr_scale"] == 1.0 and row["lr"] is None and row["mean_lr"] > 0
-            elif row["method"] != "base":
+                assert row["lr"] is None and row["mean_lr"] > 0
+            if row["method"] != "base":
                 assert row["lr_scale"] == selection["chosen"][row["method"]][str(row["budget"])]
 
 
@@ -86,8 +95,11 @@ def test_unseen_clients_never_train_the_generator_or_base(quick_run):
                                    "dataset_options": config["dataset_options"],
                                    "training": {"personalize": {"max_rank": 8}}})
     assert {c.client_id for c in task.clients} == seen
-    for stage in ("base", "seed0/psg", "seed1/psg", "seed0/fedl2p", "seed1/fedl2p"):
-        for line in (quick_run / stage / "metrics.jsonl").read_text().splitlines():
+    logs = [quick_run / stage / "metrics.jsonl" for stage in ("base", "seed0/psg", "seed1/psg")]
+    logs += sorted(quick_run.glob("seed*/fedl2p/x*/metrics.jsonl"))
+    assert len(logs) >= 3 + len(config["selection"]["grid"]) + 1
+    for path in logs:
+        for line in path.read_text().splitlines():
             assert all(0 <= index < len(data.seen) for index in json.loads(line)["clients"])
 
 

@@ -326,6 +326,17 @@ def test_federated_task_updates_every_budget_and_exports_loadable_files(setup, t
         LRMetaNet.load(metanet_file(directory, 2), expected=metanet_spec(base, inner, "tiny", 4))
 
 
+def test_each_budgets_meta_net_can_start_at_its_own_rate(setup):
+    """``budget_lr_scales`` (what the benchmark passes when uniform LoRA's rate was chosen per budget) sets where each
+    budget's base rates start; a budget it does not list starts at the LoRA rate."""
+    base, task, train, _ = setup
+    inner = PersonalizeConfig(max_rank=8, lora_lr=1e-3)
+    config = FedL2PConfig(personalize=inner, budget_lr_scales={"2": 3.0})
+    weights = FedL2PTask(base, task, [SimpleNamespace(train=train)], config, "tiny", budgets=[2, 4]).initial_weights()
+    assert torch.all(weights["r2.base_lrs"] == torch.tensor(3e-3, dtype=weights["r2.base_lrs"].dtype))
+    assert torch.all(weights["r4.base_lrs"] == torch.tensor(1e-3, dtype=weights["r4.base_lrs"].dtype))
+
+
 def test_personalize_fedl2p_reduces_training_loss_with_the_metanets_rates(setup):
     base, task, train, _ = setup
     reference = {k: v.clone() for k, v in base.state_dict().items()}

@@ -70,10 +70,11 @@ def stage_traffic(path: Path) -> Traffic | None:
 
 def stage_logs(run_dir: Path) -> dict[str, list[Path]]:
     """Stage name -> its ``metrics.jsonl`` files: ``base/`` once per run, every method stage once per seed
-    (``seed<s>/<stage>/``, see ``runner.py``)."""
+    (``seed<s>/<stage>/``, see ``runner.py``), and once per grid point of a stage trained per point
+    (``seed<s>/<stage>/x<point>/``)."""
     logs = {"base": [run_dir / "base" / METRICS_FILE]} if (run_dir / "base" / METRICS_FILE).is_file() else {}
-    for path in sorted(run_dir.glob(f"seed*/*/{METRICS_FILE}")):
-        logs.setdefault(path.parent.name, []).append(path)
+    for path in sorted(run_dir.glob(f"seed*/*/{METRICS_FILE}")) + sorted(run_dir.glob(f"seed*/*/x*/{METRICS_FILE}")):
+        logs.setdefault(path.relative_to(run_dir).parts[1], []).append(path)
     return logs
 
 

@@ -37,8 +37,11 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
 
 def stage_section(stage: Stage) -> dict:
     """A method stage's config section: its declared defaults, plus a file to reuse instead of training
-    (``artifact``) and the learning-rate scale of its local training (``lr_scale``: a number or a method name)."""
-    return {"artifact": None, "lr_scale": 1.0, **stage.defaults}
+    (``artifact``) and the learning-rate scale of its local training (``lr_scale``: a number or a method name); for a
+    stage with a ``grid_field``, whether that rate is selected on the grid (``select_on_grid``, off by default: every
+    grid point is a whole federated run)."""
+    selectable = {"select_on_grid": False} if stage.grid_field else {}
+    return {"artifact": None, "lr_scale": 1.0, **selectable, **stage.defaults}
 
 
 # Top-level keys a profile or a saved config may leave out, with the value they take then (for a saved config, the

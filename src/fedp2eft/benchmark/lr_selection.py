@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter, defaultdict
+from dataclasses import fields
 from pathlib import Path
 
 from fedp2eft.benchmark.cells import validate_client
-from fedp2eft.benchmark.run_folder import read_jsonl, task_config
+from fedp2eft.benchmark.run_folder import grid_trained, read_jsonl, task_config
 from fedp2eft.benchmark.workers import WorkerPool, run_jobs
 from fedp2eft.core.methods import Stage, method_lr, method_spec, personalize_config, settings_for_stage, stages
 from fedp2eft.errors import FedP2EFTError
@@ -66,11 +67,47 @@ def selected_methods(config: dict) -> list[str]:
     return config["methods"] + [m for m in dict.fromkeys(named) if isinstance(m, str) and m not in config["methods"]]
 
 
+def selects_lr(config: dict, method: str) -> bool:
+    """Whether selection chooses a learning-rate scale for ``method``: its own learning rate (``lr_field``), or, for
+    a method that learns its own rates, its stage's ``grid_field`` when the run trains the stage per grid point
+    (FedL2P's meta learning rate)."""
+    spec = method_spec(method)
+    return spec.lr_field is not None or (spec.stage is not None and grid_trained(config, spec.stage))
+
+
+def stage_grid_rate(config: dict, stage: Stage) -> float:
+    """The configured value of ``stage``'s ``grid_field`` (its config class's default when the profile sets none):
+    grid point x1."""
+    default = next(item.default for item in fields(stage.config_class) if item.name == stage.grid_field)
+    return float(config[stage.name]["training"].get(stage.grid_field, default))
+
+
+def selected_lr(config: dict, method: str, budget: int, scale: float) -> float | None:
+    """The learning rate that grid ``scale`` gives ``method`` at ``budget``: its own (``method_lr``), or, for a
+    method selected through its stage's grid, that stage's ``grid_field`` (FedL2P's meta learning rate)."""
+    spec = method_spec(method)
+    if spec.lr_field is None and spec.stage is not None and grid_trained(config, spec.stage):
+        return stage_grid_rate(config, spec.stage) * scale
+    return method_lr(personalize_config(config["personalize"]).with_lr_scale(scale), method, budget)
+
+
+def stage_points(config: dict, stage: Stage, chosen: dict[str, dict[int, float]] | None = None
+                 ) -> list[float] | None:
+    """The grid points ``stage`` is trained at: None for a stage trained once; before selection (``chosen`` None)
+    every point of the grid, after it only the points chosen for the stage's methods."""
+    if not grid_trained(config, stage):
+        return None
+    if chosen is None:
+        return list(config["selection"]["grid"])
+    return sorted({chosen[method][budget] for method in config["methods"] if method_spec(method).stage is stage
+                   for budget in config["budgets"]})
+
+
 def chosen_scales(config: dict, records: list[dict]) -> dict[str, dict[int, float]]:
     """Per method, the grid scale with the best pooled validation accuracy (ties: the smaller scale): per budget
     with ``selection.per_budget``, else one scale for all budgets, chosen on the validation rows of every budget
     pooled (four times the data per decision at four budgets; docs/method.md, "Benchmark regime"). With a
-    one-point grid that point. A method that learns its own learning rates keeps scale 1."""
+    one-point grid that point. A method that learns its own learning rates keeps scale 1 (``selects_lr``)."""
     grid = config["selection"]["grid"]
     correct, count = validation_counts(records)
 
@@ -82,7 +119,7 @@ def chosen_scales(config: dict, records: list[dict]) -> dict[str, dict[int, floa
 
     chosen: dict[str, dict[int, float]] = {}
     for method in selected_methods(config):
-        if method_spec(method).lr_field is None:
+        if not selects_lr(config, method):
             chosen[method] = dict.fromkeys(config["budgets"], 1.0)
         elif config["selection"]["per_budget"]:
             chosen[method] = {budget: best(method, [budget]) for budget in config["budgets"]}
@@ -95,9 +132,7 @@ def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: di
     """``selection.json``: the grid, every grid point's pooled validation score of the task's main metric (named
     under ``metric``; the key stays ``val_accuracy``), and the choice."""
     correct, count = validation_counts(records)
-    personal = personalize_config(config["personalize"])
-    results = [{"method": m, "budget": b, "scale": s,
-                "lr": method_lr(personal.with_lr_scale(s), m, b),
+    results = [{"method": m, "budget": b, "scale": s, "lr": selected_lr(config, m, b, s),
                 "val_accuracy": correct[(m, b, s)] / count[(m, b, s)], "val_count": count[(m, b, s)]}
                for (m, b, s) in sorted(count)]
     metric = next((row.get("metric", "accuracy") for record in records for row in record["rows"]), "accuracy")
@@ -105,8 +140,11 @@ def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: di
                "validation_fraction": config["selection"]["validation_fraction"],
                "pool": config["selection"]["pool"], "per_budget": config["selection"]["per_budget"],
                "clients": sorted({record["client"] for record in records}), "results": results,
+               # a method selected through its stage's grid: the setting its "lr" is
+               "rate_of": {m: f"{method_spec(m).stage.name}.training.{method_spec(m).stage.grid_field}"
+                           for m in chosen if method_spec(m).lr_field is None and selects_lr(config, m)},
                "chosen": {m: {str(b): s for b, s in by_budget.items()} for m, by_budget in chosen.items()
-                          if method_spec(m).lr_field is not None}}
+                          if selects_lr(config, m)}}
     tmp = run_dir / "selection.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, run_dir / "selection.json")
@@ -114,13 +152,14 @@ def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: di
 
 def read_chosen_scales(path: Path, methods: list[str], budgets: list[int]) -> dict[str, dict[int, float]]:
     """The learning-rate scale a run's ``selection.json`` chose per method and budget (1 for a method that learns
-    its own learning rates); a method or budget it chose nothing for is an error naming them."""
+    its own learning rates, unless the run chose its stage's grid point); a method or budget it chose nothing for
+    is an error naming them."""
     if not path.is_file():
         raise FedP2EFTError(f"{path} does not exist; give the selection.json of a finished run")
     chosen = json.loads(path.read_text())["chosen"]
     scales = {}
     for method in methods:
-        if method_spec(method).lr_field is None:
+        if method_spec(method).lr_field is None and method not in chosen:
             scales[method] = dict.fromkeys(budgets, 1.0)
             continue
         missing = [b for b in budgets if str(b) not in chosen.get(method, {})]
@@ -154,6 +193,18 @@ def stage_lr_scale(config: dict, stage: Stage, chosen: dict[str, dict[int, float
         return float(setting)
     votes = Counter(chosen[setting].values())
     return min(votes, key=lambda scale: (-votes[scale], scale))
+
+
+def stage_budget_lr_scales(config: dict, stage: Stage, chosen: dict[str, dict[int, float]]) -> dict:
+    """What a stage that ``takes_budget_lr_scales`` gets when its ``lr_scale`` names a method whose scale was chosen
+    per budget: each budget's scale over the stage's (``stage_lr_scale``), under ``budget_lr_scales``; nothing when
+    every budget has the stage's scale (its settings stay as before this existed, so its runs resume)."""
+    setting = config[stage.name]["lr_scale"]
+    if not stage.takes_budget_lr_scales or not isinstance(setting, str):
+        return {}
+    scale = stage_lr_scale(config, stage, chosen)
+    factors = {str(budget): chosen[setting][budget] / scale for budget in config["budgets"]}
+    return {"budget_lr_scales": factors} if any(factor != 1.0 for factor in factors.values()) else {}
 
 
 def stage_rates_of_run(config: dict, run_dir: Path, stage: Stage) -> tuple[float, dict]:

@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 from fedp2eft.benchmark.config import OPTIONAL_KEYS, with_stage_sections
-from fedp2eft.core.methods import Stage
+from fedp2eft.core.methods import Stage, grid_point_folders
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.experiment import Setup
 from fedp2eft.interrupt import resumable
@@ -85,11 +85,31 @@ def finished_base(config: dict, run_dir: Path) -> str | None:
 
 def finished_artifact(config: dict, run_dir: Path, stage: Stage, seed: int) -> Path | None:
     """The artifact of ``stage`` a run uses for ``seed`` when there is one: the configured file or the one its
-    stage exported (recorded in ``seed<s>/<stage>/export.json``); None before that stage has finished."""
+    stage exported (recorded in ``seed<s>/<stage>/export.json``); for a stage trained once per grid point, its folder
+    as soon as one point has finished (``stage_points`` says which the run needs); None before that."""
     if config[stage.name]["artifact"]:
         return Path(config[stage.name]["artifact"])
-    record = run_dir / f"seed{seed}" / stage.name / "export.json"
+    folder = stage_folder(run_dir, stage, seed)
+    if grid_trained(config, stage):
+        return folder if any(map(exported, grid_point_folders(folder).values())) else None
+    return exported(folder)
+
+
+def stage_folder(run_dir: Path, stage: Stage, seed: int) -> Path:
+    return run_dir / f"seed{seed}" / stage.name
+
+
+def exported(folder: Path) -> Path | None:
+    """The artifact a finished federated job in ``folder`` exported (its ``export.json``), None before."""
+    record = folder / "export.json"
     return Path(json.loads(record.read_text())["artifact"]) if record.exists() else None
+
+
+def grid_trained(config: dict, stage: Stage) -> bool:
+    """Whether ``stage`` is trained once per grid point of its ``grid_field`` in this run (``select_on_grid``, no
+    configured artifact)."""
+    section = config[stage.name]
+    return stage.grid_field is not None and bool(section.get("select_on_grid")) and not section["artifact"]
 
 
 def read_jsonl(path: Path) -> list[dict]:

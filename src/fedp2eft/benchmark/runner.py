@@ -23,12 +23,12 @@ import yaml
 
 from fedp2eft.benchmark.cells import personalize_client
 from fedp2eft.benchmark.config import stage_min_clients
-from fedp2eft.benchmark.run_folder import StageClock, check_run_folder, finished_artifact, finished_base, read_jsonl, \
-    saved_config, task_config
-from fedp2eft.benchmark.lr_selection import chosen_scales, reused_scales, selected_methods, stage_lr_scale, stage_select, \
-    write_selection
+from fedp2eft.benchmark.run_folder import StageClock, check_run_folder, exported, finished_base, read_jsonl, \
+    saved_config, stage_folder, task_config
+from fedp2eft.benchmark.lr_selection import chosen_scales, reused_scales, selected_methods, selects_lr, \
+    stage_budget_lr_scales, stage_grid_rate, stage_lr_scale, stage_points, stage_select, write_selection
 from fedp2eft.benchmark.workers import WorkerPool, run_jobs
-from fedp2eft.core.methods import Stage, method_spec, settings_for_stage, stages
+from fedp2eft.core.methods import Stage, grid_point_folder, method_spec, settings_for_stage, stages
 from fedp2eft.errors import FedP2EFTError
 from fedp2eft.experiment import Setup
 from fedp2eft.fl.checkpoint import load_state
@@ -68,20 +68,39 @@ def stage_base(config: dict, run_dir: Path) -> str:
 
 
 def stage_artifact(config: dict, run_dir: Path, base_model: str, stage: Stage, seed: int, lr_scale: float,
-                   pool: WorkerPool | None = None) -> Path:
+                   pool: WorkerPool | None = None, points: list[float] | None = None,
+                   changed: dict | None = None) -> Path:
     """The artifact of one method stage (e.g. the PS generator) for one seed: the configured file, or one trained
     on the seen pool, with the run's worker processes (``pool``) released meanwhile, so that their memory goes to
-    Flower's clients. Its local training runs at the personalization rates x ``lr_scale``."""
-    section = config[stage.name]
-    finished = finished_artifact(config, run_dir, stage, seed)
+    Flower's clients. Its local training runs at the personalization rates x ``lr_scale``, its ``training`` settings
+    updated with ``changed``. With grid ``points`` (``stage_points``) it is trained once per point, its
+    ``grid_field`` times the point, each in its own folder (``grid_point_folder``), and the stage's folder holding
+    them is its artifact."""
+    if config[stage.name]["artifact"]:
+        return Path(config[stage.name]["artifact"])
+    folder, changed = stage_folder(run_dir, stage, seed), changed or {}
+    if points is None:
+        return _train_stage(config, folder, base_model, stage, seed, lr_scale, pool, changed)
+    rate = stage_grid_rate(config, stage)
+    for point in points:
+        _train_stage(config, grid_point_folder(folder, point), base_model, stage, seed, lr_scale, pool,
+                     {**changed, stage.grid_field: rate * point}, f", {stage.grid_field} x{point:g}")
+    return folder
+
+
+def _train_stage(config: dict, output: Path, base_model: str, stage: Stage, seed: int, lr_scale: float,
+                 pool: WorkerPool | None, changed: dict, title: str = "") -> Path:
+    """One federated job of ``stage`` into ``output`` (skipped when it has exported), its ``training`` settings
+    updated with ``changed``."""
+    finished = exported(output)
     if finished is not None:
         return finished
     if pool is not None:
         pool.release()
-    output = run_dir / f"seed{seed}" / stage.name
-    console.rule(f"[bold]Stage 3/5: {stage.name}, seed {seed} (Flower, seen pool)")
-    training = {**section["training"], "personalize": settings_for_stage(config["personalize"], stage, lr_scale),
-                "seed": seed}
+    section = config[stage.name]
+    console.rule(f"[bold]Stage 3/5: {stage.name}, seed {seed}{title} (Flower, seen pool)")
+    training = {**section["training"], **changed,
+                "personalize": settings_for_stage(config["personalize"], stage, lr_scale), "seed": seed}
     if stage.counts_rounds:
         training["total_rounds"] = section["rounds"]
     artifact = federated(stage.name, config, section, base_model, training, output, seed)
@@ -129,23 +148,27 @@ def run(config: dict, results_root: Path = Path("results"), command: str = "") -
     base_model = clock.time("base", stage_base, config, run_dir)
     reused = config["selection"].get("reuse")
     with WorkerPool(config, base_model) as pool:
-        plain = [m for m in selected_methods(config)
-                 if method_spec(m).stage is None and method_spec(m).lr_field is not None]
+        plain = [m for m in selected_methods(config) if method_spec(m).stage is None and selects_lr(config, m)]
         records = [] if reused else clock.time("select", stage_select, config, run_dir, pool, plain, {})
         scales = reused_scales(config, Path(reused), run_dir) if reused else chosen_scales(config, records)
         artifacts: dict[int, dict[str, Path]] = {seed: {} for seed in config["seeds"]}
         for stage in stages(config["methods"]):
-            lr_scale = stage_lr_scale(config, stage, scales)
-            for seed in config["seeds"]:
+            lr_scale, changed = stage_lr_scale(config, stage, scales), stage_budget_lr_scales(config, stage, scales)
+            first, *others = config["seeds"]
+            # the first seed's artifact (every grid point of a stage trained per point) serves selection; the
+            # other seeds train only the points chosen
+            artifacts[first][stage.name] = clock.time(stage.name, stage_artifact, config, run_dir, base_model, stage,
+                                                      first, lr_scale, pool,
+                                                      stage_points(config, stage, scales if reused else None), changed)
+            if not reused:
+                users = [m for m in config["methods"] if method_spec(m).stage is stage and selects_lr(config, m)]
+                records = clock.time("select", stage_select, config, run_dir, pool, users,
+                                     {stage.name: artifacts[first][stage.name]})
+                scales = chosen_scales(config, records)
+            for seed in others:
                 artifacts[seed][stage.name] = clock.time(stage.name, stage_artifact, config, run_dir, base_model,
-                                                         stage, seed, lr_scale, pool)
-            if reused:
-                continue
-            users = [m for m in config["methods"]
-                     if method_spec(m).stage is stage and method_spec(m).lr_field is not None]
-            records = clock.time("select", stage_select, config, run_dir, pool, users,
-                                 {stage.name: artifacts[config["seeds"][0]][stage.name]})
-            scales = chosen_scales(config, records)
+                                                         stage, seed, lr_scale, pool,
+                                                         stage_points(config, stage, scales), changed)
         if not reused:
             write_selection(config, run_dir, records, scales)
         results = clock.time("personalize", stage_personalize, config, run_dir, pool, artifacts, scales)

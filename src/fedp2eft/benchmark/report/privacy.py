@@ -12,7 +12,8 @@ def privacy_spent(run_dir: Path) -> list[dict]:
     its last round's ``privacy/*`` entries (ε at δ after all its rounds, and the noise, clipping and sampling that
     gave it); for SecAgg+ the shares and threshold, and the largest quantization error bound of a round."""
     entries = []
-    for path in sorted(Path(run_dir).glob("base/metrics.jsonl")) + sorted(Path(run_dir).glob("seed*/*/metrics.jsonl")):
+    for path in sorted(Path(run_dir).glob("base/metrics.jsonl")) + sorted(Path(run_dir).glob("seed*/*/metrics.jsonl")) \
+            + sorted(Path(run_dir).glob("seed*/*/x*/metrics.jsonl")):  # a stage trained per grid point
         rows = read_rounds(path)
         private, secure = [row for row in rows if "privacy/epsilon" in row], [row for row in rows if "secagg/shares" in row]
         entry = {"stage": path.parent.relative_to(run_dir).as_posix(), "rounds": rows[-1]["round"] if rows else 0}

@@ -64,6 +64,8 @@ def selection_markdown(selection: dict) -> str:
               if selection.get("per_budget", True) else
               "One scale per method for every budget, chosen on the validation rows of all budgets pooled "
               "(`selection.per_budget: false`; docs/method.md, \"Benchmark regime\").\n"),
+             *[f"{method}'s learning rate is `{setting}`: its federated stage was trained once per grid point and "
+               "each was validated.\n" for method, setting in selection.get("rate_of", {}).items()],
              "**Chosen learning rate** (grid scale in brackets)\n", *head]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(_chosen_cell(points(method, b), chosen.get(method, {}).get(b))

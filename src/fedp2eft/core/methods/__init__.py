@@ -21,7 +21,7 @@ from fedp2eft.core.methods import adalora, btlora, fedl2p, fedp2eft, flexlora, h
 from fedp2eft.core.personalization import LORA_SCALING, ClientContext, PersonalizeConfig, Personalized, RunPlan, \
     features_for, finetune_selection, frozen_copy, generator_spec, new_btlora, runs_per_pass, train_btlora, \
     train_plans
-from fedp2eft.core.methods.registry import MethodSpec, Stage
+from fedp2eft.core.methods.registry import MethodSpec, Stage, grid_point_folder, grid_point_folders
 from fedp2eft.core.tasks import Task
 from fedp2eft.errors import FedP2EFTError
 
@@ -182,6 +182,7 @@ def evaluate_many(task: Task, results: list[Personalized], examples: list[dict])
 
 
 __all__ = ["LORA_SCALING", "METHODS", "OWN_SETTINGS", "STAGES", "ClientContext", "MethodSpec", "PersonalizeConfig",
-           "Personalized", "Stage", "features_for", "finetune_selection", "frozen_copy", "generator_spec", "method_lr",
+           "Personalized", "Stage", "features_for", "finetune_selection", "frozen_copy", "generator_spec", "grid_point_folder",
+           "grid_point_folders", "method_lr",
            "method_spec", "evaluate_many", "new_btlora", "personalize", "personalize_config", "personalize_many",
            "settings_for_stage", "stage_named", "stages", "train_btlora"]

@@ -33,7 +33,13 @@ class Stage:
     base_model_name)`` reads the exported artifact and refuses one made for another model. ``defaults`` are the
     section's defaults; ``how_to_get`` tells a user without the artifact how to make one. ``max_rank(path)``, for an
     artifact made for one maximum rank R (the PS generator outputs R scales per module), reads that R, so a user
-    need not repeat it; None for a stage whose artifacts fit any R."""
+    need not repeat it; None for a stage whose artifacts fit any R.
+
+    ``grid_field`` names a learning rate of ``config_class`` that the benchmark can select like a method's own
+    (section key ``select_on_grid``): the stage is then trained once per point of the run's grid, at that rate times
+    the point, its methods are validated with each artifact, and each budget personalizes with the artifact of the
+    point chosen for it; ``load`` then reads a folder of such artifacts (``grid_point_folder``) and the method finds
+    its point as ``PersonalizeConfig.own_lr_scale`` (FedL2P's meta learning rate)."""
 
     name: str
     title: str
@@ -43,11 +49,36 @@ class Stage:
     defaults: dict
     how_to_get: str
     max_rank: Callable[[Path], int] | None = None
+    grid_field: str | None = None
 
     @property
     def counts_rounds(self) -> bool:
         """Whether the stage's settings take the run's round count (``total_rounds``, e.g. for a warm-up share)."""
         return "total_rounds" in {f.name for f in fields(self.config_class)}
+
+    @property
+    def takes_budget_lr_scales(self) -> bool:
+        """Whether the stage's settings take, per budget, the learning-rate scale chosen for that budget relative to
+        the stage's own (``budget_lr_scales``; FedL2P starts each budget's meta-net at uniform LoRA's rate)."""
+        return "budget_lr_scales" in {f.name for f in fields(self.config_class)}
+
+
+def grid_point_folder(stage_folder: Path, point: float) -> Path:
+    """Where a stage trained at grid point ``point`` of its ``grid_field`` keeps its artifact: ``x<point>/``."""
+    return Path(stage_folder) / f"x{point:g}"
+
+
+def grid_point_folders(stage_folder: Path) -> dict[float, Path]:
+    """The grid points a stage folder holds artifacts for (``grid_point_folder``), by point; empty for the folder of
+    a stage trained once."""
+    folders = Path(stage_folder).glob("x*") if Path(stage_folder).is_dir() else []
+    points = {}
+    for folder in folders:
+        try:
+            points[float(folder.name[1:])] = folder
+        except ValueError:
+            continue
+    return dict(sorted(points.items()))
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,10 @@ class FedL2PConfig:
     max_grad_norm: float = 1.0
     validation_fraction: float = 0.2
     seed: int = 0
+    # Per budget (a string key, as JSON keeps it), a factor on the meta-net's starting base rates: the benchmark
+    # starts each budget's meta-net where uniform LoRA's chosen rate for that budget is, when selection chose per
+    # budget (``Stage.takes_budget_lr_scales``); 1 for a budget not listed.
+    budget_lr_scales: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 < self.validation_fraction < 1:
@@ -289,7 +293,8 @@ class FedL2PTask:
         torch.manual_seed(self.config.seed)
         weights = {}
         for budget, spec in self.specs.items():
-            metanet = LRMetaNet(spec, base_lr=self.config.personalize.lora_lr)
+            base_lr = self.config.personalize.lora_lr * self.config.budget_lr_scales.get(str(budget), 1.0)
+            metanet = LRMetaNet(spec, base_lr=base_lr)
             weights.update({self.prefix(budget) + key: value for key, value in metanet.state_dict().items()})
         return weights
 
