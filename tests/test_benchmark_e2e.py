@@ -20,7 +20,8 @@ def test_quick_profile_writes_the_full_report(quick_run):
         assert (quick_run / name).is_file(), name
     # FedL2P's seed 0 is trained at every point of the grid (its meta learning rate is selected on them); seed 1
     # only at the points chosen
-    chosen = {float(scale) for scale in json.loads((quick_run / "selection.json").read_text())["chosen"]["fedl2p"].values()}
+    selection = json.loads((quick_run / "selection.json").read_text())
+    chosen = {float(scale) for scale in selection["chosen"]["fedl2p"].values()}
     assert {p.name for p in (quick_run / "seed1" / "fedl2p").glob("x*")} == {f"x{scale:g}" for scale in chosen}
     summary = json.loads((quick_run / "results.json").read_text())["summary"]
     settings = {(row["pool"], row["method"], row["budget"]) for row in summary}

@@ -182,7 +182,7 @@ def evaluate_many(task: Task, results: list[Personalized], examples: list[dict])
 
 
 __all__ = ["LORA_SCALING", "METHODS", "OWN_SETTINGS", "STAGES", "ClientContext", "MethodSpec", "PersonalizeConfig",
-           "Personalized", "Stage", "features_for", "finetune_selection", "frozen_copy", "generator_spec", "grid_point_folder",
-           "grid_point_folders", "method_lr",
+           "Personalized", "Stage", "features_for", "finetune_selection", "frozen_copy", "generator_spec",
+           "grid_point_folder", "grid_point_folders", "method_lr",
            "method_spec", "evaluate_many", "new_btlora", "personalize", "personalize_config", "personalize_many",
            "settings_for_stage", "stage_named", "stages", "train_btlora"]
