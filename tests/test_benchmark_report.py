@@ -483,3 +483,23 @@ def test_fedl2ps_multipliers_say_whether_its_meta_nets_moved_the_rates():
     assert moved[1]["flat"] == 5 and moved[1]["multiplier_max"] == 1.3
     assert "In 1 of 12 runs some multiplier leaves 1 ± 1%" in fedl2p_markdown(moved)
     assert fedl2p_rates(_records(methods=("lora", "fedl2p"), seeds=(0,))) == []  # rows from before the fields
+
+
+def test_fedl2ps_grid_says_which_meta_nets_early_stopping_kept(tmp_path):
+    """From the logs of a FedL2P stage trained per meta learning rate: a point whose rounds never beat the first
+    round's validation loss kept the untrained meta-nets; one that did kept those after the round before."""
+    from fedp2eft.benchmark.report.fedl2p import fedl2p_grid, fedl2p_grid_markdown
+
+    def rows(losses, multipliers):
+        return [{"round": r + 1, "train/val_loss_before": loss, "train/mean_multiplier": m}
+                for r, (loss, m) in enumerate(zip(losses, multipliers))]
+
+    _write_metrics(tmp_path / "seed0" / "fedl2p" / "x3" / "metrics.jsonl", rows([1.9, 2.4, 1.8], [1.0, 1.01, 1.02]))
+    _write_metrics(tmp_path / "seed0" / "fedl2p" / "x30" / "metrics.jsonl", rows([1.9, 2.6, 2.5], [1.5, 4.4, 7.0]))
+    _write_metrics(tmp_path / "seed0" / "psg" / "metrics.jsonl", [{"round": 1}])
+    entries = fedl2p_grid(tmp_path)
+    assert [(e["point"], e["kept_after"]) for e in entries] == [(3.0, 2), (30.0, 0)]
+    text = fedl2p_grid_markdown(entries)
+    assert "| 0 | x30 | 1.900 (x1.50) | 2.600 (x4.40) | 2.500 (x7.00) | untrained |" in text
+    assert "| after round 2 |" in text and "untrained meta-nets (every multiplier 1" in text and "1 of 2" in text
+    assert fedl2p_grid(tmp_path / "seed0" / "psg") == []  # a stage trained once has no grid

@@ -19,7 +19,7 @@ import numpy as np
 from fedp2eft.benchmark.communication import adapters_shipped, recorded_traffic, run_traffic
 from fedp2eft.benchmark.report.budget import budget_effects, budget_verdict
 from fedp2eft.benchmark.report.console import print_budget_verdict, print_main_table
-from fedp2eft.benchmark.report.fedl2p import fedl2p_rates
+from fedp2eft.benchmark.report.fedl2p import fedl2p_grid, fedl2p_rates
 from fedp2eft.benchmark.report.figures import plot_accuracy, plot_psg_training, plot_rank_heatmap
 from fedp2eft.benchmark.report.formatting import _signed
 from fedp2eft.benchmark.report.markdown import report_markdown, rewritten_note
@@ -85,6 +85,7 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
     facts = {"metrics": metrics, "label": label, "secondary": secondary,
              "comparisons": compare(units, pools, budgets, methods),
              "budget": budget_effects(units, summary, pools, budgets, methods), "fedl2p": fedl2p_rates(records),
+             "fedl2p_grid": fedl2p_grid(run_dir),
              "structure": structure(records, pools, budgets, methods), "psg_training": psg_flattening(logs),
              "selection": json.loads(selection_path.read_text()) if selection_path.is_file() else None,
              "language_budgets": sorted({min(budgets), heat_budget}) if budgets else [], "heat_budget": heat_budget,
@@ -107,6 +108,7 @@ def write_report(config: dict, run_dir: Path, records: list[dict], stage_seconds
         "metric": metrics[0],
         "summary": [{"pool": p, "method": m, "budget": b, **entry} for (p, m, b), entry in summary.items()],
         "comparisons": facts["comparisons"], "budget_effects": facts["budget"], "fedl2p_rates": facts["fedl2p"],
+        "fedl2p_grid": facts["fedl2p_grid"],
         "per_language": language_records(units, facts["language_budgets"]),
         "structure": facts["structure"], "psg_training": facts["psg_training"], "privacy": facts["privacy"],
         "against_reference": facts["reference"],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedp2eft.benchmark.communication import communication_markdown
 from fedp2eft.benchmark.report.budget import budget_markdown, budget_verdict
-from fedp2eft.benchmark.report.fedl2p import fedl2p_markdown
+from fedp2eft.benchmark.report.fedl2p import fedl2p_grid_markdown, fedl2p_markdown
 from fedp2eft.benchmark.report.formatting import _title
 from fedp2eft.benchmark.report.privacy import privacy_markdown
 from fedp2eft.benchmark.report.psg import psg_markdown
@@ -117,6 +117,8 @@ def report_markdown(config: dict, run_dir: Path, records: list[dict], stage_seco
                      "The multipliers the meta-nets gave each run's LoRA tensors (a tensor's rate is its multiplier "
                      "times the meta-net's learned base rate, which starts at LoRA's selected rate).\n",
                      fedl2p_markdown(facts["fedl2p"])]
+    if facts.get("fedl2p_grid"):
+        sections += ["\n## FedL2P's meta learning rate on the grid\n", fedl2p_grid_markdown(facts["fedl2p_grid"])]
     if facts["has_curve"]:
         sections += ["\n## PS generator training\n", "![psg training](figures/psg_training.png)\n",
                      psg_markdown(facts["psg_training"])]
