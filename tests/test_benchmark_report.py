@@ -503,3 +503,5 @@ def test_fedl2ps_grid_says_which_meta_nets_early_stopping_kept(tmp_path):
     assert "| 0 | x30 | 1.900 (x1.50) | 2.600 (x4.40) | 2.500 (x7.00) | untrained |" in text
     assert "| after round 2 |" in text and "untrained meta-nets (every multiplier 1" in text and "1 of 2" in text
     assert fedl2p_grid(tmp_path / "seed0" / "psg") == []  # a stage trained once has no grid
+    (tmp_path / "seed0" / "fedl2p" / "x30" / "metrics.jsonl").unlink()  # a published copy without that log
+    assert [e["point"] for e in fedl2p_grid(tmp_path)] == [3.0]

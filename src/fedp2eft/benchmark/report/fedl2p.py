@@ -54,10 +54,12 @@ def fedl2p_grid(run_dir: Path) -> list[dict]:
     (mean over the round's clients and budgets; a round samples the same clients at every point, so a column
     compares meta learning rates on the same clients), the mean multiplier the round's client updates reached,
     and the meta-nets the stage's early stopping kept (after round k; 0 = the untrained ones). Empty for a stage
-    trained once."""
+    trained once, and without the stage's logs."""
     entries = []
     for seed_dir in sorted(Path(run_dir).glob("seed*")):
         for point, folder in grid_point_folders(seed_dir / "fedl2p").items():
+            if not (folder / "metrics.jsonl").is_file():  # a copy of the run without its stage logs
+                continue
             rows = [row for row in read_rounds(folder / "metrics.jsonl") if "train/val_loss_before" in row]
             if not rows:
                 continue
