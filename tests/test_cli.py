@@ -144,3 +144,20 @@ def test_flower_notices_follow_the_flags_even_when_flower_was_imported_first():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "hidden entry point" not in done.stderr and "shown entry point" in done.stderr
+
+
+def test_no_plain_tqdm_bar_reaches_the_terminal():
+    """transformers' GGUF loader draws a plain tqdm bar on every load of the embedded Gemma, past transformers' own
+    switch; a fedp2eft command turns such bars off for itself and the processes it starts (TQDM_DISABLE, read when
+    tqdm is imported, which building the parser already does). A fresh interpreter: tqdm reads it once."""
+    script = ("import sys, subprocess; from fedp2eft.cli import main\n"
+              "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='drawn bar'):\n    pass\n"
+              "subprocess.run([sys.executable, '-c', 'from tqdm import tqdm; list(tqdm(range(3), desc=\"child bar\"))'])")
+    env = {key: value for key, value in os.environ.items() if key != "TQDM_DISABLE"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "drawn bar" not in done.stderr and "child bar" not in done.stderr
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                           env={**env, "TQDM_DISABLE": ""})
+    assert "drawn bar" in shown.stderr  # a user who wants them sets TQDM_DISABLE= (tqdm reads "0" as true)

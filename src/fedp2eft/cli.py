@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shlex
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -61,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv == ["--version"]:  # answered before the command tree is built, which imports torch and PEFT (seconds)
         print(f"fedp2eft {package_version()}")
         sys.exit(0)
+    # No bars of plain tqdm: the progress a command shows is its own (rich), and transformers' GGUF loader draws one
+    # per load of the embedded Gemma in every worker and Flower client, past its own switch. tqdm reads this when
+    # imported, so it holds for this process (the parser imports it) and every process started from here;
+    # an empty TQDM_DISABLE brings them back (tqdm reads any other value as true).
+    os.environ.setdefault("TQDM_DISABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quiet and args.verbose:
