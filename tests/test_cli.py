@@ -140,10 +140,17 @@ def test_flower_notices_follow_the_flags_even_when_flower_was_imported_first():
               "from fedp2eft.logs import configure; from flwr.common.logger import warn_deprecated_feature; "
               "configure(); warn_deprecated_feature('hidden entry point'); "
               "configure(verbose=True); warn_deprecated_feature('shown entry point')")
-    env = {key: value for key, value in os.environ.items() if key != "FLWR_LOG_LEVEL"}
+    stderr = _stderr_of_fresh_interpreter(script, without="FLWR_LOG_LEVEL")
+    assert "hidden entry point" not in stderr and "shown entry point" in stderr
+
+
+def _stderr_of_fresh_interpreter(script: str, without: str, **extra: str) -> str:
+    """What ``python -c script`` writes to stderr, run with this environment less the variable ``without`` plus
+    ``extra``; it must succeed."""
+    env = {key: value for key, value in os.environ.items() if key != without} | extra
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "hidden entry point" not in done.stderr and "shown entry point" in done.stderr
+    return done.stderr
 
 
 def test_no_plain_tqdm_bar_reaches_the_terminal():
@@ -154,10 +161,7 @@ def test_no_plain_tqdm_bar_reaches_the_terminal():
               "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
               "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='drawn bar'):\n    pass\n"
               "subprocess.run([sys.executable, '-c', 'from tqdm import tqdm; list(tqdm(range(3), desc=\"child bar\"))'])")
-    env = {key: value for key, value in os.environ.items() if key != "TQDM_DISABLE"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "drawn bar" not in done.stderr and "child bar" not in done.stderr
-    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                           env={**env, "TQDM_DISABLE": ""})
-    assert "drawn bar" in shown.stderr  # a user who wants them sets TQDM_DISABLE= (tqdm reads "0" as true)
+    stderr = _stderr_of_fresh_interpreter(script, without="TQDM_DISABLE")
+    assert "drawn bar" not in stderr and "child bar" not in stderr
+    # a user who wants them sets TQDM_DISABLE= (tqdm reads "0" as true)
+    assert "drawn bar" in _stderr_of_fresh_interpreter(script, without="TQDM_DISABLE", TQDM_DISABLE="")
