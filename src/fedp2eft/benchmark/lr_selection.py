@@ -68,11 +68,16 @@ def selected_methods(config: dict) -> list[str]:
 
 
 def selects_lr(config: dict, method: str) -> bool:
-    """Whether selection chooses a learning-rate scale for ``method``: its own learning rate (``lr_field``), or, for
-    a method that learns its own rates, its stage's ``grid_field`` when the run trains the stage per grid point
-    (FedL2P's meta learning rate)."""
+    """Whether selection chooses a learning-rate scale for ``method``: its own learning rate (``lr_field``), or its
+    stage's ``grid_field`` (``selected_through_stage``)."""
+    return method_spec(method).lr_field is not None or selected_through_stage(config, method)
+
+
+def selected_through_stage(config: dict, method: str) -> bool:
+    """Whether ``method``, which learns its own rates, is selected through its stage's ``grid_field`` in this run
+    (the stage trained once per grid point: FedL2P's meta learning rate)."""
     spec = method_spec(method)
-    return spec.lr_field is not None or (spec.stage is not None and grid_trained(config, spec.stage))
+    return spec.lr_field is None and spec.stage is not None and grid_trained(config, spec.stage)
 
 
 def stage_grid_rate(config: dict, stage: Stage) -> float:
@@ -85,9 +90,8 @@ def stage_grid_rate(config: dict, stage: Stage) -> float:
 def selected_lr(config: dict, method: str, budget: int, scale: float) -> float | None:
     """The learning rate that grid ``scale`` gives ``method`` at ``budget``: its own (``method_lr``), or, for a
     method selected through its stage's grid, that stage's ``grid_field`` (FedL2P's meta learning rate)."""
-    spec = method_spec(method)
-    if spec.lr_field is None and spec.stage is not None and grid_trained(config, spec.stage):
-        return stage_grid_rate(config, spec.stage) * scale
+    if selected_through_stage(config, method):
+        return stage_grid_rate(config, method_spec(method).stage) * scale
     return method_lr(personalize_config(config["personalize"]).with_lr_scale(scale), method, budget)
 
 
@@ -142,7 +146,7 @@ def write_selection(config: dict, run_dir: Path, records: list[dict], chosen: di
                "clients": sorted({record["client"] for record in records}), "results": results,
                # a method selected through its stage's grid: the setting its "lr" is
                "rate_of": {m: f"{method_spec(m).stage.name}.training.{method_spec(m).stage.grid_field}"
-                           for m in chosen if method_spec(m).lr_field is None and selects_lr(config, m)},
+                           for m in chosen if selected_through_stage(config, m)},
                "chosen": {m: {str(b): s for b, s in by_budget.items()} for m, by_budget in chosen.items()
                           if selects_lr(config, m)}}
     tmp = run_dir / "selection.json.tmp"
