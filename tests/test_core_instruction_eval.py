@@ -141,3 +141,6 @@ def test_batched_generation_gives_every_prompt_the_tokens_it_gets_alone(tokenize
         exported = multi.export(run)
         assert together[run] == [task.generate(exported, prompt) for prompt in prompts], run
     assert together[0] != together[1]  # two trained runs that decode differently: the rows did not mix
+    single = MultiLoRAModel(base, task, runs[:1])  # a pass can hold one run (the last of a client's runs)
+    assert fit(single, task, train, single.optimizer(), 1, 8).steps == 2
+    assert task.generate_batch(single, prompts) == [[task.generate(single.export(0), prompt) for prompt in prompts]]

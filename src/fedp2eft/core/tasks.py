@@ -230,7 +230,7 @@ class InstructionTask:
         reached EOS keeps being fed its own argmax (attention never crosses rows) until every row has."""
         device = model_device(model)
         runs = run_count(model)
-        forward = model.forward_rows if runs > 1 else model
+        forward = getattr(model, "forward_rows", model)  # a multi-run model's, even with one run, takes rows as given
         prompts = [self.prompt_ids(instruction) for instruction in instructions]
         width = max(map(len, prompts))
         sequences = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts]).repeat(runs, 1)
