@@ -365,3 +365,12 @@ def test_personalize_fedl2p_reduces_training_loss_with_the_metanets_rates(setup)
     assert torch.equal(frozen_b.model(**batch).logits, base(**batch).logits)
     with pytest.raises(FedP2EFTError, match=r"budget r differs \(4 vs 2\)"):
         personalize_fedl2p(context, 2, FAST, metanet)
+
+
+def test_meta_nets_per_grid_point_are_found_by_the_scale_and_a_missing_point_is_named():
+    from fedp2eft.core.methods.fedl2p import MetaNetsPerPoint
+
+    points = MetaNetsPerPoint({3.0: {2: "r2 at x3"}, 30.0: {2: "r2 at x30"}})
+    assert points.at(30.0) == {2: "r2 at x30"} and points.at(3.0000000000001) == {2: "r2 at x3"}
+    with pytest.raises(FedP2EFTError, match=r"trained at x3, x30 the configured meta learning rate, not at x10;"):
+        points.at(10.0)

@@ -35,7 +35,7 @@ class MetaNetsPerPoint:
     def at(self, scale: float) -> dict[int, LRMetaNet]:
         point = next((p for p in self.points if math.isclose(p, scale, rel_tol=1e-9)), None)
         if point is None:
-            raise FedP2EFTError(f"the FedL2P meta-nets were trained at x{', x'.join(map(format, self.points))} the "
+            raise FedP2EFTError(f"the FedL2P meta-nets were trained at x{', x'.join(f'{p:g}' for p in self.points)} the "
                                 f"configured meta learning rate, not at x{scale:g}; personalize at one of those "
                                 "learning-rate scales or train meta-nets at this one")
         return self.points[point]
